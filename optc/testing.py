@@ -1,0 +1,121 @@
+"""Test helpers for passes, in the shape every pass test follows (see tests/passes/).
+
+``check_pass`` captures a tiny ``before`` module, runs one pipeline with verify-each and the
+honest-``modified`` check on, compares the canonical text (without source lines) with an
+inline golden (refreshed by ``pytest --update-goldens``, via expecttest), re-verifies the
+result, checks numerics against eager on the example inputs and fresh random ones, and
+checks ``modified`` and the statistics. ``expected`` may be an exception class: then the
+pipeline must raise it.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.utils._pytree as pytree
+from expecttest import assert_expected_inline
+
+from optc.ir.capture import capture
+from optc.ir.printer import format_text
+from optc.ir.program import Program
+from optc.ir.verifier import compare_outputs, random_inputs_like, verify
+from optc.passes.manager import PassManager, PipelineReport
+
+# Tolerances relative to the output scale, per dtype, for exact passes.
+EXACT_RTOL = {torch.float32: 2e-6, torch.float64: 1e-12, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+@dataclass
+class PassOutcome:
+    program: Program
+    report: PipelineReport
+    text: str
+
+    def stats(self, name: str) -> dict:
+        return self.report.stats(name)
+
+    def rejections(self, name: str) -> list:
+        return [r for rec in self.report.records if rec.name == name for r in rec.rejections]
+
+
+def check_pass(pipeline: str, before: nn.Module, inputs: Any, expected: str | type, *,
+               kwargs: dict | None = None, modified: bool | None = None, stats: dict | None = None,
+               rtol: float | None = None, reference: str = "eager", skip: int = 0,
+               pm_options: dict | None = None) -> PassOutcome | None:
+    """Run ``pipeline`` on ``before`` and check it (see module docstring).
+
+    ``rtol``: tolerance relative to output scale; default per dtype (:data:`EXACT_RTOL`).
+    Loosen it only for lossy passes, saying why at the call site.
+    ``reference="fp64"``: compare against the model run in float64 and require the pass's
+    error to be no worse than eager fp32's error (+ the per-dtype tolerance) -- for
+    rewrites that legitimately change rounding (e.g. folding BatchNorm into weights).
+    """
+    before = before.eval()
+    inputs = inputs if isinstance(inputs, tuple) else (inputs,)
+    program = capture(before, inputs, kwargs)
+    pm = PassManager(pipeline, default="", verify_each=True, check_modified=True, **(pm_options or {}))
+    if isinstance(expected, type) and issubclass(expected, BaseException):
+        try:
+            pm.run(program)
+        except expected:
+            return None
+        raise AssertionError(f"pipeline {pipeline!r} did not raise {expected.__name__}")
+    new, report = pm.run(program)
+    text = format_text(new, with_source=False)
+    assert_expected_inline(text, expected, skip=1 + skip)
+    verify(new, repropagate=True)
+    if modified is not None:
+        got = any(r.modified for r in report.records)
+        assert got == modified, f"pipeline {pipeline!r}: modified={got}, expected {modified}"
+    if stats:
+        for name, want in stats.items():
+            got = report.stats(name)
+            for k, v in want.items():
+                assert got.get(k) == v, f"{name}: stat {k}={got.get(k)!r}, expected {v!r} (all: {got})"
+    _check_numerics(before, program, new, rtol, reference)
+    return PassOutcome(new, report, text)
+
+
+def _check_numerics(model: nn.Module, program: Program, new: Program, rtol, reference: str) -> None:
+    trials = [(program.example_args, program.example_kwargs)] + [random_inputs_like(program, seed=s) for s in (1, 2)]
+    for args, kwargs in trials:
+        with torch.no_grad():
+            got = new(*args, **kwargs)
+            if reference == "fp64":
+                ref = _fp64(model)(*_to64(args), **_to64(kwargs))
+                eager = model(*args, **kwargs)
+                eager_err = compare_outputs(ref, eager).max_rel_error
+                rep = compare_outputs(ref, got)
+                tol = (rtol if rtol is not None else EXACT_RTOL[torch.float32]) + 4 * eager_err
+            else:
+                ref = model(*args, **kwargs)
+                rep = compare_outputs(ref, got)
+                dt = _dtype_of(ref)
+                tol = rtol if rtol is not None else EXACT_RTOL.get(dt, 1e-5)
+        assert rep.max_rel_error <= tol, f"numerics differ: {rep} > {tol:g}"
+
+
+def _dtype_of(out) -> torch.dtype:
+    for t in pytree.tree_leaves(out):
+        if isinstance(t, torch.Tensor) and t.is_floating_point():
+            return t.dtype
+    return torch.float32
+
+
+def _fp64(model: nn.Module) -> nn.Module:
+    return copy.deepcopy(model).double()
+
+
+def _to64(x):
+    return pytree.tree_map(lambda t: t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t, x)
+
+
+def run_pass(pipeline: str, before: nn.Module, inputs: Any, kwargs: dict | None = None, **pm_options) -> PassOutcome:
+    """Capture and run ``pipeline`` (checked) without a golden: for must-not-fire cases."""
+    program = capture(before.eval(), inputs if isinstance(inputs, tuple) else (inputs,), kwargs)
+    new, report = PassManager(pipeline, default="", verify_each=True, check_modified=True, **pm_options).run(program)
+    return PassOutcome(new, report, format_text(new, with_source=False))

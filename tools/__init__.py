@@ -1,0 +1,1 @@
+"""optc developer tools."""
