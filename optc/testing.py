@@ -17,7 +17,11 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.utils._pytree as pytree
-from expecttest import assert_expected_inline
+import ast
+import os
+import sys
+
+from expecttest import assert_eq, replace_string_literal
 
 from optc.ir.capture import capture
 from optc.ir.printer import format_text
@@ -66,7 +70,7 @@ def check_pass(pipeline: str, before: nn.Module, inputs: Any, expected: str | ty
         raise AssertionError(f"pipeline {pipeline!r} did not raise {expected.__name__}")
     new, report = pm.run(program)
     text = format_text(new, with_source=False)
-    assert_expected_inline(text, expected, skip=1 + skip)
+    assert_golden(text, expected, skip=1 + skip)
     verify(new, repropagate=True)
     if modified is not None:
         got = any(r.modified for r in report.records)
@@ -78,6 +82,31 @@ def check_pass(pipeline: str, before: nn.Module, inputs: Any, expected: str | ty
                 assert got.get(k) == v, f"{name}: stat {k}={got.get(k)!r}, expected {v!r} (all: {got})"
     _check_numerics(before, program, new, rtol, reference)
     return PassOutcome(new, report, text)
+
+
+def assert_golden(actual: str, expected: str, *, skip: int = 0) -> None:
+    """Compare with an inline golden; with ``EXPECTTEST_ACCEPT=1`` (``pytest --update-goldens``)
+    rewrite the triple-quoted string argument of the calling ``check_pass(...)`` instead."""
+    if actual == expected:
+        return
+    if not os.getenv("EXPECTTEST_ACCEPT"):
+        assert_eq(expected, actual, msg="run pytest with --update-goldens to accept the new output")
+        return
+    frame = sys._getframe(1 + skip)
+    filename, lineno = frame.f_code.co_filename, frame.f_lineno
+    with open(filename) as f:
+        src = f.read()
+    literal = None
+    for node in ast.walk(ast.parse(src)):
+        if isinstance(node, ast.Call) and node.lineno <= lineno <= (node.end_lineno or node.lineno):
+            for a in list(node.args) + [k.value for k in node.keywords]:
+                if isinstance(a, ast.Constant) and isinstance(a.value, str) and a.value == expected:
+                    literal = a
+    if literal is None:
+        raise AssertionError(f"cannot find the golden string literal of the call at {filename}:{lineno}")
+    new_src, _ = replace_string_literal(src, literal.lineno, literal.end_lineno, actual)
+    with open(filename, "w") as f:
+        f.write(new_src)
 
 
 def _check_numerics(model: nn.Module, program: Program, new: Program, rtol, reference: str) -> None:

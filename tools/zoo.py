@@ -944,23 +944,10 @@ def _build_hf_gpt2(*, vocab_size: int, hidden_size: int, num_layers: int, num_he
 
     config = transformers.GPT2Config(
         vocab_size=vocab_size, n_embd=hidden_size, n_layer=num_layers, n_head=num_heads,
-        n_positions=max_positions, use_cache=False, **_hf_attention_kwargs(attention),
+        n_positions=max_positions, use_cache=False, bos_token_id=min(50256, vocab_size - 1),
+        eos_token_id=min(50256, vocab_size - 1), **_hf_attention_kwargs(attention),
     )
     return _HFGPT2(transformers.GPT2LMHeadModel(config))
-
-
-def _randomize_hf_cnn(model: nn.Module, residual_bns: Iterable[nn.Module]) -> None:
-    """Fan-in convs and random BN (HF's init drives deep activations to denormals)."""
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
-            if m.bias is not None:
-                nn.init.normal_(m.bias, 0.0, 0.01)
-        elif isinstance(m, nn.BatchNorm2d):
-            _randomize_bn(m)
-    with torch.no_grad():
-        for bn in residual_bns:
-            bn.weight.uniform_(0.2, 0.5)
 
 
 def _build_hf_resnet50(*, width: float, image_size: int, num_classes: int) -> nn.Module:
@@ -973,10 +960,14 @@ def _build_hf_resnet50(*, width: float, image_size: int, num_classes: int) -> nn
         downsample_in_first_stage=False, num_labels=num_classes,
     )
     model = transformers.ResNetForImageClassification(config)
-    # The last conv layer of each residual branch (ResNetBottleNeckLayer.layer[-1]).
-    residual_bns = [m.layer[-1].normalization for m in model.modules()
-                    if type(m).__name__ in ("ResNetBottleNeckLayer", "ResNetBasicLayer")]
-    _randomize_hf_cnn(model, residual_bns)
+    # Same init as the native resnet; HF's fan-out init with identity BN grows
+    # activations block after block. Each block's branch is ``layer`` (a Sequential
+    # of ResNetConvLayer: convolution, normalization, activation).
+    blocks = [m for m in model.modules()
+              if type(m).__name__ in ("ResNetBottleNeckLayer", "ResNetBasicLayer")]
+    linear = [b.layer[-1].convolution for b in blocks]
+    linear += [m.convolution for m in model.modules() if type(m).__name__ == "ResNetShortCut"]
+    _init_fan_in(model, [b.layer[-1].normalization for b in blocks], linear)
     return _HFImageClassifier(model)
 
 
@@ -987,9 +978,10 @@ def _build_hf_mobilenet_v2(*, width_mult: float, image_size: int, num_classes: i
         num_channels=3, image_size=image_size, depth_multiplier=width_mult, num_labels=num_classes,
     )
     model = transformers.MobileNetV2ForImageClassification(config)
-    residual_bns = [m.reduce_1x1.normalization for m in model.modules()
-                    if type(m).__name__ == "MobileNetV2InvertedResidual" and m.use_residual]
-    _randomize_hf_cnn(model, residual_bns)
+    # HF's default init drives activations to denormals; use the native model's init.
+    blocks = [m for m in model.modules() if type(m).__name__ == "MobileNetV2InvertedResidual"]
+    residual_bns = [b.reduce_1x1.normalization for b in blocks if b.use_residual]
+    _init_fan_in(model, residual_bns, [b.reduce_1x1.convolution for b in blocks])
     return _HFImageClassifier(model)
 
 
