@@ -12,7 +12,9 @@ the same afterwards (checked, and restored if torch changed them).
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import io
 import logging
 import re
 import warnings
@@ -49,7 +51,7 @@ def capture(model: nn.Module, example_inputs: Any = (), example_kwargs: dict | N
     if isinstance(dynamic_shapes, str) and dynamic_shapes == "batch":
         dynamic_shapes = dynamic_batch(model, args, kwargs)
     name = name or type(model).__name__
-    if model.training:
+    if _mode_dependent(model):
         warnings.warn(f"{name} is in training mode: the captured graph keeps training-mode "
                       "BatchNorm and dropout. Call model.eval() before capture to deploy it.",
                       stacklevel=2)
@@ -86,6 +88,14 @@ def dynamic_batch(model: nn.Module, args: tuple, kwargs: dict | None = None, nam
     return {k: pytree.tree_map(spec, v) for k, v in bound.arguments.items()}
 
 
+_MODE_DEPENDENT = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd, nn.modules.instancenorm._InstanceNorm)
+
+
+def _mode_dependent(model: nn.Module) -> bool:
+    """True if a submodule in training mode behaves differently from eval (BatchNorm, dropout)."""
+    return any(m.training and isinstance(m, _MODE_DEPENDENT) for m in model.modules())
+
+
 def _batch_is_one(args, kwargs) -> bool:
     return any(isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == 1
                for t in pytree.tree_leaves((args, kwargs)))
@@ -120,13 +130,29 @@ def _export(model, args, kwargs, dynamic_shapes, method) -> torch.export.Exporte
         except Exception as e:  # torch.fx raises TraceError, TypeError, AttributeError ...
             raise _capture_error(e, method) from e
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _quiet_torch_logs():
             warnings.simplefilter("ignore")
             return torch.export.export(target, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
     except CaptureError:
         raise
     except Exception as e:  # torch.export raises many exception types; all become CaptureError
         raise _capture_error(e, method) from e
+
+
+@contextlib.contextmanager
+def _quiet_torch_logs():
+    """torch logs partial graphs at WARNING when export fails; the CaptureError says it better."""
+    names = ("torch.fx.experimental.symbolic_shapes", "torch._export", "torch.export")
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):   # torch prints the partial graph on failure
+            yield
+    finally:
+        for lg, lvl in zip(loggers, levels):
+            lg.setLevel(lvl)
 
 
 _HINTS = [

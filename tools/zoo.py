@@ -283,6 +283,7 @@ def _init_fan_in(model: nn.Module, residual_bns: Iterable[nn.Module] = (),
     gamma of each BN in ``residual_bns`` (the last BN of a residual branch) is drawn
     from U(0.2, 0.5) so that activations stay O(1) through deep networks.
     """
+    torch.manual_seed(0)  # weights must not depend on RNG use during construction
     linear_convs = {id(c) for c in linear_convs}
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
@@ -724,6 +725,7 @@ def _init_transformer(model: nn.Module, residual_scale: float = 1.0) -> nn.Modul
     ``residual_scale`` multiplies the output projections of attention and FFN (GPT-2's
     1/sqrt(2 * num_layers) for pre-LN models).
     """
+    torch.manual_seed(0)  # weights must not depend on RNG use during construction
     for m in model.modules():
         if isinstance(m, nn.Linear):
             nn.init.normal_(m.weight, 0.0, m.in_features**-0.5)

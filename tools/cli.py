@@ -1,0 +1,335 @@
+"""The ``optc`` command-line tool.
+
+    optc --version
+    optc passes [--target T]
+    optc dump MODEL [--pipeline P] [--format text|json|dot] [--print-after-all DIR] ...
+
+Exit status: 0 on success; 2 for a usage or user error (bad arguments, a model that cannot
+be loaded or captured, a malformed pipeline) with one line ``optc: error: ...`` on stderr
+and never a traceback; 1 when optc itself fails (a pass crashes or breaks the numerics, or
+an internal bug), with one line and ``-v`` for the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import sys
+import tempfile
+import traceback
+import warnings
+from contextlib import contextmanager
+from typing import Iterator, Sequence
+
+import optc
+from optc.errors import OptcError, PassError, VerificationError
+
+log = logging.getLogger("optc.tools.cli")
+
+USAGE_ERROR = 2
+FAILURE = 1
+
+_MODEL_HELP = """\
+MODEL is one of:
+  zoo:NAME                  a model of optc's zoo (see --config, --tiny, --batch)
+  path/to/file.py:factory   imports the file and calls factory()
+  package.module:factory    imports the module (the working directory is on the path)
+  path/to/model.pt2         a program saved by torch.export.save
+A factory returns an nn.Module or (model, example_inputs).
+WARNING: loading a .py file, a module or a .pt2 runs code from it; load only what you trust.
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but its errors are one line ``optc: error: ...`` (status 2), like ours."""
+
+    def error(self, message: str):
+        self.exit(USAGE_ERROR, f"optc: error: {message} (see '{self.prog} --help')\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="optc", description="optc: a compiler-style graph optimizer for PyTorch models.",
+                     epilog="Run 'optc COMMAND --help' for a command's options.")
+    parser.add_argument("--version", action="version", version=f"optc {optc.__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    p = sub.add_parser("passes", help="list the registered passes and the target's default pipeline",
+                       description="List every registered pass (name, exact/lossy, options with types and "
+                                   "defaults, description) and the target's default pipeline.")
+    p.add_argument("--target", default="cpu", help="cpu, cuda, or BACKEND:DEVICE such as onnx:cpu (default: cpu)")
+    p.set_defaults(func=cmd_passes)
+
+    from optc.ir.printer import FORMATS
+    d = sub.add_parser("dump", help="capture a model, run a pipeline and print the graph",
+                       description="Capture MODEL, run the pipeline if one is given and print the graph "
+                                   "(stdout, or --out); the pass report goes to stderr.",
+                       epilog=_MODEL_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    d.add_argument("model", metavar="MODEL", help="the model to load (forms below)")
+    d.add_argument("--input", action="append", default=[], metavar="SPEC",
+                   help="an example input SHAPE[:DTYPE] such as 1x3x224x224:float32, once per positional "
+                        "argument (dtype default float32; integer inputs are random in [0, 100)); replaces "
+                        "the model's own example inputs")
+    d.add_argument("--config", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a zoo model's config (int, float, bool, a,b,c tuple or string), repeatable")
+    d.add_argument("--tiny", action="store_true", help="use the zoo model's tiny (unit-test) config")
+    d.add_argument("--batch", type=int, default=None, help="batch size of a zoo model's inputs (default 1)")
+    d.add_argument("--dynamic-batch", action="store_true", help="capture with dim 0 of every input dynamic")
+    d.add_argument("--pipeline", metavar="P",
+                   help="pipeline text, e.g. 'default' or 'dce,cse'; without it the captured graph is printed "
+                        "(unless a pipeline option below is given: then 'default')")
+    d.add_argument("--target", default="cpu", help="cpu, cuda, or BACKEND:DEVICE (picks 'default'; default cpu)")
+    d.add_argument("--format", choices=sorted(FORMATS), default="text", help="graph format (default text)")
+    d.add_argument("--out", metavar="FILE", help="write the graph to FILE (atomically) instead of stdout")
+    d.add_argument("--print-after-all", metavar="DIR",
+                   help="write 00_input.txt and NN_pass.txt (the graph after each pass) into DIR")
+    d.add_argument("--print-changed", metavar="DIR",
+                   help="write NN_pass.txt as a unified diff for each pass that changed the graph into DIR")
+    d.add_argument("--verify-each", action="store_true", help="run the verifier after each pass")
+    d.add_argument("--check-numerics", action="store_true", help="check exact passes numerically against the "
+                                                                   "previous program")
+    d.add_argument("--bisect-limit", type=_non_negative, metavar="N", help="run only the first N passes")
+    d.add_argument("--disable-pass", action="append", default=[], metavar="NAME",
+                   help="skip pass NAME wherever the pipeline has it (repeatable)")
+    d.add_argument("-v", "--verbose", action="store_true",
+                   help="debug logging for optc (why rewrites did not fire) and tracebacks on errors")
+    d.set_defaults(func=cmd_dump)
+    return parser
+
+
+def _non_negative(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {n}")
+    return n
+
+
+# ---- entry point ---------------------------------------------------------------------------
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``optc`` with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:   # --help, --version and argparse's errors
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else USAGE_ERROR)
+    if args.command is None:
+        print("optc: error: missing COMMAND (one of: passes, dump; see 'optc --help')", file=sys.stderr)
+        return USAGE_ERROR
+    verbose = getattr(args, "verbose", False)
+    with _logging(verbose), _warnings_as_lines():
+        try:
+            return args.func(args)
+        except KeyboardInterrupt:
+            print("optc: interrupted", file=sys.stderr)
+            return 130
+        except BrokenPipeError:   # `optc dump ... | head`
+            _silence_stdout()
+            return FAILURE
+        except (PassError, VerificationError) as e:   # optc itself failed on a valid request
+            return _report(e, FAILURE, verbose, hint=_reproducer_hint(args))
+        except OptcError as e:
+            return _report(e, USAGE_ERROR, verbose)
+        except Exception as e:  # a bug in optc: one line, the traceback with -v
+            return _report(e, FAILURE, verbose, internal=True)
+
+
+def _report(e: BaseException, status: int, verbose: bool, *, hint: str = "", internal: bool = False) -> int:
+    if verbose:
+        traceback.print_exception(e, file=sys.stderr)
+    msg = error_line(e)
+    if internal:
+        msg = f"internal error: {type(e).__name__}: {msg}"
+    if hint:
+        msg += f"; {hint}"
+    if status == FAILURE and not verbose:
+        msg += " (run with -v for the traceback)"
+    print(f"optc: error: {msg}", file=sys.stderr)
+    return status
+
+
+def error_line(e: BaseException) -> str:
+    """One line for an error: its first line; a CaptureError adds the user's line and the hint."""
+    if isinstance(e, optc.CaptureError):
+        msg = e.reason
+        if e.source:
+            msg += f" (at {e.source})"
+        if e.hint:
+            msg += f"; hint: {e.hint}"
+        return msg
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _reproducer_hint(args: argparse.Namespace) -> str:
+    for directory in (getattr(args, "print_after_all", None), getattr(args, "print_changed", None)):
+        if directory and os.path.isfile(os.path.join(directory, "failure_reproducer.txt")):
+            return f"reproducer: {os.path.join(directory, 'failure_reproducer.txt')}"
+    return ""
+
+
+@contextmanager
+def _logging(verbose: bool) -> Iterator[None]:
+    """optc's loggers to stderr (debug with -v); torch's own chatter hidden unless -v."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("optc: %(levelname)s: %(name)s: %(message)s"))
+    optc_log, torch_log = logging.getLogger("optc"), logging.getLogger("torch")
+    saved = (optc_log.level, optc_log.propagate, torch_log.level)
+    optc_log.addHandler(handler)
+    optc_log.setLevel(logging.DEBUG if verbose else logging.WARNING)
+    optc_log.propagate = False
+    if not verbose:
+        torch_log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        optc_log.removeHandler(handler)
+        optc_log.setLevel(saved[0])
+        optc_log.propagate = saved[1]
+        torch_log.setLevel(saved[2])
+
+
+@contextmanager
+def _warnings_as_lines() -> Iterator[None]:
+    """Python warnings as one line each: ``optc: warning: ...``."""
+    def show(message, category, filename, lineno, file=None, line=None):
+        text = str(message).strip().splitlines()
+        print(f"optc: warning: {text[0] if text else category.__name__}", file=sys.stderr)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = show
+        yield
+
+
+def _silence_stdout() -> None:
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
+# ---- optc passes ---------------------------------------------------------------------------
+def cmd_passes(args: argparse.Namespace) -> int:
+    from optc.passes.base import registry
+    target = optc.resolve_target(args.target)
+    reg = registry()
+    rows = []
+    for name in sorted(reg):
+        info = reg[name]
+        opts = ",".join(f"{k}:{_type_name(o.type)}={_value_text(o.default)}" for k, o in info.options.items())
+        rows.append((name, "exact" if info.exact else "lossy", "{" + opts + "}" if opts else "-", info.description))
+    widths = [max((len(r[i]) for r in rows), default=0) for i in range(3)]
+    for r in rows:
+        print(f"{r[0]:<{widths[0]}}  {r[1]:<5}  {r[2]:<{widths[2]}}  {r[3]}")
+    default = target.default_pipeline
+    missing = [n for n in _pipeline_names(default) if n not in reg]
+    line = f"default pipeline for {target}: {default}"
+    if missing:
+        line += f"  (not registered yet: {', '.join(missing)})"
+    print(line)
+    return 0
+
+
+def _type_name(t) -> str:
+    return "|".join(t) if isinstance(t, tuple) else t.__name__
+
+
+def _value_text(v) -> str:
+    return str(v).lower() if isinstance(v, bool) else str(v)
+
+
+def _pipeline_names(text: str) -> list[str]:
+    from optc.passes.pipeline import parse
+    return [item.name for item in parse(text)]
+
+
+# ---- optc dump -----------------------------------------------------------------------------
+_DUMP_FILE = re.compile(r"^(\d\d_.+\.txt|pipeline\.txt|failure_reproducer\.txt)$")
+
+
+def cmd_dump(args: argparse.Namespace) -> int:
+    from optc.ir.printer import FORMATS
+    from optc.passes.manager import DumpInstrument, PassManager
+    from optc.tools.models import load_model, parse_config
+
+    target = optc.resolve_target(args.target)
+    pipeline = args.pipeline
+    wants_pipeline = (args.print_after_all or args.print_changed or args.verify_each or args.check_numerics
+                      or args.bisect_limit is not None or args.disable_pass)
+    if pipeline is None and wants_pipeline:
+        pipeline = "default"
+    pm = None
+    if pipeline is not None:   # validate the pipeline before the (slow) load and capture
+        instruments = [DumpInstrument(_dump_dir(d), mode) for d, mode in
+                       ((args.print_after_all, "all"), (args.print_changed, "changed")) if d]
+        disable = [n.strip() for item in args.disable_pass for n in item.split(",") if n.strip()]
+        pm = PassManager(pipeline, target=target, verify_each=args.verify_each,
+                         check_numerics=args.check_numerics, bisect_limit=args.bisect_limit,
+                         disable=disable, instruments=instruments)
+    if args.out:
+        _check_writable(args.out)
+
+    loaded = load_model(args.model, inputs=args.input, config=parse_config(args.config), tiny=args.tiny,
+                        batch=args.batch)
+    program = optc.capture(loaded.model, loaded.args, loaded.kwargs,
+                           dynamic_shapes="batch" if args.dynamic_batch else None, name=loaded.name)
+    report = None
+    if pm is not None:
+        program, report = pm.run(program)
+
+    text = FORMATS[args.format](program)
+    if args.out:
+        _write_atomic(args.out, text)
+    else:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    if report is not None:
+        print(report.format(), file=sys.stderr)
+    return 0
+
+
+def _dump_dir(directory: str) -> str:
+    """Create ``directory`` and clear the files of an earlier dump (NN_pass.txt ...) from it."""
+    try:
+        os.makedirs(directory, exist_ok=True)
+        for name in os.listdir(directory):
+            if _DUMP_FILE.match(name):
+                os.remove(os.path.join(directory, name))
+    except OSError as e:
+        raise OptcError(f"cannot use dump directory '{directory}': {e.strerror or e}") from None
+    return directory
+
+
+def _check_writable(path: str) -> None:
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise OptcError(f"cannot write --out '{path}': directory '{parent}' does not exist")
+    if os.path.isdir(path):
+        raise OptcError(f"cannot write --out '{path}': it is a directory")
+
+
+def _write_atomic(path: str, text: str) -> None:
+    parent = os.path.dirname(os.path.abspath(path))
+    try:
+        fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)   # mkstemp makes 0600; give the file the usual mode
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
+    except OSError as e:
+        raise OptcError(f"cannot write --out '{path}': {e.strerror or e}") from None
+
+
+if __name__ == "__main__":
+    sys.exit(main())
