@@ -76,9 +76,12 @@ class TensorSpec:
 
 
 def _is_static(s) -> bool:
+    if isinstance(s, torch.SymInt):
+        # never int() a symbolic dim: that guards on its hint and specialises it in the shape env
+        return s.node.maybe_as_int() is not None
     try:
         int(s)
-        return not isinstance(s, torch.SymInt) or s.node.is_constant()
+        return True
     except Exception:
         return False
 

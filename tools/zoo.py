@@ -97,7 +97,7 @@ __all__ = [
 
 
 class UnknownModelError(OptcError, KeyError):
-    """No zoo model has this name (or a config key is unknown); lists valid names."""
+    """No zoo model has this name; the message lists the valid names."""
 
     def __str__(self) -> str:  # KeyError would repr() the message
         return str(self.args[0]) if self.args else ""
@@ -172,8 +172,8 @@ def load(name: str, batch: int = 1, **config: Any) -> tuple[nn.Module, tuple]:
 
 def tiny_config(name: str) -> dict:
     """A full config of the same architecture, small enough for unit tests."""
-    entry = get(name)
-    return {**entry.default_config, **_TINY[name]}
+    get(name)
+    return dict(_TINY[name])
 
 
 def _merge(name: str, defaults: dict, config: dict) -> dict:
@@ -186,10 +186,14 @@ def _merge(name: str, defaults: dict, config: dict) -> dict:
     return {**defaults, **config}
 
 
+_EXTRAS = {"transformers": "hf"}  # optional package -> optc extra that installs it
+
+
 def _require(name: str, packages: Iterable[str]) -> None:
     for pkg in packages:
         if importlib.util.find_spec(pkg) is None:
-            raise ZooUnavailableError(f"{name} needs the 'hf' extra: pip install optc[hf]")
+            extra = _EXTRAS[pkg]
+            raise ZooUnavailableError(f"{name} needs the {extra!r} extra: pip install optc[{extra}]")
 
 
 def _register(
@@ -231,7 +235,7 @@ def _register(
         heavy=heavy,
         requires=tuple(requires),
     )
-    _TINY[name] = dict(tiny)
+    _TINY[name] = {**defaults, **tiny}
 
 
 # --------------------------------------------------------------------------- inputs
