@@ -51,7 +51,10 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="optc", description="optc: a compiler-style graph optimizer for PyTorch models.",
-                     epilog="Run 'optc COMMAND --help' for a command's options.")
+                     epilog="Run 'optc COMMAND --help' for a command's options.\n"
+                            "Exit status: 0 success; 1 optc failed (a pass crashed, numerics broke, a bug);\n"
+                            "2 a usage or user error (bad arguments, a model that cannot be loaded or captured).",
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"optc {optc.__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
@@ -63,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from optc.ir.printer import FORMATS
     d = sub.add_parser("dump", help="capture a model, run a pipeline and print the graph",
-                       description="Capture MODEL, run the pipeline if one is given and print the graph "
+                       description="Capture MODEL, run the pipeline if one is given and print the graph\n"
                                    "(stdout, or --out); the pass report goes to stderr.",
                        epilog=_MODEL_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     d.add_argument("model", metavar="MODEL", help="the model to load (forms below)")
@@ -83,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--format", choices=sorted(FORMATS), default="text", help="graph format (default text)")
     d.add_argument("--out", metavar="FILE", help="write the graph to FILE (atomically) instead of stdout")
     d.add_argument("--print-after-all", metavar="DIR",
-                   help="write 00_input.txt and NN_pass.txt (the graph after each pass) into DIR")
+                   help="write 00_input.txt and NN_pass.txt (the graph after each pass) into DIR, replacing "
+                        "the files of an earlier dump there")
     d.add_argument("--print-changed", metavar="DIR",
                    help="write NN_pass.txt as a unified diff for each pass that changed the graph into DIR")
     d.add_argument("--verify-each", action="store_true", help="run the verifier after each pass")
@@ -181,8 +185,8 @@ def _logging(verbose: bool) -> Iterator[None]:
     optc_log.addHandler(handler)
     optc_log.setLevel(logging.DEBUG if verbose else logging.WARNING)
     optc_log.propagate = False
-    if not verbose:
-        torch_log.setLevel(logging.ERROR)
+    if not verbose:   # torch logs export failures at ERROR; our CaptureError says it in one line
+        torch_log.setLevel(logging.CRITICAL)
     try:
         yield
     finally:
@@ -262,6 +266,9 @@ def cmd_dump(args: argparse.Namespace) -> int:
                       or args.bisect_limit is not None or args.disable_pass)
     if pipeline is None and wants_pipeline:
         pipeline = "default"
+    if args.print_after_all and args.print_changed and \
+            os.path.abspath(args.print_after_all) == os.path.abspath(args.print_changed):
+        raise OptcError("--print-after-all and --print-changed need different directories")
     pm = None
     if pipeline is not None:   # validate the pipeline before the (slow) load and capture
         instruments = [DumpInstrument(_dump_dir(d), mode) for d, mode in

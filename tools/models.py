@@ -312,6 +312,8 @@ def _describe_raise(e: BaseException) -> str:
         return f"SyntaxError: {e.msg} (at {e.filename}:{e.lineno})"
     where = user_frame_from_traceback(e.__traceback__)
     where = where.split("  `")[0] if where else None   # keep file:line, drop the quoted code
+    if where and where.rsplit(":", 1)[0] == os.path.abspath(__file__):
+        where = None   # the call itself failed (e.g. the factory needs arguments): no user line
     return f"{type(e).__name__}: {_first_line(e)}" + (f" (at {where})" if where else "")
 
 
