@@ -9,24 +9,29 @@ once, eagerly on the real tensors, and its result becomes a new attribute::
 Typical folds: weight transposes, permutes, reshapes and views, arithmetic on weights,
 ``lift_fresh_copy`` of ``torch.tensor(...)`` literals, ``_to_copy`` of a constant,
 slices of position-id buffers, masks computed from constant buffers. Only the frontier of
-a constant subgraph is materialised (a constant node with a non-constant user); its
-interior is evaluated and dropped. The new attribute is a contiguous tensor that shares no
-storage with the originals (which are never modified); it is an ``nn.Parameter`` when
-the folded value is floating point and derives from a parameter, so fine-tuning can still
-train it, and a buffer otherwise.
+a constant subgraph is materialised (a constant node with a user that stays); its interior
+is evaluated and erased, with the get_attr nodes only it used. Frontier nodes that compute
+the same value the same way (two layers each inverting the same causal mask) share one
+attribute. The new attribute is a contiguous tensor that shares no storage with the
+originals, which are never modified; it is an ``nn.Parameter`` when the value is floating
+point and derives from a parameter (so fine-tuning can still train it), else a buffer.
 
-Preconditions (else the node stays; refusals are recorded with their reason):
-- every input node is a constant (``get_attr`` or an already-constant node); nodes that
-  depend on a placeholder are never folded;
-- the op is pure (see :func:`optc.passes.cse.is_pure_call`: no mutation, no random ops
-  such as ``aten.rand`` or ``dropout``, no uninitialised ``empty``), and no user writes into
-  the value in place (``detach_``, which only changes autograd metadata, is allowed);
-- the value is one tensor, and not a graph output (the graph would then return the
-  attribute itself, which a caller could modify);
-- size: the folded tensor may be larger than the constants it is computed from by at most
-  ``max_bytes`` (default 1 MiB). Transposes, reshapes, slices and elementwise ops on
-  weights never grow the model and always fold; an ``expand``/broadcast or a factory op
+Preconditions (else the node stays; refusals are recorded with their reason, rule "fold"):
+- every input node is a constant (a tensor ``get_attr`` or an already-constant node);
+  nodes that depend on a placeholder are never folded;
+- the op is pure (:func:`optc.passes.cse.is_pure_call`: no mutable schema, no random ops
+  such as ``aten.rand`` or ``dropout``, no uninitialised ``empty``);
+- nothing writes into a value of the subgraph in place at run time (then the attributes
+  it derives from are not constants at all; ``detach_``, which changes only autograd
+  metadata, does not count);
+- the value is one tensor and not a graph output (the graph would return the attribute
+  itself, which a caller could then modify);
+- size: the folded tensor may be larger than the sum of the constants it is computed from
+  by at most ``max_bytes`` (default 1 MiB). Transposes, reshapes, slices and elementwise
+  ops on weights never grow it and always fold; an ``expand``/broadcast or a factory op
   (``aten.zeros([4096, 4096])``) that would bake a large tensor into the model does not.
+  The inputs count even where they stay in the model for other users (a weight used both
+  as is and transposed is then stored twice);
 - the eager evaluation succeeds (an op that fails on the real tensors is left alone).
 """
 
@@ -40,12 +45,11 @@ import torch.nn as nn
 
 from optc.ir.rewrite import add_attr, attr_node, attr_value
 from optc.passes.base import Option, PassContext, PassResult, register_pass
-from optc.passes.cse import is_pure_call, mutates
+from optc.passes.cse import arg_key, is_pure_call, mutates
 
 log = logging.getLogger(__name__)
 
 RULE = "fold"
-_METADATA_ONLY_WRITES = (torch.ops.aten.detach_.default,)
 
 
 def _nbytes(val) -> int:
@@ -55,7 +59,7 @@ def _nbytes(val) -> int:
 def _written(node: fx.Node) -> fx.Node | None:
     """A user that writes into ``node``'s data in place, if any."""
     for u in node.users:
-        if u.target not in _METADATA_ONLY_WRITES and mutates(u, node):
+        if mutates(u, node):
             return u
     return None
 
@@ -103,6 +107,17 @@ def _evaluate(node: fx.Node, memo: dict[fx.Node, object]):
             kwargs = fx.node.map_arg(node.kwargs, lambda n: _evaluate(n, memo))
             with torch.no_grad():
                 memo[node] = node.target(*args, **kwargs)
+    return memo[node]
+
+
+def _structure(node: fx.Node, memo: dict[fx.Node, object]):
+    """A key equal for two constant nodes that compute the same value the same way."""
+    if node not in memo:
+        if node.op == "get_attr":
+            memo[node] = ("get_attr", node.target)
+        else:
+            memo[node] = (node.target, arg_key(node.args, lambda n: _structure(n, memo)),
+                          arg_key(dict(node.kwargs), lambda n: _structure(n, memo)))
     return memo[node]
 
 
@@ -161,9 +176,20 @@ def constant_fold(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             frontier.append(node)
 
     memo: dict[fx.Node, object] = {}
+    structures: dict[fx.Node, object] = {}
+    made: dict[object, fx.Node] = {}              # structure -> get_attr node: one attribute per value
     new_attrs = 0
     touched: set[fx.Node] = set()
     for node in reversed(frontier):               # topological order: deterministic names
+        try:
+            key = _structure(node, structures)
+        except TypeError:
+            key = node
+        if key in made:
+            log.debug("constant-fold: %%%s -> get_attr %s (same value)", node.name, made[key].target)
+            node.replace_all_uses_with(made[key])
+            touched.update([node, *_ancestors(node, const)])
+            continue
         try:
             value = _evaluate(node, memo)
         except Exception as e:  # an op failing on the real tensors: leave its subgraph as it is
@@ -180,6 +206,7 @@ def constant_fold(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         with gm.graph.inserting_before(node):
             new = attr_node(gm, target, like=node, pass_name=ctx.pass_name)
         node.replace_all_uses_with(new)
+        made[key] = new
         touched.update([node, *_ancestors(node, const)])
         new_attrs += 1
         log.debug("constant-fold: %%%s -> get_attr %s %s", node.name, target, list(value.shape))
@@ -190,4 +217,4 @@ def constant_fold(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         if node in touched and not node.users:
             folded += node.op == "call_function"
             gm.graph.erase_node(node)
-    return PassResult(gm, new_attrs > 0, {"folded": folded, "constants": new_attrs})
+    return PassResult(gm, new_attrs > 0 or folded > 0, {"folded": folded, "constants": new_attrs})

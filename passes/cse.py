@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import logging
 import operator
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.fx as fx
@@ -35,10 +35,6 @@ import torch.fx as fx
 from optc.passes.base import PassContext, PassResult, register_pass
 
 log = logging.getLogger(__name__)
-
-
-class _Unhashable(Exception):
-    pass
 
 
 def is_pure_call(node: fx.Node) -> bool:
@@ -59,11 +55,23 @@ def is_pure_call(node: fx.Node) -> bool:
     return False
 
 
+# In-place ops that change only autograd metadata, never data (torch.tensor(...) literals are
+# captured as lift_fresh_copy + detach_).
+METADATA_ONLY_WRITES = (torch.ops.aten.detach_.default,)
+
+
+def writes_in_place(node: fx.Node) -> bool:
+    """True if ``node`` calls an op that writes into one of its arguments' data."""
+    t = node.target
+    return (node.op == "call_function" and isinstance(t, torch._ops.OpOverload) and t._schema.is_mutable
+            and t not in METADATA_ONLY_WRITES)
+
+
 def mutates(user: fx.Node, node: fx.Node) -> bool:
-    """True if call ``user`` writes into ``node`` (a mutable-schema argument receives it)."""
-    t = user.target
-    if user.op != "call_function" or not isinstance(t, torch._ops.OpOverload) or not t._schema.is_mutable:
+    """True if call ``user`` writes into ``node``'s data (a mutable schema argument receives it)."""
+    if not writes_in_place(user):
         return False
+    t = user.target
     for i, a in enumerate(t._schema.arguments):
         if a.alias_info is None or not a.alias_info.is_write:
             continue
@@ -74,23 +82,26 @@ def mutates(user: fx.Node, node: fx.Node) -> bool:
     return False
 
 
-def _key(a: Any) -> Any:
-    """A hashable key that is equal exactly when two arguments are interchangeable."""
+def arg_key(a: Any, node_key: Callable[[fx.Node], Any] | None = None) -> Any:
+    """A hashable key that is equal exactly when two arguments are interchangeable.
+
+    Nodes are keyed by identity, or by ``node_key(node)`` (e.g. a structural key).
+    Raises ``TypeError`` for arguments that cannot be compared (tensors, SymInts, objects)."""
     if isinstance(a, fx.Node):
-        return ("node", a)
+        return ("node", a) if node_key is None else ("node", node_key(a))
     if isinstance(a, float):
         return ("float", repr(a))
     if isinstance(a, (bool, int, str, type(None))):
         return (type(a).__name__, a)
     if isinstance(a, (list, tuple)):
-        return (type(a).__name__, tuple(_key(x) for x in a))
+        return (type(a).__name__, tuple(arg_key(x, node_key) for x in a))
     if isinstance(a, dict):
-        return ("dict", tuple(sorted((str(k), _key(v)) for k, v in a.items())))
+        return ("dict", tuple(sorted((str(k), arg_key(v, node_key)) for k, v in a.items())))
     if isinstance(a, (torch.dtype, torch.device, torch.layout, torch.memory_format)):
         return (type(a).__name__, str(a))
     if isinstance(a, slice):
-        return ("slice", _key(a.start), _key(a.stop), _key(a.step))
-    raise _Unhashable(type(a).__name__)   # tensors, SymInts, opaque objects: never merged
+        return ("slice", arg_key(a.start), arg_key(a.stop), arg_key(a.step))
+    raise TypeError(f"cannot compare an argument of type {type(a).__name__}")
 
 
 @register_pass("cse", exact=True, description="merge repeated pure computations and repeated get_attr nodes")
@@ -104,9 +115,9 @@ def cse(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             if any(mutates(u, node) for u in node.users):
                 continue
             try:
-                key = (node.target, _key(node.args), _key(dict(node.kwargs)))
-            except _Unhashable as e:
-                log.debug("cse: %%%s has an argument of type %s; not merged", node.name, e)
+                key = (node.target, arg_key(node.args), arg_key(dict(node.kwargs)))
+            except TypeError as e:   # tensors, SymInts, opaque objects: never merged
+                log.debug("cse: %%%s not merged: %s", node.name, e)
                 continue
         else:
             continue

@@ -1,0 +1,309 @@
+"""Canonicalization: local rewrites that remove no-ops and pick canonical forms.
+
+A rule set run by :func:`optc.ir.rewrite.apply_rules` to a fixed point. Rules, by name
+(``%x`` is the operand; "same layout" means same shape, dtype, device, and strides on
+every dimension longer than 1, all read from ``meta["val"]`` and static):
+
+``drop-eval-dropout``
+    ``aten.dropout|feature_dropout|alpha_dropout|feature_alpha_dropout(%x, p, train)``
+    ``==> %x`` when ``train`` is False or ``p == 0``. Refused in training mode.
+``drop-detach`` / ``drop-alias``
+    ``aten.detach(%x)``, ``aten.detach_(%x)`` / ``aten.alias(%x)`` ``==> %x``: the same
+    values (detach only changes autograd metadata).
+``drop-clone``
+    ``aten.clone(%x, memory_format=f)``, ``aten.contiguous(%x, f)`` ``==> %x`` when the
+    result has the same layout as ``%x`` (a later ``view`` may rely on the strides).
+``drop-noop-to``
+    ``aten._to_copy``, ``aten.to.{dtype,device,dtype_layout,other}`` ``==> %x`` when the
+    result has the same layout (so the same dtype, device and memory format).
+``drop-noop-view``
+    ``aten.view|reshape|_unsafe_view|expand|flatten|squeeze|slice|narrow(%x, ...)`` with
+    a result of the same layout as ``%x``, ``aten.permute`` by the identity,
+    ``aten.transpose(%x, d, d)`` and ``aten.t`` of a tensor of rank < 2 ``==> %x``.
+``cancel-view-chain``
+    A chain of element-order-preserving reshapes (view, reshape, _unsafe_view, flatten,
+    unflatten, squeeze, unsqueeze) that comes back to the layout of a tensor it started
+    from: ``aten.squeeze(aten.unsqueeze(%x, 1), 1) ==> %x``,
+    ``aten.view(aten.view(%x, [6]), [2, 3]) ==> %x`` (for ``%x: [2, 3]``).
+``mm-add-to-addmm``
+    ``aten.add.Tensor(aten.mm(%a, %b), %bias) ==> aten.addmm(%bias, %a, %b)``, also for
+    ``aten.matmul`` of two 2-D tensors (``x @ w + b``; nn.Linear is captured as
+    ``aten.linear`` already). Only where it pays: the mm has no other user, ``%bias`` is a
+    bias vector (``[N]`` or ``[1, N]`` for an ``[M, N]`` product), everything has one
+    floating-point dtype, the add has ``alpha=1``. The GEMM adds the bias in its epilogue,
+    which may round differently from a separate add.
+
+Dropping a copy (``clone``, ``_to_copy``, ``to(copy=True)``) is refused where the copy
+matters: when it is a graph output (the output would alias another tensor) or when the
+graph mutates tensors in place (``detach_`` aside). Shapes must be static.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.fx as fx
+
+from optc.ir.rewrite import MatchResult, RewriteRule, apply_rules, arg, call, erase_if_unused, is_op
+from optc.passes.base import PassContext, PassResult, register_pass
+from optc.passes.cse import writes_in_place
+
+log = logging.getLogger(__name__)
+aten = torch.ops.aten
+
+
+# ---- helpers ---------------------------------------------------------------------------
+def _val(node) -> torch.Tensor | None:
+    v = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return v if isinstance(v, torch.Tensor) else None
+
+
+def _static(v: torch.Tensor) -> bool:
+    return all(type(d) is int for d in v.shape) and all(type(s) is int for s in v.stride())
+
+
+def _same_type(src: torch.Tensor, out: torch.Tensor) -> bool:
+    """Same shape, dtype, device and layout (both static): a candidate for an identity."""
+    return (_static(src) and _static(out) and tuple(src.shape) == tuple(out.shape) and src.dtype == out.dtype
+            and src.device == out.device and src.layout == out.layout)
+
+
+def _stride_mismatch(src: torch.Tensor, out: torch.Tensor) -> str | None:
+    """Why ``out`` (of the same type) cannot stand in for ``src``: differing strides."""
+    if any(n > 1 and a != b for n, a, b in zip(src.shape, src.stride(), out.stride())):
+        return f"changes strides {list(src.stride())} -> {list(out.stride())}"
+    return None
+
+
+def _drop(node: fx.Node, src: fx.Node) -> None:
+    node.replace_all_uses_with(src)
+    node.graph.erase_node(node)
+
+
+class _DropRule(RewriteRule):
+    """Replace ``node`` by its operand ``m["src"]``."""
+
+    def rewrite(self, node: fx.Node, m: MatchResult, ctx: PassContext) -> None:
+        log.debug("%s: %%%s -> %%%s", self.name, node.name, m["src"].name)
+        _drop(node, m["src"])
+
+
+class _DropIdentity(_DropRule):
+    """Drop ``targets`` applied to ``args[0]`` when the result has the operand's layout.
+
+    ``copies(node)``: the op returns a fresh tensor, which may matter (see the module docstring)."""
+
+    targets: tuple = ()
+
+    def __init__(self, graph_mutates: bool):
+        self.graph_mutates = graph_mutates
+
+    def copies(self, node: fx.Node) -> bool:
+        return False
+
+    def match(self, node, ctx):
+        if not is_op(node, *self.targets):
+            return None
+        src = node.args[0]
+        sv, ov = _val(src), _val(node)
+        if sv is None or ov is None or not _same_type(sv, ov):
+            return None          # a real conversion or reshape: not a candidate
+        why = _stride_mismatch(sv, ov)
+        if why:
+            return MatchResult.fail(why)
+        if self.copies(node):
+            if any(u.op == "output" for u in node.users):
+                return MatchResult.fail("the copy is a graph output (it would alias another tensor)")
+            if self.graph_mutates:
+                return MatchResult.fail("the graph mutates tensors in place; the copy may be needed")
+        return MatchResult.success(src=src)
+
+
+# ---- rules -----------------------------------------------------------------------------
+class DropEvalDropout(_DropRule):
+    name = "drop-eval-dropout"
+    targets = (aten.dropout.default, aten.feature_dropout.default, aten.alpha_dropout.default,
+               aten.feature_alpha_dropout.default)
+
+    def match(self, node, ctx):
+        if not is_op(node, *self.targets):
+            return None
+        p, train = arg(node, 1, "p"), arg(node, 2, "train")
+        if train and p != 0:
+            return MatchResult.fail(f"dropout in training mode (p={p})")
+        return MatchResult.success(src=node.args[0])
+
+
+class DropDetach(_DropIdentity):
+    name = "drop-detach"
+    targets = (aten.detach.default, aten.detach_.default)
+
+
+class DropAlias(_DropIdentity):
+    name = "drop-alias"
+    targets = (aten.alias.default,)
+
+
+class DropClone(_DropIdentity):
+    name = "drop-clone"
+    targets = (aten.clone.default, aten.contiguous.default)
+
+    def copies(self, node):
+        return is_op(node, aten.clone.default)
+
+
+class DropNoopTo(_DropIdentity):
+    name = "drop-noop-to"
+    targets = (aten._to_copy.default, aten.to.dtype, aten.to.device, aten.to.dtype_layout, aten.to.other)
+
+    def copies(self, node):
+        return is_op(node, aten._to_copy.default) or bool(_schema_arg(node, "copy", False))
+
+
+def _schema_arg(node: fx.Node, name: str, default):
+    """Argument ``name`` of an OpOverload call, positional or keyword."""
+    for i, a in enumerate(node.target._schema.arguments):
+        if a.name == name:
+            return node.args[i] if i < len(node.args) else node.kwargs.get(name, default)
+    return default
+
+
+_SAME_SHAPE_VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.expand.default,
+                     aten.flatten.using_ints, aten.squeeze.default, aten.squeeze.dim, aten.squeeze.dims,
+                     aten.slice.Tensor, aten.narrow.default)
+
+
+class DropNoopView(_DropIdentity):
+    name = "drop-noop-view"
+    targets = _SAME_SHAPE_VIEWS + (aten.permute.default, aten.transpose.int, aten.t.default)
+
+    def match(self, node, ctx):
+        if not is_op(node, *self.targets):
+            return None
+        sv, ov = _val(node.args[0]), _val(node)
+        if sv is None or ov is None or tuple(sv.shape) != tuple(ov.shape):
+            return None          # changes the shape: not a candidate
+        if not _is_identity_view(node, sv.dim()):
+            return None          # e.g. transposes two equal dimensions: same shape, other data
+        return super().match(node, ctx)
+
+
+def _is_identity_view(node: fx.Node, rank: int) -> bool:
+    if is_op(node, aten.permute.default):
+        return [d % max(rank, 1) for d in arg(node, 1, "dims")] == list(range(rank))
+    if is_op(node, aten.transpose.int):
+        return arg(node, 1, "dim0") % max(rank, 1) == arg(node, 2, "dim1") % max(rank, 1)
+    if is_op(node, aten.t.default):
+        return rank < 2
+    return True                  # the others keep element order: same shape means identity
+
+
+_ORDER_PRESERVING = (aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.flatten.using_ints,
+                     aten.unflatten.int, aten.squeeze.default, aten.squeeze.dim, aten.squeeze.dims,
+                     aten.unsqueeze.default)
+
+
+class CancelViewChain(_DropRule):
+    """Every op of the chain keeps the row-major element order, so a chain that ends in the
+    shape of a tensor it started from computes that tensor."""
+
+    name = "cancel-view-chain"
+
+    def match(self, node, ctx):
+        if not is_op(node, *_ORDER_PRESERVING) or not is_op(node.args[0], *_ORDER_PRESERVING):
+            return None
+        out = _val(node)
+        if out is None or not _static(out):
+            return None
+        best, why = None, None
+        cur = node.args[0]
+        while is_op(cur, *_ORDER_PRESERVING):
+            cur = cur.args[0]
+            v = _val(cur)
+            if v is None or not _static(v):
+                break
+            if _same_type(v, out):
+                mismatch = _stride_mismatch(v, out)
+                if mismatch is None:
+                    best = cur
+                else:
+                    why = why or mismatch
+        if best is not None:
+            return MatchResult.success(src=best)
+        if why:
+            return MatchResult.fail(f"the chain returns to the shape of an earlier tensor but {why}")
+        return None
+
+    def rewrite(self, node, m, ctx):
+        chain, cur = [], node.args[0]
+        while cur is not m["src"]:
+            chain.append(cur)
+            cur = cur.args[0]
+        super().rewrite(node, m, ctx)
+        erase_if_unused(*chain)
+
+
+class MmAddToAddmm(RewriteRule):
+    name = "mm-add-to-addmm"
+
+    def match(self, node, ctx):
+        if not is_op(node, aten.add.Tensor) or len(node.args) < 2:
+            return None
+        lhs, rhs = node.args[0], node.args[1]
+        mm = lhs if is_op(lhs, aten.mm.default, aten.matmul.default) else (
+            rhs if is_op(rhs, aten.mm.default, aten.matmul.default) else None)
+        if mm is None:
+            return None
+        bias = rhs if mm is lhs else lhs
+        a, b = mm.args[0], mm.args[1]
+        va, vb, vm, vout = _val(a), _val(b), _val(mm), _val(node)
+        if None in (va, vb, vm, vout):
+            return MatchResult.fail("missing shape metadata")
+        if va.dim() != 2 or vb.dim() != 2:
+            return MatchResult.fail(f"matmul is not 2-D x 2-D ({va.dim()}-D x {vb.dim()}-D)")
+        if node.kwargs.get("alpha", 1) != 1:
+            return MatchResult.fail(f"add has alpha={node.kwargs['alpha']}")
+        if len(mm.users) != 1:
+            return MatchResult.fail(f"mm has {len(mm.users)} users")
+        vbias = _val(bias)
+        if vbias is None:
+            return MatchResult.fail(f"add operand is not a bias vector ({bias!r})")
+        if not (_static(vm) and _static(vbias)):
+            return MatchResult.fail("dynamic shape")
+        n = vm.shape[1]
+        if list(vbias.shape) not in ([n], [1, n]):
+            return MatchResult.fail(f"add operand is not a bias vector (shape {list(vbias.shape)} "
+                                    f"for a [{vm.shape[0]}, {n}] product)")
+        if not vm.dtype.is_floating_point or len({vm.dtype, vbias.dtype, vout.dtype}) != 1:
+            return MatchResult.fail(f"dtypes differ or are not floating point "
+                                    f"(mm {vm.dtype}, bias {vbias.dtype}, add {vout.dtype})")
+        if vbias.device != vm.device:
+            return MatchResult.fail(f"bias is on {vbias.device}, mm on {vm.device}")
+        return MatchResult.success(mm=mm, bias=bias, a=a, b=b)
+
+    def rewrite(self, node, m, ctx):
+        with node.graph.inserting_before(node):
+            new = call(node.graph, aten.addmm.default, (m["bias"], m["a"], m["b"]), like=node,
+                       pass_name=ctx.pass_name, name="addmm")
+        log.debug("%s: %%%s + %%%s -> %%%s", self.name, m["mm"].name, node.name, new.name)
+        _drop(node, new)
+        erase_if_unused(m["mm"])
+
+
+def rules(gm: fx.GraphModule) -> list[RewriteRule]:
+    """The rule set, in the order rules are tried on each node."""
+    mut = any(writes_in_place(n) for n in gm.graph.nodes)
+    return [DropEvalDropout(), DropDetach(mut), DropAlias(mut), DropClone(mut), DropNoopTo(mut),
+            DropNoopView(mut), CancelViewChain(), MmAddToAddmm()]
+
+
+@register_pass("canonicalize", exact=True,
+               description="drop no-op ops (eval dropout, detach, clone, same-type to, no-op views) "
+                           "and fuse mm + bias into addmm")
+def canonicalize(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+    rule_set = rules(gm)
+    for r in rule_set:
+        ctx.stats.setdefault(r.name, 0)
+    n = apply_rules(gm, rule_set, ctx)
+    return PassResult(gm, n > 0, dict(ctx.stats))

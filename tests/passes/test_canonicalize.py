@@ -1,0 +1,93 @@
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from optc.ir.capture import capture
+from optc.ir.program import attr_tensors
+from optc.passes import PassManager
+from optc.testing import check_pass, run_pass
+
+NO_RULE_FIRED = {"drop-eval-dropout": 0, "drop-detach": 0, "drop-alias": 0, "drop-clone": 0, "drop-noop-to": 0,
+                 "drop-noop-view": 0, "cancel-view-chain": 0, "mm-add-to-addmm": 0}
+
+
+class NoOps(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.drop = nn.Dropout(0.1)
+
+    def forward(self, x):
+        y = self.drop(torch.relu(x))                               # eval-mode dropout
+        y = F.dropout(y, 0.5, training=False).clone().detach()
+        y = y.reshape(2, 3).to(torch.float32)                      # same shape, same dtype
+        y = y.unsqueeze(0).view(6).view(2, 3)                      # back to y's shape
+        return y * 2
+
+
+def test_canonicalize_drops_noops():
+    check_pass("canonicalize", NoOps(), (torch.randn(2, 3),), """\
+graph(%x : f32[2,3]):
+  %relu : f32[2,3] = aten.relu(%x)
+  %_assert_tensor_metadata_default : none = aten._assert_tensor_metadata(%relu, dtype=f32, device=device(cpu), layout=strided)
+  %mul : f32[2,3] = aten.mul.Tensor(%relu, 2)
+  return (%mul)
+""", modified=True, stats={"canonicalize": {**NO_RULE_FIRED, "drop-eval-dropout": 2, "drop-clone": 1,
+                                            "drop-detach": 1, "drop-noop-view": 1, "drop-noop-to": 1,
+                                            "cancel-view-chain": 1}})
+
+
+class MatmulBias(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(8, 4))
+        self.b = nn.Parameter(torch.randn(4))
+
+    def forward(self, x):
+        return torch.relu(x @ self.w + self.b)
+
+
+def test_canonicalize_mm_add_to_addmm():
+    check_pass("canonicalize", MatmulBias(), (torch.randn(3, 8),), """\
+graph(%x : f32[3,8]):
+  %w : f32[8,4] = get_attr w
+  %b : f32[4] = get_attr b
+  %addmm : f32[3,4] = aten.addmm(%b, %x, %w)
+  %relu : f32[3,4] = aten.relu(%addmm)
+  return (%relu)
+""", modified=True, stats={"canonicalize": {**NO_RULE_FIRED, "mm-add-to-addmm": 1}})
+
+
+class Refused(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(4, 4))
+        self.b = nn.Parameter(torch.randn(4))
+
+    def forward(self, x, y):
+        h = x @ self.w
+        full = x @ self.w.t() + y                            # a full matrix, not a bias vector
+        z = x.transpose(0, 1).contiguous().view(16)          # the copy makes the view legal
+        noisy = F.dropout(x, 0.5, training=True)             # training mode
+        return h + self.b, h, full, z, x.transpose(0, 1), noisy, x.clone()
+
+
+def test_canonicalize_must_not_fire_where_rewrites_do_not_hold():
+    out = run_pass("canonicalize", Refused(), (torch.randn(4, 4), torch.randn(4, 4)))
+    assert not out.report.record("canonicalize").modified
+    assert out.stats("canonicalize") == {**NO_RULE_FIRED, "not-fired": 5}
+    assert out.text.count("aten.transpose.int(%x, 0, 1)") == 2    # same shape, other data: no no-op
+    assert out.rejections("canonicalize") == [
+        ("mm-add-to-addmm", "add", "add operand is not a bias vector (shape [4, 4] for a [4, 4] product)"),
+        ("drop-clone", "contiguous", "changes strides [1, 4] -> [4, 1]"),
+        ("drop-eval-dropout", "dropout", "dropout in training mode (p=0.5)"),
+        ("mm-add-to-addmm", "add_1", "mm has 2 users"),
+        ("drop-clone", "clone", "the copy is a graph output (it would alias another tensor)"),
+    ]
+
+
+def test_canonicalize_does_not_modify_the_original_tensors():
+    program = capture(MatmulBias().eval(), (torch.randn(3, 8),))
+    before = {k: (t, t._version, t.clone()) for k, t in attr_tensors(program.graph_module).items()}
+    PassManager("canonicalize", default="").run(program)
+    for t, version, copy in before.values():
+        assert t._version == version and torch.equal(t, copy)
