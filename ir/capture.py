@@ -59,7 +59,7 @@ def capture(model: nn.Module, example_inputs: Any = (), example_kwargs: dict | N
     trace_args, trace_kwargs = args, kwargs
     if dynamic_shapes is not None and _batch_is_one(args, kwargs):
         # torch.export specialises size-1 dims; trace a dynamic batch with batch 2
-        trace_args, trace_kwargs = pytree.tree_map(_to_batch2, (args, kwargs))
+        trace_args, trace_kwargs = _batch2_where_dynamic(model, args, kwargs, dynamic_shapes)
 
     state = _ModuleState(model)
     try:
@@ -105,6 +105,32 @@ def _to_batch2(t):
     if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == 1:
         return t.expand(2, *t.shape[1:]).clone()
     return t
+
+
+def _batch2_where_dynamic(model: nn.Module, args: tuple, kwargs: dict, dynamic_shapes: Any) -> tuple[tuple, dict]:
+    """``_to_batch2`` on the inputs whose dim 0 ``dynamic_shapes`` marks dynamic; the others
+    (a weight of shape (1, n) passed as an input) keep their shape."""
+    try:
+        bound = inspect.signature(model.forward).bind(*args, **kwargs)
+    except TypeError:
+        return args, kwargs
+    specs = dynamic_shapes if isinstance(dynamic_shapes, dict) else dict(zip(bound.arguments, dynamic_shapes))
+    for name, value in bound.arguments.items():
+        bound.arguments[name] = _batch2_by_spec(value, specs.get(name))
+    return bound.args, bound.kwargs
+
+
+def _batch2_by_spec(value: Any, spec: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        dim0 = spec.get(0) if isinstance(spec, dict) else (
+            spec[0] if isinstance(spec, (list, tuple)) and len(spec) > 0 else None)
+        return _to_batch2(value) if dim0 is not None else value
+    if isinstance(value, (list, tuple)) and isinstance(spec, (list, tuple)) and len(spec) == len(value):
+        items = [_batch2_by_spec(v, s) for v, s in zip(value, spec)]
+        return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
+    if isinstance(value, dict) and isinstance(spec, dict):
+        return {k: _batch2_by_spec(v, spec.get(k)) for k, v in value.items()}
+    return value
 
 
 # ---------------------------------------------------------------------------------------

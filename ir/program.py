@@ -200,6 +200,8 @@ def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
             root[node.target] = _get_attr(gm, node.target)
     new = fx.GraphModule(root, graph, class_name=type(gm).__name__ if type(gm).__name__ != "GraphModuleImpl" else "GraphModule")
     new.meta = dict(getattr(gm, "meta", {}))
+    if hasattr(gm, "_optc_fake_mode"):
+        new._optc_fake_mode = gm._optc_fake_mode   # same FakeTensors in the copied meta
     return new
 
 

@@ -34,13 +34,20 @@ CARRIED_META = ("stack_trace", "nn_module_stack", "optc_source", "source_fn_stac
 
 # ---- shapes ---------------------------------------------------------------------------
 def fake_mode_of(gm: fx.GraphModule) -> FakeTensorMode:
-    vals = [n.meta.get("val") for n in gm.graph.nodes if n.op in ("placeholder", "get_attr", "call_function")]
-    mode = detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])
+    """The FakeTensorMode of ``gm``'s metadata (cached on the GraphModule: one graph, one mode)."""
+    mode = getattr(gm, "_optc_fake_mode", None)
+    if mode is not None:
+        return mode
+    for n in gm.graph.nodes:
+        if n.op in ("placeholder", "get_attr", "call_function"):
+            v = n.meta.get("val")
+            if isinstance(v, torch.Tensor):
+                mode = detect_fake_mode([v])
+                if mode is not None:
+                    break
     if mode is None:
-        mode = getattr(gm, "_optc_fake_mode", None)
-        if mode is None:
-            mode = FakeTensorMode(allow_non_fake_inputs=True)
-            gm._optc_fake_mode = mode
+        mode = FakeTensorMode(allow_non_fake_inputs=True)
+    gm._optc_fake_mode = mode
     return mode
 
 
@@ -92,9 +99,8 @@ def carry_meta(new: fx.Node, like: fx.Node | None, pass_name: str | None = None)
 def call(graph: fx.Graph, target: Callable, args: tuple, kwargs: dict | None = None, *,
          like: fx.Node | None = None, pass_name: str | None = None, name: str | None = None) -> fx.Node:
     """Insert a call_function node (at the graph's current insert point) with full metadata."""
-    node = graph.call_function(target, args, kwargs or {})
-    if name:
-        node.name = graph._graph_namespace.create_name(name, node)
+    # the name must be given at creation: fx's namespace caches a node's first name
+    node = graph.create_node("call_function", target, args, kwargs or {}, name=name)
     carry_meta(node, like, pass_name)
     infer_val(node)
     return node

@@ -21,7 +21,7 @@ import ast
 import os
 import sys
 
-from expecttest import assert_eq, replace_string_literal
+from expecttest import EDIT_HISTORY, assert_eq, replace_string_literal
 
 from optc.ir.capture import capture
 from optc.ir.printer import format_text
@@ -93,7 +93,9 @@ def assert_golden(actual: str, expected: str, *, skip: int = 0) -> None:
         assert_eq(expected, actual, msg="run pytest with --update-goldens to accept the new output")
         return
     frame = sys._getframe(1 + skip)
-    filename, lineno = frame.f_code.co_filename, frame.f_lineno
+    filename = frame.f_code.co_filename
+    # the frame's line number predates earlier edits of this file in this run
+    lineno = EDIT_HISTORY.adjust_lineno(filename, frame.f_lineno)
     with open(filename) as f:
         src = f.read()
     literal = None
@@ -104,9 +106,10 @@ def assert_golden(actual: str, expected: str, *, skip: int = 0) -> None:
                     literal = a
     if literal is None:
         raise AssertionError(f"cannot find the golden string literal of the call at {filename}:{lineno}")
-    new_src, _ = replace_string_literal(src, literal.lineno, literal.end_lineno, actual)
+    new_src, delta = replace_string_literal(src, literal.lineno, literal.end_lineno, actual)
     with open(filename, "w") as f:
         f.write(new_src)
+    EDIT_HISTORY.record_edit(filename, lineno, delta, actual)
 
 
 def _check_numerics(model: nn.Module, program: Program, new: Program, rtol, reference: str) -> None:

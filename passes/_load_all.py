@@ -10,6 +10,13 @@ PASS_MODULES = (
     "cse",
     "constant_fold",
     "canonicalize",
+    "fuse_attention",
+    "fuse_layer_norm",
+    "fuse_gelu",
+    "merge_parallel_linear",
+    "fold_conv_bn",
+    "fold_linear_bn",
+    "fold_binary",
 )
 
 for _name in PASS_MODULES:
