@@ -1,0 +1,275 @@
+"""Fuse layer normalisation written out by hand into ``aten.layer_norm``.
+
+Rewrite (``D`` the last ``k`` dims of ``%x``, ``N = x.shape[-k:]``)::
+
+    %mean = aten.mean.dim(%x, D, True)              or var_mean(%x, D, correction=0)[1]
+    %d    = aten.sub.Tensor(%x, %mean)
+    %var  = aten.mean.dim(aten.pow(%d, 2) | aten.mul(%d, %d), D, True)
+          | aten.var(%x, D, correction=0 | unbiased=False, keepdim=True) | var_mean(...)[0]
+    %y    = aten.mul(%d, aten.rsqrt(%var + eps))    or %d / aten.sqrt(%var + eps)
+                                                    (also pow(%var + eps, -0.5), reciprocal(sqrt))
+    %y    = [aten.mul(%y, %gamma)]                  gamma, beta: tensors of shape N, x's dtype
+    %y    = [aten.add(%y, %beta)]
+  ==>
+    %y    = aten.layer_norm(%x, N, %gamma | None, %beta | None, eps)
+
+``eps`` is a scalar constant (0 when no ``add`` is found); the affine ``mul``/``add`` are
+absorbed only when the normalised value has no other user.
+
+Preconditions (each refusal reported with its reason): the mean and the variance reduce
+over the same dims, which are the last dims of ``%x``, with ``keepdim=True``; the variance
+is the biased one (``correction=0``); ``eps`` is added to the variance inside the square
+root (``d / (sqrt(var) + eps)`` is a different function); one floating dtype throughout;
+static normalised shape.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import operator
+
+import torch
+import torch.fx as fx
+
+from optc.ir.rewrite import MatchResult, RewriteRule, apply_rules, arg, attr_value, call, erase_if_unused, is_op
+from optc.passes.base import PassContext, PassResult, register_pass
+
+log = logging.getLogger(__name__)
+aten = torch.ops.aten
+
+_VAR = (aten.var.dim, aten.var.correction)
+_VAR_MEAN = (aten.var_mean.dim, aten.var_mean.correction)
+_INV_ROOT = (aten.rsqrt.default, aten.pow.Tensor_Scalar, aten.reciprocal.default)   # candidates for 1/sqrt(.)
+
+
+def _val(node) -> torch.Tensor | None:
+    v = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return v if isinstance(v, torch.Tensor) else None
+
+
+def _scalar(a) -> float | None:
+    if isinstance(a, (int, float)) and not isinstance(a, bool):
+        return float(a)
+    t = attr_value(a) if isinstance(a, fx.Node) else None
+    if t is not None and t.dim() == 0 and t.dtype != torch.bool:
+        return float(t)
+    return None
+
+
+def _norm_dims(dims, rank: int) -> list[int] | None:
+    if dims is None:
+        return list(range(rank))
+    dims = [dims] if isinstance(dims, int) else list(dims)
+    if not dims:
+        return list(range(rank))     # mean.dim with [] reduces everything
+    return sorted(d % rank for d in dims)
+
+
+def _getitem(node, index: int, targets) -> fx.Node | None:
+    """The multi-output node behind ``getitem(node, index)`` if it is one of ``targets``."""
+    if isinstance(node, fx.Node) and node.op == "call_function" and node.target is operator.getitem \
+            and node.args[1] == index and is_op(node.args[0], *targets):
+        return node.args[0]
+    return None
+
+
+def _correction(node: fx.Node) -> float:
+    """Bessel's correction of a var/var_mean call (1 when unbiased, the default)."""
+    if is_op(node, aten.var.dim, aten.var_mean.dim):
+        return 1.0 if arg(node, 2, "unbiased", True) else 0.0
+    c = node.kwargs.get("correction")
+    return 1.0 if c is None else float(c)
+
+
+def _keepdim(node: fx.Node) -> bool:
+    if is_op(node, aten.var.dim, aten.var_mean.dim):
+        return bool(arg(node, 3, "keepdim", False))
+    if is_op(node, aten.mean.dim):
+        return bool(arg(node, 2, "keepdim", False))
+    return bool(node.kwargs.get("keepdim", False))
+
+
+def _mean_of(node) -> tuple[fx.Node, fx.Node] | None:
+    """``(x, reduction)`` if ``node`` is a mean of ``x`` (mean.dim or var_mean's mean)."""
+    if is_op(node, aten.mean.dim):
+        return node.args[0], node
+    vm = _getitem(node, 1, _VAR_MEAN)
+    if vm is not None:
+        return vm.args[0], vm
+    return None
+
+
+def _centered(node) -> tuple[fx.Node, fx.Node, fx.Node] | None:
+    """``(x, mean, reduction)`` if ``node`` is ``x - mean(x)``."""
+    if not is_op(node, aten.sub.Tensor) or len(node.args) != 2 or node.kwargs.get("alpha", 1) != 1:
+        return None
+    x, mean = node.args
+    m = _mean_of(mean)
+    if m is None or m[0] is not x:
+        return None
+    return x, mean, m[1]
+
+
+def _same_centered(a, d: fx.Node) -> bool:
+    """``a`` is ``d`` or another ``sub`` node with the same operands."""
+    return a is d or (is_op(a, aten.sub.Tensor) and a.args == d.args and a.kwargs == d.kwargs)
+
+
+class FuseLayerNorm(RewriteRule):
+    name = "fuse-layer-norm"
+
+    def match(self, node: fx.Node, ctx: PassContext) -> MatchResult | None:
+        if is_op(node, aten.mul.Tensor) and len(node.args) == 2:
+            d, scale = node.args
+            if _centered(d) is None:
+                d, scale = scale, d
+            if _centered(d) is None or not is_op(scale, *_INV_ROOT):
+                return None                              # e.g. (x - mean)^2 as d * d: not a candidate
+            kind = "mul"
+        elif is_op(node, aten.div.Tensor) and len(node.args) == 2 and _centered(node.args[0]) is not None:
+            d, scale = node.args
+            kind = "div"
+        else:
+            return None                                  # not (x - mean(x)) scaled by something
+        x, mean, mean_red = _centered(d)
+        xv, dv, yv = _val(x), _val(d), _val(node)
+        if None in (xv, dv, yv):
+            return MatchResult.fail("missing shape metadata")
+        rank = xv.dim()
+
+        # 1/sqrt(var + eps)
+        ve = None
+        if kind == "mul":
+            if is_op(scale, aten.rsqrt.default):
+                ve = scale.args[0]
+            elif is_op(scale, aten.pow.Tensor_Scalar) and _scalar(scale.args[1]) == -0.5:
+                ve = scale.args[0]
+            elif is_op(scale, aten.reciprocal.default) and is_op(scale.args[0], aten.sqrt.default):
+                ve = scale.args[0].args[0]
+            elif is_op(scale, aten.reciprocal.default) and _sqrt_plus_eps(scale.args[0]):
+                return MatchResult.fail("eps added outside the sqrt: d / (sqrt(var) + eps)")
+            else:
+                return MatchResult.fail(f"x - mean is multiplied by %{getattr(scale, 'name', scale)}, "
+                                        f"not rsqrt(var + eps)")
+        else:
+            if is_op(scale, aten.sqrt.default):
+                ve = scale.args[0]
+            elif _sqrt_plus_eps(scale):
+                return MatchResult.fail("eps added outside the sqrt: d / (sqrt(var) + eps)")
+            else:
+                return MatchResult.fail(f"x - mean is divided by %{getattr(scale, 'name', scale)}, "
+                                        f"not sqrt(var + eps)")
+        eps, var = 0.0, ve
+        if is_op(ve, aten.add.Tensor) and len(ve.args) == 2 and ve.kwargs.get("alpha", 1) == 1:
+            a, b = ve.args
+            if _scalar(b) is not None:
+                var, eps = a, _scalar(b)
+            elif _scalar(a) is not None:
+                var, eps = b, _scalar(a)
+            else:
+                return MatchResult.fail(f"%{ve.name} adds a tensor to the variance, not a constant eps")
+        if not math.isfinite(eps) or eps < 0:
+            return MatchResult.fail(f"eps {eps!r} is not a finite non-negative constant")
+
+        # the variance, over the same dims as the mean
+        vm = _getitem(var, 0, _VAR_MEAN)
+        if is_op(var, aten.mean.dim):
+            sq = var.args[0]
+            if is_op(sq, aten.pow.Tensor_Scalar) and _scalar(sq.args[1]) == 2.0:
+                ok = _same_centered(sq.args[0], d)
+            elif is_op(sq, aten.mul.Tensor) and len(sq.args) == 2:
+                ok = _same_centered(sq.args[0], d) and _same_centered(sq.args[1], d)
+            else:
+                ok = False
+            if not ok:
+                return MatchResult.fail(f"%{var.name} is not the mean of (x - mean)^2")
+            var_red = var
+        elif is_op(var, *_VAR) or vm is not None:
+            var_red = var if vm is None else vm
+            if var_red.args[0] is not x:
+                return MatchResult.fail(f"the variance %{var_red.name} is not of x %{x.name}")
+            if _correction(var_red) != 0:
+                return MatchResult.fail(f"unbiased variance (correction={_correction(var_red):g}); "
+                                        f"layer norm uses the biased one")
+        else:
+            return MatchResult.fail(f"%{getattr(var, 'name', var)} is not a variance of x")
+        if var_red.kwargs.get("dtype") is not None or mean_red.kwargs.get("dtype") is not None:
+            return MatchResult.fail("a reduction computes in another dtype")
+        mean_dims = _norm_dims(arg(mean_red, 1, "dim"), rank)
+        var_dims = _norm_dims(arg(var_red, 1, "dim"), _val(var_red.args[0]).dim())
+        if not _keepdim(mean_red) or not _keepdim(var_red):
+            return MatchResult.fail("a reduction drops the reduced dims (keepdim=False)")
+        if mean_dims != var_dims:
+            return MatchResult.fail(f"mean over dims {mean_dims} but variance over dims {var_dims}")
+        k = len(mean_dims)
+        if mean_dims != list(range(rank - k, rank)):
+            return MatchResult.fail(f"normalises over dims {mean_dims}; layer_norm needs the last dims")
+        shape = list(xv.shape[rank - k:])
+        if not all(type(s) is int for s in shape):
+            return MatchResult.fail(f"normalised shape {shape} is not static")
+        if not xv.dtype.is_floating_point or len({xv.dtype, dv.dtype, yv.dtype}) != 1:
+            return MatchResult.fail(f"dtypes differ or are not floating point (x {xv.dtype}, y {yv.dtype})")
+        if list(yv.shape) != list(xv.shape):
+            return MatchResult.fail(f"result shape {list(yv.shape)} differs from x's {list(xv.shape)}")
+
+        # affine: absorb a following * gamma and + beta of shape N
+        last, gamma, beta, affine = node, None, None, []
+        u = _only_user(last)
+        if is_op(u, aten.mul.Tensor):
+            g = _other(u, last)
+            if _is_param(g, shape, xv.dtype) and _val(u).shape == yv.shape:
+                last, gamma = u, g
+                affine.append(u)
+                u = _only_user(last)
+        if is_op(u, aten.add.Tensor) and u.kwargs.get("alpha", 1) == 1:
+            b = _other(u, last)
+            if _is_param(b, shape, xv.dtype) and _val(u).shape == yv.shape:
+                last, beta = u, b
+                affine.append(u)
+        # users before operands, so that each erase_if_unused frees the next
+        root = [scale.args[0]] if is_op(scale, aten.reciprocal.default) else []
+        square = [var.args[0], *var.args[0].args[:2]] if is_op(var, aten.mean.dim) else []
+        erase = [*reversed(affine), node, scale, *root, ve, var, var_red, *square, d, mean, mean_red]
+        return MatchResult.success(x=x, shape=shape, gamma=gamma, beta=beta, eps=eps, last=last, erase=erase)
+
+    def rewrite(self, node: fx.Node, m: MatchResult, ctx: PassContext) -> None:
+        last = m["last"]
+        with node.graph.inserting_before(last):
+            ln = call(node.graph, aten.layer_norm.default, (m["x"], m["shape"], m["gamma"], m["beta"], m["eps"]),
+                      like=last, pass_name=ctx.pass_name, name="layer_norm")
+        log.debug("fuse-layer-norm: %%%s -> %%%s (eps %g)", last.name, ln.name, m["eps"])
+        last.replace_all_uses_with(ln)
+        erase_if_unused(*m["erase"])
+
+
+def _sqrt_plus_eps(node) -> bool:
+    """``node`` is ``sqrt(var) + eps`` (eps outside the root)."""
+    if not is_op(node, aten.add.Tensor) or len(node.args) != 2:
+        return False
+    a, b = node.args
+    return (is_op(a, aten.sqrt.default) and _scalar(b) is not None) or \
+        (is_op(b, aten.sqrt.default) and _scalar(a) is not None)
+
+
+def _only_user(node: fx.Node) -> fx.Node | None:
+    return next(iter(node.users)) if len(node.users) == 1 else None
+
+
+def _other(node: fx.Node, operand: fx.Node):
+    a, b = node.args[0], node.args[1]
+    return b if a is operand else (a if b is operand else None)
+
+
+def _is_param(node, shape: list[int], dtype: torch.dtype) -> bool:
+    """A tensor of exactly the normalised shape and x's dtype (a gamma or beta)."""
+    v = _val(node)
+    return v is not None and list(v.shape) == shape and v.dtype == dtype
+
+
+@register_pass("fuse-layer-norm", exact=True,
+               description="replace layer normalisation written out by hand (mean, sub, var, add eps, "
+                           "rsqrt, mul, affine) with aten.layer_norm")
+def fuse_layer_norm(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+    n = apply_rules(gm, [FuseLayerNorm()], ctx)
+    return PassResult(gm, n > 0, {"fused": n})
