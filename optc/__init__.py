@@ -3,6 +3,7 @@
     program = optc.capture(model, (x,))
     program, report = optc.optimize(program, pipeline="default", target="cpu")
     compiled, report = optc.compile(model, (x,), backend="onnx", target="cpu")
+    compiled.save("out/"); compiled = optc.load("out/")
 """
 
 __version__ = "0.1.0"
@@ -14,10 +15,11 @@ from optc.errors import (  # noqa: E402  (errors first: every submodule imports 
 from optc.target import Target, resolve_target  # noqa: E402
 from optc.ir.program import Program  # noqa: E402
 from optc.ir.capture import capture  # noqa: E402
-from optc.api import optimize  # noqa: E402
+from optc.api import CompileReport, compile, load, optimize  # noqa: E402
+from optc.recover import recover  # noqa: E402
 
 __all__ = [
-    "__version__", "capture", "optimize", "Program", "Target", "resolve_target",
-    "OptcError", "CaptureError", "PipelineError", "PassError", "VerificationError", "NumericMismatchError",
+    "__version__", "capture", "optimize", "compile", "load", "CompileReport", "Program", "Target", "resolve_target",
+    "recover", "OptcError", "CaptureError", "PipelineError", "PassError", "VerificationError", "NumericMismatchError",
     "LoweringError", "BackendUnavailableError", "ArtifactError", "InputSpecError",
 ]

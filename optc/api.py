@@ -1,12 +1,18 @@
-"""The public entry points: optimize (and, with the backends, compile and load)."""
+"""The public entry points: optimize, compile and load."""
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+import os
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Iterable
 
 from optc.ir.program import Program
 from optc.passes.manager import PassManager, PipelineReport
 from optc.target import Target, resolve_target
+
+if TYPE_CHECKING:
+    from optc.backends.base import CompiledModel
 
 
 def optimize(program: Program, pipeline: str = "default", target: Target | str = "cpu", *,
@@ -28,3 +34,100 @@ def optimize(program: Program, pipeline: str = "default", target: Target | str =
                      bisect_limit=bisect_limit, max_rewrites=max_rewrites, disable=disable,
                      extra={"calibration_data": calibration_data} if calibration_data is not None else None)
     return pm.run(program)
+
+
+# ---- compile and load ----------------------------------------------------------------------------
+@dataclass
+class CompileReport:
+    """What :func:`compile` did and what it cost."""
+
+    name: str
+    backend: str
+    target: str
+    pipeline: PipelineReport
+    capture_s: float
+    optimize_s: float
+    lowering_s: float
+    artifact_bytes: int
+
+    @property
+    def total_s(self) -> float:
+        return self.capture_s + self.optimize_s + self.lowering_s
+
+    def format(self) -> str:
+        return "\n".join([
+            f"compiled {self.name} for {self.target} ({self.backend})",
+            f"  capture   {self.capture_s * 1e3:10.1f} ms",
+            f"  pipeline  {self.optimize_s * 1e3:10.1f} ms  {self.pipeline.pipeline or '(empty)'}",
+            f"  lowering  {self.lowering_s * 1e3:10.1f} ms",
+            f"  total     {self.total_s * 1e3:10.1f} ms",
+            f"  artifact  {_human_bytes(self.artifact_bytes):>10}",
+            self.pipeline.format(),
+        ])
+
+    def __str__(self) -> str:
+        return self.format()
+
+
+def _human_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def compile(model: Any, example_inputs: Any = (), *, example_kwargs: dict | None = None,
+            backend: str | None = None, target: Target | str = "cpu", pipeline: str = "default",
+            dynamic_shapes: Any = None, **backend_options) -> tuple["CompiledModel", CompileReport]:
+    """Capture ``model``, run the target's pipeline, lower it with ``backend``.
+
+    ``model`` is an ``nn.Module`` called as ``model(*example_inputs, **example_kwargs)`` (or an
+    already captured Program). ``backend`` defaults to the one ``target`` names (``"onnx:cuda"``),
+    else ``"onnx"``. ``dynamic_shapes`` is passed to capture (``"batch"``: dim 0 of every input).
+    ``backend_options`` go to the backend's ``lower`` (onnx: ``opset``, ``threads``, ``optimize``,
+    ``external_data_threshold``; torchscript: ``method``, ``optimize``); unknown ones are errors.
+
+    Returns the :class:`~optc.backends.base.CompiledModel` (called like ``model``; ``save(dir)``)
+    and a :class:`CompileReport`. Availability of the backend and device is checked first, before
+    the (slow) capture.
+    """
+    from optc.backends.base import get_backend, lower
+    from optc.ir.capture import capture
+    from optc.errors import OptcError
+
+    tgt = resolve_target(target, backend)
+    if tgt.backend is None:
+        tgt = tgt.with_backend("onnx")
+    be = get_backend(tgt.backend)
+    unknown = [k for k in backend_options if k not in be.option_names()]
+    if unknown:
+        raise OptcError(f"backend '{be.name}' has no option '{unknown[0]}' "
+                        f"(valid options: {', '.join(be.option_names()) or 'none'})")
+    be.check_available(tgt)
+
+    t0 = time.perf_counter()
+    if isinstance(model, Program):
+        if example_inputs not in ((), None) or example_kwargs or dynamic_shapes is not None:
+            raise OptcError("compile() of a captured Program takes no example inputs or dynamic_shapes "
+                            "(the Program has them)")
+        program = model
+    else:
+        program = capture(model, example_inputs, example_kwargs, dynamic_shapes=dynamic_shapes)
+    t1 = time.perf_counter()
+    program, preport = optimize(program, pipeline, tgt)
+    t2 = time.perf_counter()
+    compiled = lower(program, tgt, pipeline=preport.pipeline, **backend_options)
+    t3 = time.perf_counter()
+    report = CompileReport(name=program.name, backend=be.name, target=str(tgt), pipeline=preport,
+                           capture_s=t1 - t0, optimize_s=t2 - t1, lowering_s=t3 - t2,
+                           artifact_bytes=compiled.artifact_size())
+    return compiled, report
+
+
+def load(directory: str | os.PathLike) -> "CompiledModel":
+    """Load a folder written by ``CompiledModel.save``: reads ``manifest.json``, checks the sha256
+    of every artifact file (:class:`~optc.errors.ArtifactError` naming the file) and hands the
+    folder to the backend that wrote it."""
+    from optc.backends.base import load_artifact
+    return load_artifact(directory)

@@ -1,0 +1,348 @@
+"""ONNX backend: torch's dynamo exporter -> onnx.checker -> an ONNX Runtime session.
+
+Lowering:
+
+1. ``optc::`` ops with an ONNX translation (:func:`register_onnx_translation`; ``channel_affine``
+   ships with one) stay as they are and are translated by the exporter; the others are replaced
+   by their ATen decomposition;
+2. the flat graph is exported again with ``torch.export.export(gm, flat_inputs, dynamic_shapes,
+   strict=False)``; the Program's symbolic dims become ``torch.export.Dim`` objects, so a dynamic
+   batch stays a ``dim_param`` in the ONNX model;
+3. the ExportedProgram is translated at opset :data:`OPSET` with torch's ONNX registry (torchlib
+   plus our translations; built once per process and opset) and the exporter's ONNX optimizer;
+   inputs are named like the Program's placeholders, outputs ``output_0..``;
+4. ``onnx.checker.check_model(full_check=True)``; models whose weights pass
+   ``external_data_threshold`` (2 GiB: protobuf's limit) are written with external data
+   (``model.onnx`` + ``model.onnx.data``) and checked and loaded from that path;
+5. an ``InferenceSession`` with ``ORT_ENABLE_ALL``, ``intra_op_num_threads`` = ``threads`` (default:
+   every core this process may run on), ``inter_op_num_threads=1``, and the CPU or CUDA provider.
+
+Calls bind torch tensors to the session with I/O binding through DLPack, both ways: no copies.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import warnings
+import weakref
+from typing import Callable
+
+import torch
+
+from optc.backends.base import (
+    Backend, CompiledModel, Signature, export_program, require, signature_from_manifest, target_from_manifest,
+)
+from optc.errors import ArtifactError, BackendUnavailableError, LoweringError
+from optc.ir.program import Program, attr_tensors
+from optc.target import Target
+
+log = logging.getLogger("optc.backends.onnx")
+
+#: The ONNX opset every model is exported at. 20 is the dynamo exporter's default (its torchlib
+#: functions are written for 18 and need no version conversion up to 20), ONNX Runtime 1.32 runs
+#: every op of it on CPU and CUDA, and it has what the quantization work needs (per-axis
+#: QuantizeLinear/DequantizeLinear since 13). Blocked or int4 QDQ would need 21.
+OPSET = 20
+MIN_OPSET = 18
+MAX_OPSET = 23
+#: Weights above this many bytes go to external data (protobuf cannot serialize 2 GiB).
+EXTERNAL_DATA_THRESHOLD = 2 * 1024 ** 3
+MODEL_FILE = "model.onnx"
+DATA_FILE = "model.onnx.data"
+
+# ---- translations of optc:: ops -------------------------------------------------------------------
+_TRANSLATIONS: dict[torch._ops.OpOverload, Callable] = {}
+_TABLE_VERSION = [0]
+_DEFAULTS_LOADED = [False]
+_LOCK = threading.Lock()
+
+
+def register_onnx_translation(op: torch._ops.OpOverload, fn: Callable, *, replace: bool = False) -> None:
+    """Translate ``op`` (e.g. ``torch.ops.optc.quantize.default``) with ``fn``, an onnxscript
+    function (or a Python function calling onnxscript ops, traced at export time) taking the op's
+    arguments in schema order. Use :func:`onnx_opset` for the ops of :data:`OPSET`."""
+    if not isinstance(op, torch._ops.OpOverload):
+        raise TypeError(f"register_onnx_translation takes an OpOverload (torch.ops.ns.op.default), got {op!r}")
+    with _LOCK:
+        if op in _TRANSLATIONS and not replace and _TRANSLATIONS[op] is not fn:
+            raise ValueError(f"{op} already has an ONNX translation (pass replace=True to override it)")
+        _TRANSLATIONS[op] = fn
+        _TABLE_VERSION[0] += 1
+
+
+def onnx_translations() -> dict[torch._ops.OpOverload, Callable]:
+    """Every registered translation (the built-in ones are defined on first use: they need onnxscript)."""
+    _load_default_translations()
+    return dict(_TRANSLATIONS)
+
+
+def onnx_opset():
+    """The onnxscript opset module for :data:`OPSET` (``op.Mul``, ``op.Reshape``...)."""
+    onnxscript = require("onnxscript", backend="onnx")
+    return getattr(onnxscript, f"opset{OPSET}")
+
+
+def _load_default_translations() -> None:
+    if _DEFAULTS_LOADED[0]:
+        return
+    op = onnx_opset()
+
+    def channel_affine(x, scale, shift, dim: int):
+        """``x * scale + shift`` with scale/shift broadcast along axis ``dim`` of ``x``."""
+        if x.shape is None:
+            raise ValueError("optc::channel_affine: the rank of x is unknown at export time")
+        rank = len(x.shape)
+        shape = [1] * rank
+        shape[dim % rank] = -1
+        target_shape = op.Constant(value_ints=shape)
+        s = op.Reshape(op.CastLike(scale, x), target_shape)
+        b = op.Reshape(op.CastLike(shift, x), target_shape)
+        return op.Add(op.Mul(x, s), b)
+
+    with _LOCK:
+        _TRANSLATIONS.setdefault(torch.ops.optc.channel_affine.default, channel_affine)
+        _TABLE_VERSION[0] += 1
+        _DEFAULTS_LOADED[0] = True
+
+
+# ---- the exporter's registry, built once ------------------------------------------------------------
+_REGISTRY_CACHE: dict[tuple[int, int], object] = {}
+
+
+def _registry(opset: int):
+    """torch's ONNXRegistry (torchlib + our translations) for ``opset``, cached: building it parses
+    ~500 onnxscript functions (seconds), and torch.onnx.export would rebuild it on every call."""
+    from torch.onnx._internal.exporter import _registration
+    translations = onnx_translations()
+    key = (opset, _TABLE_VERSION[0])
+    with _LOCK:
+        reg = _REGISTRY_CACHE.get(key)
+    if reg is None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            _quiet_exporter_logs()
+            reg = _registration.ONNXRegistry.from_torchlib(opset_version=opset)
+            for torch_op, fn in translations.items():
+                reg.register_op(torch_op, fn, is_complex=False)
+        with _LOCK:
+            _REGISTRY_CACHE.clear()
+            _REGISTRY_CACHE[key] = reg
+    return reg
+
+
+def _quiet_exporter_logs() -> None:
+    # "torchvision is not installed. Skipping torchvision::nms" on every registry build
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+
+
+def _export(ep: torch.export.ExportedProgram, opset: int, input_names: list[str], output_names: list[str],
+            optimize: bool):
+    """ExportedProgram -> torch.onnx.ONNXProgram at ``opset``."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            from torch.onnx._internal.exporter import _core
+            registry = _registry(opset)
+        except ImportError:  # the exporter's internals moved: use the public (slower) entry point
+            return torch.onnx.export(ep, (), dynamo=True, opset_version=opset, input_names=input_names,
+                                     output_names=output_names, optimize=optimize, verbose=False,
+                                     custom_translation_table=onnx_translations())
+        return _core.export(ep, registry=registry, input_names=input_names, output_names=output_names,
+                            optimize=optimize, opset_version=opset, verbose=False)
+
+
+# ---- the compiled model ------------------------------------------------------------------------------
+class ONNXModel(CompiledModel):
+    """An ONNX model and its ONNX Runtime session. The model lives in memory (``model_bytes``) or,
+    with external data, in a folder (``model_dir``: a private temporary one after lowering, the
+    artifact folder after loading)."""
+
+    backend = "onnx"
+
+    def __init__(self, signature: Signature, target: Target, *, model_bytes: bytes | None = None,
+                 model_dir: str | None = None, threads: int | None = None, **kw):
+        super().__init__(signature, target, **kw)
+        if (model_bytes is None) == (model_dir is None):
+            raise ValueError("ONNXModel needs exactly one of model_bytes and model_dir")
+        self.model_bytes = model_bytes
+        self.model_dir = model_dir
+        self.threads = threads
+        self.session = _session(model_bytes if model_bytes is not None else os.path.join(model_dir, MODEL_FILE),
+                                target, threads)
+        present = {i.name for i in self.session.get_inputs()}
+        # flat input i -> ONNX input name, None where the exporter dropped an unused input
+        self._inputs = [s.name if s.name in present else None for s in signature.inputs]
+        missing = present - {s.name for s in signature.inputs}
+        if missing:
+            raise LoweringError(f"ONNX model has inputs {sorted(missing)} the program does not", backend="onnx")
+        self._outputs = [o.name for o in self.session.get_outputs()]
+        self._device = ("cuda", torch.cuda.current_device()) if target.device == "cuda" else ("cpu", 0)
+
+    def run_flat(self, inputs):
+        import onnxruntime as ort
+        binding = self.session.io_binding()
+        keep = []
+        for name, t in zip(self._inputs, inputs):
+            if name is None:
+                continue
+            t = t.detach().contiguous()
+            keep.append(t)
+            binding.bind_ortvalue_input(name, ort.OrtValue.from_dlpack(t))
+        for name in self._outputs:
+            binding.bind_output(name, *self._device)
+        if self._device[0] == "cuda":
+            torch.cuda.current_stream().synchronize()
+        self.session.run_with_iobinding(binding)
+        return [torch.from_dlpack(v) for v in binding.get_outputs()]
+
+    def save_artifacts(self, directory):
+        if self.model_bytes is not None:
+            with open(os.path.join(directory, MODEL_FILE), "wb") as f:
+                f.write(self.model_bytes)
+            return [MODEL_FILE]
+        names = [MODEL_FILE] + ([DATA_FILE] if os.path.exists(os.path.join(self.model_dir, DATA_FILE)) else [])
+        for name in names:
+            shutil.copyfile(os.path.join(self.model_dir, name), os.path.join(directory, name))
+        return names
+
+    def artifact_size(self) -> int:
+        if self.model_bytes is not None:
+            return len(self.model_bytes)
+        return sum(os.path.getsize(os.path.join(self.model_dir, f)) for f in (MODEL_FILE, DATA_FILE)
+                   if os.path.exists(os.path.join(self.model_dir, f)))
+
+    @property
+    def external_data(self) -> bool:
+        return self.model_bytes is None
+
+
+def _session(model, target: Target, threads: int | None):
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.intra_op_num_threads = threads or default_threads()
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    if target.device == "cuda":
+        providers = [("CUDAExecutionProvider", {"device_id": torch.cuda.current_device()}), "CPUExecutionProvider"]
+    else:
+        providers = ["CPUExecutionProvider"]
+    return ort.InferenceSession(model, so, providers=providers)
+
+
+def default_threads() -> int:
+    """Every core this process may run on (``os.sched_getaffinity``), else ``os.cpu_count()``."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+# ---- the backend --------------------------------------------------------------------------------------
+class ONNXBackend(Backend):
+    name = "onnx"
+    packages = (("onnx", "onnx"), ("onnxscript", "onnxscript"), ("onnxruntime", "onnxruntime"))
+
+    def check_available(self, target: Target) -> None:
+        super().check_available(target)
+        if target.device == "cuda":
+            import onnxruntime as ort
+            have = ort.get_available_providers()
+            if "CUDAExecutionProvider" not in have:
+                raise BackendUnavailableError(
+                    f"onnx: target 'cuda' needs onnxruntime's CUDAExecutionProvider, which this onnxruntime "
+                    f"lacks (providers: {', '.join(have)}); pip install onnxruntime-gpu")
+
+    def unsupported_reason(self, node, target):
+        t = node.target
+        if isinstance(t, torch._ops.OpOverload):
+            if t in onnx_translations():
+                return None
+            if t.namespace not in ("aten", "prims", "optc"):
+                return (f"custom op {t.namespace}::{t._opname} has no ONNX translation (register one with "
+                        "optc.backends.onnx.register_onnx_translation)")
+            if t.namespace == "aten" and not _aten_exportable(t):
+                return f"ATen op {t} has no ONNX translation in torchlib and no decomposition"
+        return super().unsupported_reason(node, target)
+
+    def lower(self, program: Program, target: Target, *, opset: int = OPSET, threads: int | None = None,
+              optimize: bool = True, external_data_threshold: int = EXTERNAL_DATA_THRESHOLD) -> ONNXModel:
+        """``opset``: ONNX opset (default :data:`OPSET`). ``threads``: ONNX Runtime intra-op threads
+        (default: every core). ``optimize``: the exporter's ONNX optimizer (constant folding,
+        redundancy elimination) before ONNX Runtime's own. ``external_data_threshold``: weights
+        above this many bytes are saved as external data."""
+        import onnx
+        if not isinstance(opset, int) or not MIN_OPSET <= opset <= MAX_OPSET:
+            raise LoweringError(f"opset {opset!r} is not supported (valid: {MIN_OPSET}..{MAX_OPSET})", backend=self.name)
+        if threads is not None and (not isinstance(threads, int) or threads < 1):
+            raise LoweringError(f"threads must be a positive int, got {threads!r}", backend=self.name)
+        signature = Signature.of(program)
+        translations = onnx_translations()
+        ep = export_program(program, keep=lambda t: t in translations)
+        input_names = [s.name for s in signature.inputs]
+        output_names = [f"output_{i}" for i in range(len(signature.outputs))]
+        onnx_program = _export(ep, opset, input_names, output_names, optimize)
+
+        weights = sum(t.nbytes for t in attr_tensors(program.graph_module).values())
+        options = {"opset": opset, "threads": threads, "optimize": bool(optimize),
+                   "external_data": weights > external_data_threshold}
+        if not options["external_data"]:
+            proto = onnx_program.model_proto
+            onnx.checker.check_model(proto, full_check=True)
+            return ONNXModel(signature, target, model_bytes=proto.SerializeToString(), threads=threads,
+                             backend_options=options)
+        workdir = tempfile.mkdtemp(prefix="optc-onnx-")
+        try:
+            path = os.path.join(workdir, MODEL_FILE)
+            onnx_program.save(path, external_data=True)
+            written = sorted(os.listdir(workdir))
+            if written != sorted([MODEL_FILE, DATA_FILE]):
+                raise LoweringError(f"the exporter wrote {written}, expected {MODEL_FILE} and {DATA_FILE}",
+                                    backend=self.name)
+            onnx.checker.check_model(path, full_check=True)
+            model = ONNXModel(signature, target, model_dir=workdir, threads=threads, backend_options=options)
+        except BaseException:
+            shutil.rmtree(workdir, ignore_errors=True)
+            raise
+        weakref.finalize(model, shutil.rmtree, workdir, True)
+        return model
+
+    def load(self, directory: str, manifest: dict) -> ONNXModel:
+        target = target_from_manifest(manifest)
+        options = dict(manifest.get("options", {}))
+        signature = signature_from_manifest(manifest)
+        common = dict(threads=options.get("threads"), pipeline=manifest.get("pipeline", ""), backend_options=options)
+        try:
+            if options.get("external_data"):
+                return ONNXModel(signature, target, model_dir=os.path.abspath(directory), **common)
+            with open(os.path.join(directory, MODEL_FILE), "rb") as f:
+                data = f.read()
+            return ONNXModel(signature, target, model_bytes=data, **common)
+        except (OSError, RuntimeError) as e:  # onnxruntime raises its own RuntimeError subclasses
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ArtifactError(f"{directory}: ONNX Runtime cannot load '{MODEL_FILE}': {first}") from e
+
+
+_ATEN_OK: dict[torch._ops.OpOverload, bool] = {}
+
+
+def _aten_exportable(op: torch._ops.OpOverload) -> bool:
+    """Whether the exporter can handle ``op``: torchlib translates it, or a decomposition the
+    exporter applies (torch.export's defaults, torch._decomp, a CompositeImplicit kernel) exists."""
+    if op not in _ATEN_OK:
+        ok = (op._opname.startswith("_assert") or op._opname.startswith("sym_constrain_range")  # dropped by the exporter
+              or _registry(OPSET).is_registered(op) or op in torch._decomp.decomposition_table
+              or (hasattr(op, "_can_decompose") and op._can_decompose()))
+        if not ok:  # torch.export's default table materialises every CIA op: only when needed
+            ok = op in torch.export.default_decompositions()
+        _ATEN_OK[op] = bool(ok)
+    return _ATEN_OK[op]
+
+
+__all__ = ["ONNXBackend", "ONNXModel", "OPSET", "EXTERNAL_DATA_THRESHOLD", "register_onnx_translation",
+           "onnx_translations", "onnx_opset", "default_threads"]

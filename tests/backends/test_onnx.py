@@ -1,0 +1,178 @@
+"""ONNX backend: every zoo model matches eager, translations, dynamic batch, external data, errors."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import onnx
+import pytest
+import torch
+
+import optc
+from optc.backends import get_backend, lower
+from optc.backends.onnx import OPSET, default_threads
+from optc.errors import BackendUnavailableError, LoweringError
+from optc.ir.verifier import check_close, random_inputs_like
+
+try:
+    from optc.tools import zoo
+    ZOO = zoo.names()
+except ImportError:  # the zoo is another module's work; the backend tests stand without it
+    ZOO = []
+
+
+def _onnx_model(compiled) -> onnx.ModelProto:
+    if compiled.model_bytes is not None:
+        return onnx.load_from_string(compiled.model_bytes)
+    return onnx.load(os.path.join(compiled.model_dir, "model.onnx"), load_external_data=False)
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_zoo_model_matches_eager(name, captured_zoo):
+    model, inputs, program = captured_zoo(name)
+    compiled = lower(program, "cpu", "onnx")
+    with torch.no_grad():
+        check_close(model(*inputs), compiled(*inputs), rtol=1e-4)
+        args, kwargs = random_inputs_like(program, seed=1)
+        check_close(model(*args, **kwargs), compiled(*args, **kwargs), rtol=1e-4)
+
+
+def test_structure_translation_and_session(captured_structured):
+    model, program = captured_structured()
+    compiled = lower(program, "cpu", "onnx")
+    x, bias = torch.randn(3, 8), torch.randn(3, 4)
+    got = compiled(x, bias=bias)
+    assert isinstance(got, dict) and list(got) == ["act", "pair"] and isinstance(got["pair"], tuple)
+    check_close(model(x, bias=bias), got)
+
+    proto = _onnx_model(compiled)
+    assert [o.version for o in proto.opset_import if o.domain == ""] == [OPSET]
+    assert [i.name for i in proto.graph.input] == ["x", "bias"]
+    assert [o.name for o in proto.graph.output] == ["output_0", "output_1", "output_2"]
+    ops = {n.op_type for n in proto.graph.node} | {n.op_type for f in proto.functions for n in f.node}
+    assert "channel_affine" not in ops and {"Mul", "Add"} <= ops   # translated, not a custom op
+
+    options = compiled.session.get_session_options()
+    assert options.intra_op_num_threads == default_threads()
+    assert compiled.session.get_providers() == ["CPUExecutionProvider"]
+
+
+def test_registered_translation_is_used(doubler):
+    model, inputs = doubler
+    compiled, _ = optc.compile(model, inputs, backend="onnx", pipeline="dce", optimize=False)
+    check_close(model(*inputs), compiled(*inputs))
+    ops = [n.op_type for n in _onnx_model(compiled).graph.node]
+    assert "double" not in ops and "Add" in ops
+
+
+def test_threads_option(captured_structured):
+    _, program = captured_structured()
+    compiled = lower(program, "cpu", "onnx", threads=1)
+    assert compiled.session.get_session_options().intra_op_num_threads == 1
+    with pytest.raises(LoweringError, match="threads must be a positive int"):
+        lower(program, "cpu", "onnx", threads=0)
+    with pytest.raises(LoweringError, match=r"opset 7 is not supported"):
+        lower(program, "cpu", "onnx", opset=7)
+
+
+def test_dynamic_batch(captured_structured):
+    model, program = captured_structured(dynamic=True)
+    compiled = lower(program, "cpu", "onnx")
+    dims = [d.dim_param or d.dim_value for d in _onnx_model(compiled).graph.input[0].type.tensor_type.shape.dim]
+    assert isinstance(dims[0], str) and dims[1] == 8
+    for batch in (1, 5):
+        x, bias = torch.randn(batch, 8), torch.randn(batch, 4)
+        got = compiled(x, bias=bias)
+        assert got["pair"][1].shape == (batch, 1)
+        check_close(model(x, bias=bias), got)
+
+
+def test_external_data_round_trip(tmp_path, convnet):
+    model, inputs = convnet
+    program = optc.capture(model, inputs)
+    compiled = lower(program, "cpu", "onnx", external_data_threshold=0)
+    assert compiled.external_data and compiled.backend_options["external_data"]
+    path = compiled.save(tmp_path / "ext")
+    assert sorted(os.listdir(path)) == ["manifest.json", "model.onnx", "model.onnx.data"]
+    assert os.path.getsize(os.path.join(path, "model.onnx.data")) >= 8 * 3 * 9 * 4   # the conv weight
+    onnx.checker.check_model(os.path.join(path, "model.onnx"))
+    loaded = optc.load(path)
+    x = torch.randn(2, 3, 8, 8)
+    assert torch.equal(loaded(x), compiled(x))
+    check_close(model(x), loaded(x))
+    assert compiled.artifact_size() == sum(os.path.getsize(os.path.join(path, f)) for f in ("model.onnx", "model.onnx.data"))
+
+
+def test_save_load_round_trip_in_memory(tmp_path, captured_structured):
+    _, program = captured_structured()
+    compiled = lower(program, "cpu", "onnx")
+    assert not compiled.external_data
+    loaded = optc.load(compiled.save(tmp_path / "m"))
+    x, bias = torch.randn(3, 8), torch.randn(3, 4)
+    a, b = compiled(x, bias=bias), loaded(x, bias=bias)
+    assert all(torch.equal(p, q) for p, q in zip(torch.utils._pytree.tree_leaves(a), torch.utils._pytree.tree_leaves(b)))
+
+
+def test_custom_op_without_translation(weird_model):
+    model, inputs = weird_model
+    program = optc.capture(model, inputs)
+    with pytest.raises(LoweringError) as info:
+        lower(program, "cpu", "onnx")
+    err = info.value
+    assert (err.backend, err.op, err.node) == ("onnx", "optc_test::weird", "weird")
+    assert err.source and err.source.startswith("conftest.py:")
+    assert "register_onnx_translation" in str(err)
+
+
+def test_exporter_error_names_the_node(monkeypatch, captured_structured):
+    """An exporter failure becomes a LoweringError naming the node and the user's line."""
+    _, program = captured_structured()
+    from optc.backends import onnx as onnx_backend
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("ConversionError: failed to convert node %linear (aten::linear): boom")
+
+    monkeypatch.setattr(onnx_backend, "_export", broken)
+    with pytest.raises(LoweringError) as info:
+        lower(program, "cpu", "onnx")
+    err = info.value
+    assert (err.backend, err.op, err.node) == ("onnx", "aten::linear", "linear")
+    assert err.source and err.source.startswith("conftest.py:")
+    assert "boom" in str(err)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without a GPU")
+def test_cuda_without_gpu_is_one_line(monkeypatch):
+    def no_capture(*a, **k):
+        raise AssertionError("capture must not run when the target is unavailable")
+
+    monkeypatch.setattr(sys.modules["optc.ir.capture"], "capture", no_capture)
+    with pytest.raises(BackendUnavailableError) as info:
+        optc.compile(torch.nn.Linear(2, 2), (torch.randn(1, 2),), backend="onnx", target="cuda")
+    assert "\n" not in str(info.value) and "cuda" in str(info.value)
+
+
+def test_missing_package_is_one_line(monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)   # makes `import onnxruntime` fail
+    with pytest.raises(BackendUnavailableError) as info:
+        get_backend("onnx").check_available(optc.resolve_target("cpu", "onnx"))
+    msg = str(info.value)
+    assert "\n" not in msg and "onnxruntime" in msg and "pip install onnxruntime" in msg
+    with pytest.raises(BackendUnavailableError):
+        optc.compile(torch.nn.Linear(2, 2), (torch.randn(1, 2),), backend="onnx")
+
+
+@pytest.mark.cuda
+def test_cuda_provider_matches_eager(captured_structured):
+    import onnxruntime as ort
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("onnxruntime without the CUDA provider")
+    model, program = captured_structured(dynamic=True)
+    compiled = lower(program, "cuda", "onnx")
+    assert compiled.session.get_providers()[0] == "CUDAExecutionProvider"
+    for batch in (1, 5):
+        x, bias = torch.randn(batch, 8), torch.randn(batch, 4)
+        got = compiled(x.cuda(), bias=bias.cuda())
+        assert got["act"].is_cuda
+        check_close(model(x, bias=bias), got)

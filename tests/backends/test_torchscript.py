@@ -1,0 +1,119 @@
+"""TorchScript backend: every zoo model matches eager, structure, dynamic batch, save/load, errors."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import optc
+from optc.backends import get_backend, lower
+from optc.errors import BackendUnavailableError, LoweringError
+from optc.ir.verifier import check_close, random_inputs_like
+
+try:
+    from optc.tools import zoo
+    ZOO = zoo.names()
+except ImportError:  # the zoo is another module's work; the backend tests stand without it
+    ZOO = []
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_zoo_model_matches_eager(name, captured_zoo):
+    model, inputs, program = captured_zoo(name)
+    compiled = lower(program, "cpu", "torchscript")
+    with torch.no_grad():
+        check_close(model(*inputs), compiled(*inputs), rtol=1e-4)
+        args, kwargs = random_inputs_like(program, seed=1)
+        check_close(model(*args, **kwargs), compiled(*args, **kwargs), rtol=1e-4)
+
+
+def test_structure_and_keywords_are_kept(captured_structured):
+    model, program = captured_structured()
+    compiled = lower(program, "cpu", "torchscript")
+    x, bias = torch.randn(3, 8), torch.randn(3, 4)
+    got = compiled(x, bias=bias)
+    ref = model(x, bias=bias)
+    assert isinstance(got, dict) and list(got) == ["act", "pair"]
+    assert isinstance(got["pair"], tuple) and len(got["pair"]) == 2
+    check_close(ref, got)
+    assert compiled.backend_options == {"method": "trace", "optimize": True}
+
+
+def test_optc_ops_are_decomposed_into_aten(captured_structured):
+    _, program = captured_structured()
+    assert "optc.channel_affine" in str(program)
+    compiled = lower(program, "cpu", "torchscript")
+    code = str(compiled.module.graph)
+    assert "optc" not in code and "aten::mul" in code
+
+
+def test_dynamic_batch_is_scripted(captured_structured):
+    model, program = captured_structured(dynamic=True)
+    compiled = lower(program, "cpu", "torchscript")
+    assert compiled.backend_options["method"] == "script"
+    for batch in (1, 5):
+        x, bias = torch.randn(batch, 8), torch.randn(batch, 4)
+        got = compiled(x, bias=bias)
+        assert got["pair"][1].shape == (batch, 1)
+        check_close(model(x, bias=bias), got)
+
+
+def test_trace_with_dynamic_dims_is_an_error(captured_structured):
+    _, program = captured_structured(dynamic=True)
+    with pytest.raises(LoweringError, match=r"\[torchscript\] method='trace' specialises"):
+        lower(program, "cpu", "torchscript", method="trace")
+
+
+@pytest.mark.skipif("bert" not in ZOO, reason="needs the zoo's bert")
+def test_dynamic_batch_zoo_bert(captured_zoo):
+    """Two int64 inputs (ids, mask) sharing one dynamic batch."""
+    model, _, program = captured_zoo("bert", dynamic=True)
+    compiled = lower(program, "cpu", "torchscript")
+    for batch in (1, 5):
+        _, inputs = zoo.load("bert", batch=batch, **zoo.tiny_config("bert"))
+        with torch.no_grad():
+            check_close(model(*inputs), compiled(*inputs), rtol=1e-4)
+
+
+def test_save_load_round_trip(tmp_path, convnet):
+    model, inputs = convnet
+    compiled, _ = optc.compile(model, inputs, backend="torchscript", pipeline="dce")
+    path = compiled.save(tmp_path / "ts")
+    assert sorted(os.listdir(path)) == ["manifest.json", "model.pt"]
+    loaded = optc.load(path)
+    x = torch.randn(2, 3, 8, 8)
+    assert torch.equal(loaded(x), compiled(x))
+    check_close(model(x), loaded(x))
+    # the artifact is plain TorchScript: torch.jit.load runs it without optc
+    plain = torch.jit.load(os.path.join(path, "model.pt"))
+    assert torch.equal(plain(x)[0], compiled(x))
+
+
+def test_custom_op_without_lowering(weird_model):
+    model, inputs = weird_model
+    program = optc.capture(model, inputs)
+    with pytest.raises(LoweringError) as info:
+        lower(program, "cpu", "torchscript")
+    err = info.value
+    assert err.backend == "torchscript" and err.op == "optc_test::weird" and err.node == "weird"
+    assert err.source and err.source.startswith("conftest.py:")
+    assert "optc_test::weird" in str(err) and "%weird" in str(err) and "[torchscript]" in str(err)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without a GPU")
+def test_cuda_without_gpu_is_one_line():
+    with pytest.raises(BackendUnavailableError) as info:
+        get_backend("torchscript").check_available(optc.resolve_target("cuda", "torchscript"))
+    assert "\n" not in str(info.value) and "cuda" in str(info.value)
+
+
+@pytest.mark.cuda
+def test_cuda_matches_eager(captured_structured):
+    model, program = captured_structured()
+    compiled = lower(program, "cuda", "torchscript")
+    x, bias = torch.randn(3, 8), torch.randn(3, 4)
+    got = compiled(x.cuda(), bias=bias.cuda())
+    assert got["act"].is_cuda
+    check_close(model(x, bias=bias), got)
