@@ -13,16 +13,21 @@ BACKENDS = ("torchscript", "onnx", "tvm")
 
 # Exact cleanups every target runs first.
 _BASE = "canonicalize,constant-fold,cse,dce"
+# Exact fusions: fold BatchNorm and constant scales into conv/linear weights, recognise
+# hand-written layer norm / GELU / attention, merge q/k/v projections; then clean up.
+# docs/benchmarks.md (fusion section) has the measurements behind this choice.
+_FUSED = ("canonicalize,constant-fold,fold-conv-bn,fold-linear-bn,fold-binary,"
+          "fuse-layer-norm,fuse-gelu,fuse-attention,merge-parallel-linear,cse,dce")
 
 DEFAULT_PIPELINES: dict[tuple[str, str | None], str] = {
-    ("cpu", None): _BASE,
-    ("cuda", None): _BASE,
-    ("cpu", "torchscript"): _BASE,
-    ("cpu", "onnx"): _BASE,
-    ("cpu", "tvm"): _BASE,
-    ("cuda", "torchscript"): _BASE,
-    ("cuda", "onnx"): _BASE,
-    ("cuda", "tvm"): _BASE,
+    ("cpu", None): _FUSED,
+    ("cuda", None): _FUSED,
+    ("cpu", "torchscript"): _FUSED,
+    ("cpu", "onnx"): _FUSED,
+    ("cpu", "tvm"): _FUSED,
+    ("cuda", "torchscript"): _FUSED,
+    ("cuda", "onnx"): _FUSED,
+    ("cuda", "tvm"): _FUSED,
 }
 
 # Preferred activation layout per (device, backend); see docs/layout.md for the measurements.
@@ -35,7 +40,7 @@ class Target:
     backend: str | None = None
     layout: str = "NCHW"
     features: frozenset = field(default_factory=frozenset)
-    default_pipeline: str = _BASE
+    default_pipeline: str = _FUSED
     options: tuple = ()
 
     def __str__(self) -> str:
