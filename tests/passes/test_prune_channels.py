@@ -1,0 +1,405 @@
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from optc.errors import PassError, PipelineError
+from optc.ir.capture import capture
+from optc.ir.printer import format_text
+from optc.ir.verifier import compare_outputs, random_inputs_like, verify
+from optc.passes.manager import PassManager
+from optc.passes.prune_channels import zero_removed_channels
+from optc.passes.prune_deps import analyze
+from optc.testing import assert_golden
+
+# The pruned program must equal the original with the consumers' weights for the removed
+# channels zeroed: the same function up to float rounding (fewer terms in each sum).
+SURGERY_RTOL = 1e-5
+
+
+def _bn(c: int) -> nn.BatchNorm2d:
+    bn = nn.BatchNorm2d(c)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-0.5, 0.5)
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+    return bn
+
+
+def prune(pipeline: str, model: nn.Module, inputs: tuple, **capture_kw):
+    """Capture and run ``pipeline`` checked (verify-each, honest ``modified``); returns (original, pruned, report)."""
+    program = capture(model.eval(), inputs, **capture_kw)
+    new, report = PassManager(pipeline, default="", verify_each=True, check_modified=True).run(program)
+    verify(new, repropagate=True)
+    return program, new, report
+
+
+def assert_exact_surgery(original, pruned, seeds=(0, 1, 2)):
+    """pruned == original with the removed channels' contributions zeroed (tight), and != original."""
+    zeroed = zero_removed_channels(original, pruned.meta["prune_plan"])
+    changed = 0.0
+    for seed in seeds:
+        args, kwargs = random_inputs_like(original, seed=seed)
+        with torch.no_grad():
+            got = pruned(*args, **kwargs)
+            rep = compare_outputs(zeroed(*args, **kwargs), got)
+            assert rep.max_rel_error <= SURGERY_RTOL, f"surgery is not exact: {rep}"
+            changed = max(changed, compare_outputs(original(*args, **kwargs), got).max_rel_error)
+    assert changed > 1e-3, "pruning removed nothing that mattered: the exact check would be vacuous"
+
+
+# ---- the golden: residual add, BatchNorm, flatten into a linear ----------------------------------
+class Residual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem, self.bn0 = nn.Conv2d(3, 8, 3, padding=1, bias=False), _bn(8)
+        self.conv1, self.bn1 = nn.Conv2d(8, 8, 3, padding=1, bias=False), _bn(8)
+        self.conv2, self.bn2 = nn.Conv2d(8, 8, 3, padding=1, bias=False), _bn(8)
+        self.fc = nn.Linear(8 * 2 * 2, 4)
+
+    def forward(self, x):
+        h = F.relu(self.bn0(self.stem(x)))
+        y = F.relu(self.bn1(self.conv1(h)))
+        h = F.relu(h + self.bn2(self.conv2(y)))
+        return self.fc(torch.flatten(F.max_pool2d(h, 2), 1))
+
+
+def test_prune_channels_residual_flatten():
+    original, new, report = prune("prune-channels{ratio=0.5}", Residual(), (torch.randn(2, 3, 4, 4),))
+    assert_golden(format_text(new, with_source=False), """\
+graph(%x : f32[2,3,4,4]):
+  %stem_weight_pruned : f32[4,3,3,3] = get_attr stem_weight_pruned
+  %bn0_weight_pruned : f32[4] = get_attr bn0_weight_pruned
+  %bn0_bias_pruned : f32[4] = get_attr bn0_bias_pruned
+  %conv1_weight_pruned_1 : f32[4,4,3,3] = get_attr conv1_weight_pruned
+  %bn1_weight_pruned : f32[4] = get_attr bn1_weight_pruned
+  %bn1_bias_pruned : f32[4] = get_attr bn1_bias_pruned
+  %conv2_weight_pruned_1 : f32[4,4,3,3] = get_attr conv2_weight_pruned
+  %bn2_weight_pruned : f32[4] = get_attr bn2_weight_pruned
+  %bn2_bias_pruned : f32[4] = get_attr bn2_bias_pruned
+  %fc_weight_pruned : f32[4,16] = get_attr fc_weight_pruned
+  %fc_bias : f32[4] = get_attr fc.bias
+  %bn0_running_mean_pruned : f32[4] = get_attr bn0_running_mean_pruned
+  %bn0_running_var_pruned : f32[4] = get_attr bn0_running_var_pruned
+  %bn0_num_batches_tracked : i64[] = get_attr bn0.num_batches_tracked
+  %bn1_running_mean_pruned : f32[4] = get_attr bn1_running_mean_pruned
+  %bn1_running_var_pruned : f32[4] = get_attr bn1_running_var_pruned
+  %bn1_num_batches_tracked : i64[] = get_attr bn1.num_batches_tracked
+  %bn2_running_mean_pruned : f32[4] = get_attr bn2_running_mean_pruned
+  %bn2_running_var_pruned : f32[4] = get_attr bn2_running_var_pruned
+  %bn2_num_batches_tracked : i64[] = get_attr bn2.num_batches_tracked
+  %conv2d : f32[2,4,4,4] = aten.conv2d(%x, %stem_weight_pruned, None, [1, 1], [1, 1])
+  %batch_norm : f32[2,4,4,4] = aten.batch_norm(%conv2d, %bn0_weight_pruned, %bn0_bias_pruned, %bn0_running_mean_pruned, %bn0_running_var_pruned, False, 0.1, 1e-05, False)
+  %relu : f32[2,4,4,4] = aten.relu(%batch_norm)
+  %conv2d_1 : f32[2,4,4,4] = aten.conv2d(%relu, %conv1_weight_pruned_1, None, [1, 1], [1, 1])
+  %batch_norm_1 : f32[2,4,4,4] = aten.batch_norm(%conv2d_1, %bn1_weight_pruned, %bn1_bias_pruned, %bn1_running_mean_pruned, %bn1_running_var_pruned, False, 0.1, 1e-05, False)
+  %relu_1 : f32[2,4,4,4] = aten.relu(%batch_norm_1)
+  %conv2d_2 : f32[2,4,4,4] = aten.conv2d(%relu_1, %conv2_weight_pruned_1, None, [1, 1], [1, 1])
+  %batch_norm_2 : f32[2,4,4,4] = aten.batch_norm(%conv2d_2, %bn2_weight_pruned, %bn2_bias_pruned, %bn2_running_mean_pruned, %bn2_running_var_pruned, False, 0.1, 1e-05, False)
+  %add : f32[2,4,4,4] = aten.add.Tensor(%relu, %batch_norm_2)
+  %relu_2 : f32[2,4,4,4] = aten.relu(%add)
+  %max_pool2d : f32[2,4,2,2] = aten.max_pool2d(%relu_2, [2, 2])
+  %flatten : f32[2,16] = aten.flatten.using_ints(%max_pool2d, 1)
+  %linear : f32[2,4] = aten.linear(%flatten, %fc_weight_pruned, %fc_bias)
+  return (%linear)
+""")
+    rec = report.record("prune-channels")
+    assert rec.modified and not rec.exact
+    assert rec.error is not None and rec.error.max_rel_error > 0      # lossy: the manager measured it
+    st = report.stats("prune-channels")
+    assert (st["groups"], st["refused"], st["pruned"]) == (3, 1, 2)   # {stem, conv2}, {conv1}; fc reaches the output
+    assert (st["channels_before"], st["channels_after"]) == (20, 12)
+    assert st["params_after"] < st["params_before"]
+    assert any("model output" in why for _, _, why in rec.rejections)
+    assert_exact_surgery(original, new)
+
+
+def test_residual_ties_the_add_and_keeps_the_most_important_channels():
+    model = Residual()
+    with torch.no_grad():          # make channels 1, 3, 5, 7 of the residual stream negligible everywhere
+        for w in (model.stem.weight, model.conv2.weight):
+            w[1::2] *= 1e-3
+        model.fc.weight.view(4, 8, 4)[:, 1::2] *= 1e-3
+    cg = analyze(capture(model.eval(), (torch.randn(2, 3, 4, 4),)).graph_module)
+    stream = next(g for g in cg.groups if "stem" in g.layers)
+    assert sorted(stream.layers) == ["conv2", "stem"] and stream.prunable
+    original, new, _ = prune("prune-channels{ratio=0.5}", model, (torch.randn(2, 3, 4, 4),))
+    assert new.meta["prune_plan"].keep[stream.leader] == (0, 2, 4, 6)
+    assert_exact_surgery(original, new)
+
+
+# ---- concatenation, split, reordering, depthwise, squeeze-excite, transposed conv ----------------
+class CatSplit(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(3, 6, 1)
+        self.bn = _bn(14)
+        self.c = nn.Conv2d(13, 10, 3, padding=1)
+        self.fc = nn.Linear(10 * 2 * 2, 5)
+
+    def forward(self, x):
+        h = F.relu(self.bn(torch.cat([self.a(x), self.b(x)], 1)))
+        h1, h2 = torch.split(h, [7, 7], 1)             # cuts a's channels at 7
+        h = self.c(torch.cat([h2, h1[:, 1:]], 1))       # reorder, and a slice
+        return self.fc(torch.flatten(F.max_pool2d(h, 2), 1))
+
+
+def test_concat_split_slice():
+    original, new, report = prune("prune-channels{ratio=0.5}", CatSplit(), (torch.randn(2, 3, 4, 4),))
+    plan = new.meta["prune_plan"]
+    # a: segments [0, 1), [1, 7), [7, 8) (cut by the split and the slice) pruned separately, none emptied
+    a = plan.keep["conv2d"]
+    assert 0 in a and 7 in a and len([c for c in a if 1 <= c < 7]) == 3
+    assert report.stats("prune-channels")["pruned"] == 3
+    assert_exact_surgery(original, new)
+    split = next(n for n in new.graph.nodes if n.target is torch.ops.aten.split_with_sizes.default)
+    assert sum(split.args[1]) == new.graph.find_nodes(op="call_function", target=torch.ops.aten.cat.default)[0] \
+        .meta["val"].shape[1]
+
+
+class DepthwiseSE(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.expand, self.bn1 = nn.Conv2d(3, 16, 1, bias=False), _bn(16)
+        self.dw, self.bn2 = nn.Conv2d(16, 16, 3, padding=1, groups=16, bias=False), _bn(16)
+        self.se1, self.se2 = nn.Linear(16, 8), nn.Linear(8, 16)
+        self.up = nn.ConvTranspose2d(16, 8, 2, stride=2)
+        self.scale = nn.Parameter(torch.rand(1, 8, 1, 1) + 0.5)
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        h = F.relu6(self.bn1(self.expand(x)))
+        h = F.silu(self.bn2(self.dw(h)))
+        h = h * torch.sigmoid(self.se2(F.relu(self.se1(h.mean((2, 3))))))[:, :, None, None]
+        h = self.up(h) * self.scale                     # a constant operand indexed with the channels
+        return self.head(h).mean((2, 3))
+
+
+def test_depthwise_squeeze_excite_transposed():
+    original, new, report = prune("prune-channels{ratio=0.5}", DepthwiseSE(), (torch.randn(2, 3, 6, 6),))
+    cg = analyze(original.graph_module)
+    tied = next(g for g in cg.groups if "expand" in g.layers)
+    assert sorted(tied.layers) == ["expand", "se2"]     # the SE gate multiplies the depthwise output
+    dw = next(n for n in new.graph.nodes if n.target is torch.ops.aten.conv2d.default and len(n.args) > 6)
+    assert dw.args[6] == 8 and tuple(dw.args[1].meta["val"].shape) == (8, 1, 3, 3)
+    scale = next(n for n in new.graph.nodes if n.op == "get_attr" and "scale" in n.target)
+    assert tuple(scale.meta["val"].shape) == (1, 4, 1, 1)
+    assert report.stats("prune-channels")["pruned"] == 3          # expand+se2, se1, up
+    assert_exact_surgery(original, new)
+
+
+# ---- attention heads -------------------------------------------------------------------------------
+class TinyBlock(nn.Module):
+    """4 heads of 4; explicit or sdpa attention; an MLP; the residual stream is the input."""
+
+    def __init__(self, attention="explicit"):
+        super().__init__()
+        self.attention = attention
+        self.q, self.k, self.v, self.o = (nn.Linear(16, 16) for _ in range(4))
+        self.fc1, self.fc2 = nn.Linear(16, 32), nn.Linear(32, 16)
+
+    def forward(self, x):
+        b, t, c = x.shape
+        q, k, v = (m(x).view(b, t, 4, 4).transpose(1, 2) for m in (self.q, self.k, self.v))
+        if self.attention == "explicit":
+            a = torch.softmax(q @ k.transpose(-1, -2) / 2.0, -1) @ v
+        else:
+            a = F.scaled_dot_product_attention(q, k, v)
+        x = x + self.o(a.transpose(1, 2).reshape(b, t, c))
+        return x + self.fc2(F.gelu(self.fc1(x)))
+
+
+def test_prune_heads_golden():
+    original, new, report = prune("prune-heads{ratio=0.5}", TinyBlock(), (torch.randn(2, 3, 16),))
+    assert_golden(format_text(new, with_source=False), """\
+graph(%x : f32[2,3,16]):
+  %q_weight_pruned : f32[8,16] = get_attr q_weight_pruned
+  %q_bias_pruned : f32[8] = get_attr q_bias_pruned
+  %k_weight_pruned : f32[8,16] = get_attr k_weight_pruned
+  %k_bias_pruned : f32[8] = get_attr k_bias_pruned
+  %v_weight_pruned : f32[8,16] = get_attr v_weight_pruned
+  %v_bias_pruned : f32[8] = get_attr v_bias_pruned
+  %o_weight_pruned : f32[16,8] = get_attr o_weight_pruned
+  %o_bias : f32[16] = get_attr o.bias
+  %fc1_weight : f32[32,16] = get_attr fc1.weight
+  %fc1_bias : f32[32] = get_attr fc1.bias
+  %fc2_weight : f32[16,32] = get_attr fc2.weight
+  %fc2_bias : f32[16] = get_attr fc2.bias
+  %linear : f32[2,3,8] = aten.linear(%x, %q_weight_pruned, %q_bias_pruned)
+  %view : f32[2,3,2,4] = aten.view(%linear, [2, 3, 2, 4])
+  %transpose : f32[2,2,3,4] = aten.transpose.int(%view, 1, 2)
+  %linear_1 : f32[2,3,8] = aten.linear(%x, %k_weight_pruned, %k_bias_pruned)
+  %view_1 : f32[2,3,2,4] = aten.view(%linear_1, [2, 3, 2, 4])
+  %transpose_1 : f32[2,2,3,4] = aten.transpose.int(%view_1, 1, 2)
+  %linear_2 : f32[2,3,8] = aten.linear(%x, %v_weight_pruned, %v_bias_pruned)
+  %view_2 : f32[2,3,2,4] = aten.view(%linear_2, [2, 3, 2, 4])
+  %transpose_2 : f32[2,2,3,4] = aten.transpose.int(%view_2, 1, 2)
+  %transpose_3 : f32[2,2,4,3] = aten.transpose.int(%transpose_1, -1, -2)
+  %matmul : f32[2,2,3,3] = aten.matmul(%transpose, %transpose_3)
+  %div : f32[2,2,3,3] = aten.div.Tensor(%matmul, 2.0)
+  %softmax : f32[2,2,3,3] = aten.softmax.int(%div, -1)
+  %matmul_1 : f32[2,2,3,4] = aten.matmul(%softmax, %transpose_2)
+  %transpose_4 : f32[2,3,2,4] = aten.transpose.int(%matmul_1, 1, 2)
+  %reshape : f32[2,3,8] = aten.reshape(%transpose_4, [2, 3, 8])
+  %linear_3 : f32[2,3,16] = aten.linear(%reshape, %o_weight_pruned, %o_bias)
+  %add : f32[2,3,16] = aten.add.Tensor(%x, %linear_3)
+  %linear_4 : f32[2,3,32] = aten.linear(%add, %fc1_weight, %fc1_bias)
+  %gelu : f32[2,3,32] = aten.gelu(%linear_4)
+  %linear_5 : f32[2,3,16] = aten.linear(%gelu, %fc2_weight, %fc2_bias)
+  %add_1 : f32[2,3,16] = aten.add.Tensor(%add, %linear_5)
+  return (%add_1)
+""")
+    st = report.stats("prune-heads")
+    assert (st["groups"], st["pruned"], st["channels_before"], st["channels_after"]) == (1, 1, 16, 8)
+    keep = new.meta["prune_plan"].keep["linear"]
+    assert len(keep) == 8 and all(c % 4 == 0 for c in keep[::4]) and keep[1::4] == tuple(c + 1 for c in keep[::4])
+    assert_exact_surgery(original, new)
+
+
+@pytest.mark.parametrize("attention", ["explicit", "sdpa"])
+def test_prune_channels_prunes_heads_and_mlp(attention):
+    original, new, report = prune("prune-channels{ratio=0.5}", TinyBlock(attention), (torch.randn(2, 3, 16),))
+    st = report.stats("prune-channels")
+    assert (st["pruned"], st["channels_after"]) == (2, 16 + 8 + 16)   # heads 16->8, MLP 32->16; o/fc2 refused
+    assert any("no producer owns" in why for _, _, why in report.record("prune-channels").rejections)
+    assert_exact_surgery(original, new)
+
+
+# ---- options -----------------------------------------------------------------------------------------
+class Wide(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.bn = nn.Conv2d(3, 24, 1), _bn(24)
+        self.c2 = nn.Conv2d(24, 4, 1)
+
+    def forward(self, x):
+        return self.c2(F.relu(self.bn(self.c1(x)))).sum((2, 3))
+
+
+def test_round_to_rounds_kept_channels_up():
+    _, new, _ = prune("prune-channels{ratio=0.6,round_to=8}", Wide(), (torch.randn(1, 3, 2, 2),))
+    assert len(new.meta["prune_plan"].keep["conv2d"]) == 16          # ceil(0.4 * 24 / 8) * 8
+    _, new, _ = prune("prune-channels{ratio=0.9,round_to=8}", Wide(), (torch.randn(1, 3, 2, 2),))
+    assert len(new.meta["prune_plan"].keep["conv2d"]) == 8           # never below round_to
+
+
+def test_bn_scale_criterion_keeps_the_largest_gammas():
+    model = Wide()
+    with torch.no_grad():
+        model.bn.weight.copy_(torch.linspace(0.1, 2.4, 24).flip(0))
+    _, new, report = prune("prune-channels{ratio=0.5,criterion=bn-scale}", model, (torch.randn(1, 3, 2, 2),))
+    assert new.meta["prune_plan"].keep["conv2d"] == tuple(range(12))
+    assert report.stats("prune-channels")["bn-scale-fallback-l1"] == 0
+
+
+def test_exclude_leaves_a_group_alone():
+    original, new, report = prune("prune-channels{ratio=0.5,exclude=conv2}", Residual(), (torch.randn(2, 3, 4, 4),))
+    assert list(new.meta["prune_plan"].keep) == ["conv2d_1"]         # {stem, conv2} is excluded through conv2
+    assert any("excluded by 'conv2'" in why for _, _, why in report.record("prune-channels").rejections)
+    assert_exact_surgery(original, new)
+
+
+# ---- refusals and must-not-fire -------------------------------------------------------------------
+class Grouped(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 1)
+        self.g = nn.Conv2d(8, 8, 3, padding=1, groups=2)
+        self.c2 = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        return self.c2(F.relu(self.g(F.relu(self.c1(x)))))
+
+
+def test_grouped_conv_is_refused_not_broken():
+    _, new, report = prune("prune-channels{ratio=0.5}", Grouped(), (torch.randn(1, 3, 4, 4),))
+    rec = report.record("prune-channels")
+    assert not rec.modified
+    reasons = [why for _, _, why in rec.rejections]
+    assert any("grouped convolution (groups=2)" in why for why in reasons)
+    assert report.stats("prune-channels")["nothing-to-prune"].startswith("all 2 channel groups refused")
+
+
+class Fused(nn.Module):
+    """q, k, v split out of one linear: their heads are different channel ranges of one space."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv, self.o = nn.Linear(8, 24), nn.Linear(8, 8)
+
+    def forward(self, x):
+        q, k, v = (t.view(2, 3, 2, 4).transpose(1, 2) for t in self.qkv(x).split(8, -1))
+        return self.o(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(2, 3, 8))
+
+
+def test_fused_qkv_is_refused():
+    _, _, report = prune("prune-heads", Fused(), (torch.randn(2, 3, 8),))
+    rec = report.record("prune-heads")
+    assert not rec.modified
+    assert any("different channel ranges" in why for _, _, why in rec.rejections)
+
+
+class NormedChannels(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.ln, self.b = nn.Linear(8, 16), nn.LayerNorm(16), nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.b(F.gelu(self.ln(self.a(x))))
+
+
+def test_layer_norm_over_the_channels_needs_norm_stats():
+    _, _, report = prune("prune-channels{ratio=0.5}", NormedChannels(), (torch.randn(3, 8),))
+    rec = report.record("prune-channels")
+    assert not rec.modified and any("changes its statistics" in why for _, _, why in rec.rejections)
+    _, new, report = prune("prune-channels{ratio=0.5,norm_stats=true}", NormedChannels(), (torch.randn(3, 8),))
+    ln = next(n for n in new.graph.nodes if n.target is torch.ops.aten.layer_norm.default)
+    assert ln.args[1] == [8] and tuple(ln.args[2].meta["val"].shape) == (8,)
+
+
+class OnlyHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return torch.tanh(x) * 2 + self.fc(x).sum(-1, keepdim=True)
+
+
+class NoLayers(nn.Module):
+    def forward(self, x):
+        return torch.relu(x) + 1
+
+
+@pytest.mark.parametrize("model,why", [(OnlyHead(), "all 1 channel groups refused"),
+                                       (NoLayers(), "no convolution or linear layer")])
+def test_nothing_to_prune(model, why):
+    _, new, report = prune("prune-channels{ratio=0.5}", model, (torch.randn(2, 4),))
+    assert not report.record("prune-channels").modified
+    assert report.stats("prune-channels")["nothing-to-prune"].startswith(why)
+
+
+def test_ratio_zero_does_not_fire():
+    _, _, report = prune("prune-channels{ratio=0}", Residual(), (torch.randn(2, 3, 4, 4),))
+    assert not report.record("prune-channels").modified
+
+
+@pytest.mark.parametrize("pipeline,match", [
+    ("prune-channels{ratio=1.0}", "ratio=1.0 is out of range"),
+    ("prune-channels{ratio=-0.1}", "ratio=-0.1 is out of range"),
+    ("prune-heads{ratio=2}", "ratio=2 is out of range"),
+    ("prune-channels{round_to=0}", "round_to=0 must be >= 1"),
+    ("prune-channels{criterion=l3}", "must be one of l1, l2, bn-scale"),
+])
+def test_bad_options_are_pipeline_errors(pipeline, match):
+    with pytest.raises(PipelineError, match=match):
+        PassManager(pipeline, default="")
+
+
+def test_exclude_pattern_matching_nothing_is_an_error():
+    program = capture(Residual().eval(), (torch.randn(2, 3, 4, 4),))
+    with pytest.raises(PassError) as info:
+        PassManager("prune-channels{exclude=layer9.*}", default="").run(program)
+    assert isinstance(info.value.__cause__, PipelineError)
+    assert "exclude pattern 'layer9.*' matches no layer (layers: stem, conv1, conv2, fc)" in str(info.value)
