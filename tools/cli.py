@@ -96,9 +96,18 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--bisect-limit", type=_non_negative, metavar="N", help="run only the first N passes")
     d.add_argument("--disable-pass", action="append", default=[], metavar="NAME",
                    help="skip pass NAME wherever the pipeline has it (repeatable)")
+    d.add_argument("--stats", action="store_true",
+                   help="print parameters, FLOPs and bytes per layer and in total to stderr (before -> after "
+                        "the pipeline when one runs)")
     d.add_argument("-v", "--verbose", action="store_true",
                    help="debug logging for optc (why rewrites did not fire) and tracebacks on errors")
     d.set_defaults(func=cmd_dump)
+
+    from optc.tools.fuzz import add_fuzz_parser
+    add_fuzz_parser(sub)   # optc fuzz: differential testing against eager (docs/fuzzing.md)
+    _add_compile_parser(sub)
+    from optc.tools.bench import add_bench_parser
+    add_bench_parser(sub)  # optc bench: latency against eager and other runtimes (docs/benchmarks.md)
     return parser
 
 
@@ -285,6 +294,7 @@ def cmd_dump(args: argparse.Namespace) -> int:
     program = optc.capture(loaded.model, loaded.args, loaded.kwargs,
                            dynamic_shapes="batch" if args.dynamic_batch else None, name=loaded.name)
     report = None
+    before = program
     if pm is not None:
         program, report = pm.run(program)
 
@@ -296,6 +306,11 @@ def cmd_dump(args: argparse.Namespace) -> int:
         sys.stdout.flush()
     if report is not None:
         print(report.format(), file=sys.stderr)
+    if args.stats:
+        from optc.ir.stats import format_stats, format_stats_diff, model_stats
+        text = format_stats(model_stats(program)) if report is None else \
+            format_stats_diff(model_stats(before), model_stats(program))
+        print(text, file=sys.stderr)
     return 0
 
 
@@ -336,6 +351,117 @@ def _write_atomic(path: str, text: str) -> None:
             raise
     except OSError as e:
         raise OptcError(f"cannot write --out '{path}': {e.strerror or e}") from None
+
+
+# ---- optc compile --------------------------------------------------------------------------
+def _add_compile_parser(sub) -> None:
+    from optc.tools.bench import add_model_arguments
+    c = sub.add_parser("compile", help="compile a model with a backend, save the artifact, compare with eager",
+                       description="Capture MODEL, run the pipeline, lower it with --backend and save the artifact\n"
+                                   "to --out (load it with optc.load). Prints the compile report (capture, per-pass\n"
+                                   "and lowering time and statistics, artifact size), then the latency of eager and\n"
+                                   "of the compiled model on the example inputs (timed interleaved, --runs rounds;\n"
+                                   "the ratio is the median of the per-round ratios) and the max relative error.",
+                       epilog=_MODEL_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_arguments(c)
+    c.add_argument("--backend", default=None, metavar="B",
+                   help="torchscript, onnx or tvm (default: the one --target names, else onnx)")
+    c.add_argument("--target", default="cpu", metavar="T", help="cpu, cuda, or BACKEND:DEVICE (default cpu)")
+    c.add_argument("--pipeline", default="default", metavar="P", help="pipeline text (default: the target's default)")
+    c.add_argument("--tune", type=_non_negative, default=None, metavar="N",
+                   help="tvm only: tuning trials, passed as the backend option tune=N")
+    c.add_argument("--threads", type=_positive, default=None, metavar="N",
+                   help="threads for torch and, for backends with a 'threads' option (onnx), the runtime "
+                        "(default: every core)")
+    c.add_argument("--dynamic-batch", action="store_true", help="capture with dim 0 of every input dynamic")
+    c.add_argument("--out", required=True, metavar="DIR",
+                   help="artifact folder (created; an earlier artifact there is replaced)")
+    c.add_argument("--runs", type=_non_negative, default=20, metavar="N",
+                   help="timed rounds of the latency comparison (default 20; 0 skips it)")
+    c.add_argument("--warmup", type=_non_negative, default=3, metavar="N", help="untimed rounds first (default 3)")
+    c.add_argument("-v", "--verbose", action="store_true", help="debug logging and tracebacks on errors")
+    c.set_defaults(func=cmd_compile)
+
+
+def _positive(text: str) -> int:
+    n = _non_negative(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
+    return n
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    import torch
+    from optc.backends.base import MANIFEST, get_backend
+    from optc.passes.manager import PassManager
+    from optc.tools.bench import DEFAULT_PAUSE_MS, interleaved, max_rel_error, paired_ratios
+    from optc.tools.models import load_model, parse_config
+
+    # everything that can be checked is checked before the (slow) load, capture and lowering
+    target = optc.resolve_target(args.target, args.backend)
+    if target.backend is None:
+        target = target.with_backend("onnx")
+    backend = get_backend(target.backend)
+    if args.tune is not None and backend.name != "tvm":
+        raise OptcError(f"--tune applies to the tvm backend only, not '{backend.name}'")
+    backend.check_available(target)
+    PassManager(args.pipeline, target=target)   # a malformed pipeline or an unknown pass fails here
+    out = os.path.abspath(args.out)
+    if os.path.exists(out) and (not os.path.isdir(out) or (os.listdir(out) and
+                                                            not os.path.exists(os.path.join(out, MANIFEST)))):
+        raise OptcError(f"--out '{args.out}' exists and is not an optc artifact folder: refusing to overwrite it")
+    options = {}
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+        if "threads" in backend.option_names():
+            options["threads"] = args.threads
+    if args.tune is not None:
+        options["tune"] = args.tune
+
+    loaded = load_model(args.model, inputs=args.input, config=parse_config(args.config), tiny=args.tiny,
+                        batch=args.batch)
+    compiled, report = optc.compile(loaded.model, loaded.args, example_kwargs=loaded.kwargs or None,
+                                    target=target, pipeline=args.pipeline,
+                                    dynamic_shapes="batch" if args.dynamic_batch else None, **options)
+    compiled.save(out)
+    print(report.format())
+    files = ", ".join(sorted(os.listdir(out)))
+    print(f"saved to {out} ({files})")
+
+    model, call_args, call_kwargs = loaded.model, loaded.args, loaded.kwargs
+    cuda = target.device == "cuda"
+    if cuda:   # eager on the same device as the compiled model, so the comparison is fair
+        model = model.to("cuda")
+        call_args, call_kwargs = (torch.utils._pytree.tree_map(
+            lambda t: t.to("cuda") if isinstance(t, torch.Tensor) else t, x) for x in (call_args, call_kwargs))
+
+    def timed(fn):
+        def run():
+            out = fn(*call_args, **call_kwargs)
+            if cuda:
+                torch.cuda.synchronize()
+            return out
+        return run
+
+    with torch.no_grad():
+        reference = model(*call_args, **call_kwargs)
+    err = max_rel_error(compiled(*call_args, **call_kwargs), reference)
+    name = f"optc {backend.name}"
+    if args.runs:
+        times = interleaved({"eager": timed(model), name: timed(compiled)}, runs=args.runs, warmup=args.warmup,
+                            pause_s=DEFAULT_PAUSE_MS / 1e3)
+        import statistics
+        eager_ms, optc_ms = (statistics.median(times[k]) * 1e3 for k in ("eager", name))
+        ratio = statistics.median(paired_ratios(times[name], times["eager"]))
+        threads = f"{torch.get_num_threads()} torch threads" + (
+            f", {options['threads']} runtime threads" if "threads" in options else "")
+        print(f"latency on the example inputs ({threads}; {args.warmup} warm-up + {args.runs} interleaved "
+              f"rounds, {DEFAULT_PAUSE_MS:g} ms pause before each call; median):")
+        print(f"  {'eager':<18}{eager_ms:10.3f} ms")
+        print(f"  {name:<18}{optc_ms:10.3f} ms  {ratio:.2f}x eager (median of per-round ratios)")
+    print("max relative error vs eager: " + (f"{err:.2e}" if err is not None else "n/a (outputs differ in structure)")
+          + " (max |y - y_eager| / max |y_eager|)")
+    return 0
 
 
 if __name__ == "__main__":
