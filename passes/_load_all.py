@@ -17,6 +17,9 @@ PASS_MODULES = (
     "fold_conv_bn",
     "fold_linear_bn",
     "fold_binary",
+    "prune_magnitude",
+    "prune_channels",
+    "insert_qdq",
 )
 
 for _name in PASS_MODULES:
