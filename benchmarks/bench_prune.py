@@ -1,7 +1,7 @@
 """ResNet-50 with 50% of its channels pruned: FLOPs, parameters and latency per backend, as ratios.
 
     python benchmarks/bench_prune.py [--ratio 0.5] [--round-to 8] [--image-size 224] [--batch 1]
-                                     [--backends eager,torchscript,onnx,tvm] [--rounds 30]
+                                     [--backends eager,torchscript,onnx,tvm] [--rounds 30] [--threads 2]
 
 The zoo's full-size ResNet-50 is captured once; the baseline runs ``default,fold-conv-bn``
 and the pruned model ``prune-channels{ratio=R,round_to=N},default,fold-conv-bn`` (the same
@@ -68,9 +68,10 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--backends", default="eager,torchscript,onnx,tvm")
     ap.add_argument("--rounds", type=int, default=30)
+    ap.add_argument("--threads", type=int, default=2, help="threads for torch and every backend's runtime")
     ap.add_argument("--json", help="write the results to this file")
     args = ap.parse_args(argv)
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
 
     model, inputs = zoo.load(args.model, batch=args.batch, image_size=args.image_size)
     t0 = time.perf_counter()
@@ -99,8 +100,9 @@ def main(argv=None) -> int:
         try:
             get_backend(be).check_available(optc.resolve_target("cpu", be))
             t0 = time.perf_counter()
-            runners[(be, "unpruned")] = lower(base, "cpu", be)
-            runners[(be, "pruned")] = compiled = lower(pruned, "cpu", be)
+            opts = {"threads": args.threads} if "threads" in get_backend(be).option_names() else {}
+            runners[(be, "unpruned")] = lower(base, "cpu", be, **opts)
+            runners[(be, "pruned")] = compiled = lower(pruned, "cpu", be, **opts)
             with torch.no_grad():
                 rep = compare_outputs(pruned(*inputs), compiled(*inputs))
             print(f"{be}: lowered both in {time.perf_counter() - t0:.1f} s; pruned {be} vs pruned Program: {rep}",

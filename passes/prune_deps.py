@@ -503,7 +503,8 @@ class ChannelGraph:
             if fp and fq:
                 self._union(p.space, q.space)
             elif not (self.find(p.space) == self.find(q.space) and (p.start, p.stop) == (q.start, q.stop)):
-                self._refuse([a, b], node, "different channel ranges are tied together")
+                self._refuse([a, b], node, "different channel ranges are tied together (q/k/v split out of one "
+                                           "fused projection? prune before merge-parallel-linear)")
         if a.sub_axis is not None and b.sub_axis is not None and a.sub_axis != b.sub_axis:
             self._refuse([a, b], node, "head axes do not line up")
         return Layout(a.axis, a.pieces, a.sub_axis if a.sub_axis is not None else b.sub_axis)

@@ -56,7 +56,9 @@ What is measured
 - **max rel err**: ``max |y - y_eager| / max |y_eager|`` over the output tensors on the example
   inputs (normwise: elementwise relative errors blow up where the output is near 0).
 
-The acceptance bars (:data:`BARS`) are checked on the paired ratios and printed under the table.
+The acceptance bars (:data:`BARS`) are checked on the median paired ratio and printed under the
+table with its 95% confidence interval (:func:`median_ci`); a verdict whose interval contains the
+bar says that it is not significant.
 """
 
 from __future__ import annotations
@@ -155,6 +157,19 @@ def percentile(values: Sequence[float], q: float) -> float:
     lo = int(pos)
     hi = min(lo + 1, len(xs) - 1)
     return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def median_ci(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float]:
+    """A distribution-free confidence interval of the median: the order statistics ranked
+    ``n/2 -+ z sqrt(n)/2`` (normal approximation of the binomial; (min, max) for small n)."""
+    xs = sorted(values)
+    n = len(xs)
+    if n == 0:
+        return float("nan"), float("nan")
+    z = statistics.NormalDist().inv_cdf(0.5 + confidence / 2)
+    k = int((n - z * n ** 0.5) / 2)   # 0-based rank of the lower bound
+    k = max(0, min(k, (n - 1) // 2))
+    return xs[k], xs[n - 1 - k]
 
 
 def max_rel_error(out: Any, ref: Any) -> float | None:
@@ -388,12 +403,13 @@ class BenchResult:
         return next((c for c in self.candidates if c.name == name), None)
 
     def ratio(self, name: str, ref: str) -> tuple[float, float, float] | None:
-        """Median, 25th and 75th percentile over rounds of ``name``'s time / ``ref``'s time."""
+        """The median over rounds of ``name``'s time / ``ref``'s time, and its 95% confidence
+        interval (:func:`median_ci`)."""
         a, b = self.by_name(name), self.by_name(ref)
         if a is None or b is None or not a.times or not b.times:
             return None
         r = paired_ratios(a.times, b.times)
-        return statistics.median(r), percentile(r, 25), percentile(r, 75)
+        return (statistics.median(r), *median_ci(r))
 
     def bars(self) -> list[tuple[str, str, float, tuple | None, str]]:
         """``(candidate, reference, bar, ratio, verdict)`` for each acceptance bar."""
@@ -410,8 +426,22 @@ class BenchResult:
                 verdict = f"not measured ({why})"
             else:
                 verdict = "met" if r[0] <= bar else "NOT met"
+                if r[1] <= bar <= r[2]:
+                    verdict += " (not significant: the 95% CI contains the bar)"
             out.append((name, ref, bar, r, verdict))
         return out
+
+    @staticmethod
+    def from_json(d: dict) -> "BenchResult":
+        """The result :meth:`to_json` wrote (to re-render a recorded run)."""
+        cands = [Candidate(c["name"], c["kind"], error=c.get("error"), note=c.get("note", ""),
+                           compile_s=c.get("compile_s"), peak_bytes=c.get("peak_rss_growth_bytes"),
+                           max_rel_err=c.get("max_rel_err"), times=list(c.get("times_s", [])),
+                           details={k: c[k] for k in ("compile_report",) if k in c})
+                 for c in d["candidates"]]
+        return BenchResult(model=d["model"], inputs=d["inputs"], command=d["command"], machine=d["machine"],
+                           threads=d["threads"], runs=d["runs"], warmup=d["warmup"], candidates=cands,
+                           date=d["date"], wall_s=d.get("wall_s", 0.0), pause_ms=d.get("pause_ms", 0.0))
 
     def to_json(self) -> dict:
         rows = []
@@ -430,7 +460,8 @@ class BenchResult:
                 "machine": self.machine, "threads": self.threads, "runs": self.runs, "warmup": self.warmup,
                 "pause_ms": self.pause_ms,
                 "wall_s": self.wall_s, "candidates": rows,
-                "bars": [{"candidate": n, "reference": r, "bar": b, "ratio": q[0] if q else None, "verdict": v}
+                "bars": [{"candidate": n, "reference": r, "bar": b, "ratio": q[0] if q else None,
+                          "ci95": [q[1], q[2]] if q else None, "verdict": v}
                          for n, r, b, q, v in self.bars()]}
 
     # -- tables --
@@ -480,7 +511,7 @@ class BenchResult:
                 lines.append("| " + " | ".join(x.replace("|", "\\|") for x in r) + " |")
             lines.append("")
             for name, ref, bar, r, verdict in self.bars():
-                shown = f"{r[0]:.2f}x (IQR {r[1]:.2f}-{r[2]:.2f})" if r else "-"
+                shown = f"{r[0]:.3f}x (95% CI {r[1]:.3f}-{r[2]:.3f})" if r else "-"
                 lines.append(f"- {name} / {ref} = {shown}; bar <= {bar:g}x: **{verdict}**")
             lines += [f"- {line}" for line in self.pipelines()]
             return "\n".join(lines) + "\n"
@@ -497,7 +528,7 @@ class BenchResult:
             lines.append("  ".join(cells) + "  " + r[-1])
         lines.append("")
         for name, ref, bar, r, verdict in self.bars():
-            shown = f"{r[0]:.2f}x (IQR {r[1]:.2f}-{r[2]:.2f})" if r else "-"
+            shown = f"{r[0]:.3f}x (95% CI {r[1]:.3f}-{r[2]:.3f})" if r else "-"
             lines.append(f"{name} / {ref} = {shown}; bar <= {bar:g}x: {verdict}")
         lines += self.pipelines()
         return "\n".join(lines) + "\n"

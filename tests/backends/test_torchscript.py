@@ -86,9 +86,11 @@ def test_save_load_round_trip(tmp_path, convnet):
     x = torch.randn(2, 3, 8, 8)
     assert torch.equal(loaded(x), compiled(x))
     check_close(model(x), loaded(x))
-    # the artifact is plain TorchScript: torch.jit.load runs it without optc
+    # the artifact is plain TorchScript: torch.jit.load runs it without optc. It is the frozen
+    # module without optimize_for_inference (optc re-applies that at load), so the kernels may
+    # differ in rounding: equal to float32 rounding, not bit for bit.
     plain = torch.jit.load(os.path.join(path, "model.pt"))
-    assert torch.equal(plain(x)[0], compiled(x))
+    check_close(compiled(x), plain(x)[0], rtol=1e-5)
 
 
 def test_custom_op_without_lowering(weird_model):

@@ -192,6 +192,25 @@ def test_max_rel_error_and_percentile():
     assert bench.percentile([1, 2], 25) == pytest.approx(1.25)
 
 
+def test_median_ci():
+    xs = list(range(1, 101))
+    lo, hi = bench.median_ci(xs)
+    assert lo < 50.5 < hi and 38 <= lo <= 44 and 57 <= hi <= 63
+    assert bench.median_ci([3.0]) == (3.0, 3.0)
+    assert bench.median_ci([1.0, 2.0, 3.0]) == (1.0, 3.0)
+
+
+def test_bench_result_json_round_trip(capsys):
+    cands = [bench.Candidate("eager", "baseline", times=[1.0, 1.2, 0.9]),
+             bench.Candidate("optc onnx", "optc", times=[0.5, 0.7, 0.4], compile_s=2.0, max_rel_err=1e-7)]
+    r = bench.BenchResult(model="zoo:x", inputs="(f32[1])", command="optc bench zoo:x", threads=1, runs=3, warmup=0,
+                          machine={"cpu": "cpu", "cores": 2, "versions": {}, "loadavg_start": "1", "loadavg_end": "1"},
+                          candidates=cands, date="today", pause_ms=0)
+    again = bench.BenchResult.from_json(json.loads(json.dumps(r.to_json())))
+    assert again.format(markdown=True) == r.format(markdown=True)
+    assert "optc onnx / onnxruntime = -" in r.format()
+
+
 def test_peak_rss_counts_native_allocations():
     with bench.PeakRSS() as mem:
         x = torch.ones(64 * 2 ** 20 // 4)   # 64 MiB, touched

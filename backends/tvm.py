@@ -1,0 +1,331 @@
+"""TVM backend: Relax through ``from_exported_program``, real default schedules, opt-in tuning.
+
+Lowering:
+
+1. ``optc::`` ops with a registered Relax translation (:func:`register_tvm_translation`) stay and
+   are translated by the importer's custom convert map; the others are replaced by their ATen
+   decomposition (:func:`~optc.backends.base.export_program`, which also keeps symbolic dims);
+2. ``tvm.relax.frontend.torch.from_exported_program`` (never ``from_fx``: it computes eval-mode
+   BatchNorm wrongly in 0.27), weights bound as constants, so the library is self-contained;
+3. the pre-schedule pipeline (:func:`~optc.backends.tvm_schedule.pre_schedule_passes`):
+   inference decompositions, fast math, conv2d to NHWC/HWIO on CPU, legalization, operator
+   fusion, layout-free weights;
+4. optional MetaSchedule tuning (``tune`` > 0): tasks are the fused kernels with a reduction;
+   records live in a persistent database (``tuning_db``) and a tuned kernel is used only after
+   :func:`~optc.backends.tvm_schedule.check_kernel` found it correct (NaN-filled outputs, against
+   the default schedule) and faster;
+5. scheduling: checked tuned records first, then the default rules -- on CPU
+   :class:`~optc.backends.tvm_schedule.CPUGeneric` and dlight's CPU reduction rule, on CUDA
+   dlight's GPU rules (Matmul, GEMV, Reduction, GeneralReduction, Fallback); constant weight
+   repacking is folded at compile time;
+6. ``tvm.compile`` for the target -- ``{"kind": "llvm", "mcpu": <this host's CPU>,
+   "num-cores": threads}`` or ``{"kind": "cuda", "arch": "sm_XY", ...}`` -- then
+   ``export_library`` to ``model.so``, which the model loads back and runs with the Relax VM:
+   what runs is what is saved.
+
+Calls pass torch tensors to the VM with DLPack both ways (a copy only for an input that is not
+contiguous or not 64-byte aligned), on a TVM thread pool of ``threads`` workers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import time
+import weakref
+from typing import Callable
+
+import torch
+
+from optc.backends.base import (
+    Backend, CompiledModel, Signature, export_program, op_name, require, signature_from_manifest,
+    target_from_manifest,
+)
+from optc.errors import ArtifactError, BackendUnavailableError, LoweringError
+from optc.ir.program import Program
+from optc.ir.source import node_source
+from optc.target import Target
+
+log = logging.getLogger("optc.backends.tvm")
+
+LIBRARY = "model.so"
+LAYOUTS = ("NHWC", "NCHW")
+TUNE_HINT = "tvm: tuning needs xgboost and psutil: pip install optc[tune]"
+
+# ---- translations of optc:: ops ----------------------------------------------------------------------
+# OpOverload -> fn(node: torch.fx.Node, importer) -> relax.Expr, called by from_exported_program's
+# custom convert map (inputs: importer.env[arg]; emit with importer.block_builder.emit(...)).
+_TRANSLATIONS: dict[torch._ops.OpOverload, Callable] = {}
+_LOCK = threading.Lock()
+
+
+def register_tvm_translation(op: torch._ops.OpOverload, fn: Callable, *, replace: bool = False) -> None:
+    """Translate ``op`` (``torch.ops.optc.quantize.default``) to Relax with ``fn(node, importer)``,
+    which reads its inputs from ``importer.env[node.args[i]]`` and returns a Relax expression
+    (e.g. ``importer.block_builder.emit(relax.op.quantize(x, scale, zp, axis, "int8"))``).
+    Ops without one are lowered through their ATen decomposition."""
+    if not isinstance(op, torch._ops.OpOverload):
+        raise TypeError(f"register_tvm_translation takes an OpOverload (torch.ops.ns.op.default), got {op!r}")
+    with _LOCK:
+        if op in _TRANSLATIONS and not replace and _TRANSLATIONS[op] is not fn:
+            raise ValueError(f"{op} already has a TVM translation (pass replace=True to override it)")
+        _TRANSLATIONS[op] = fn
+
+
+def tvm_translations() -> dict[torch._ops.OpOverload, Callable]:
+    return dict(_TRANSLATIONS)
+
+
+def _convert_map() -> dict[str, Callable]:
+    """from_exported_program's custom convert map: keyed by ``node.target.__name__``."""
+    return {op.__name__: fn for op, fn in _TRANSLATIONS.items()}
+
+
+_SUPPORTED: dict[str, frozenset] = {}
+
+
+def _importer_ops() -> frozenset:
+    """Names (``conv2d.default``) of the ATen ops TVM's ExportedProgram importer translates."""
+    if "ops" not in _SUPPORTED:
+        from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
+        _SUPPORTED["ops"] = frozenset(k for k in ExportedProgramImporter().convert_map if isinstance(k, str))
+    return _SUPPORTED["ops"]
+
+
+_ATEN_OK: dict[torch._ops.OpOverload, bool] = {}
+
+
+def _aten_lowerable(op: torch._ops.OpOverload) -> bool:
+    """Translated by the importer, or decomposed first (``run_decompositions``'s core-ATen table,
+    a CompositeImplicit kernel); a decomposition into an op TVM lacks is caught at import."""
+    if op not in _ATEN_OK:
+        ok = (op.__name__ in _importer_ops() or op._opname.startswith("_assert")
+              or op._opname.startswith("sym_constrain_range") or op in torch._decomp.decomposition_table
+              or (hasattr(op, "_can_decompose") and op._can_decompose()))
+        if not ok:
+            ok = op in torch.export.default_decompositions()
+        _ATEN_OK[op] = bool(ok)
+    return _ATEN_OK[op]
+
+
+# ---- the compiled model --------------------------------------------------------------------------------
+def default_threads() -> int:
+    """Every core this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+class TVMModel(CompiledModel):
+    """A Relax VM over ``model.so`` (a private temporary copy after lowering, the artifact's file
+    after loading). ``threads``: TVM thread-pool workers (CPU; None = every core)."""
+
+    backend = "tvm"
+
+    def __init__(self, signature: Signature, target: Target, *, library_path: str, threads: int | None = None,
+                 **kw):
+        super().__init__(signature, target, **kw)
+        import tvm
+        from tvm import relax
+        self.library_path = library_path
+        self.threads = threads or default_threads()
+        if target.device == "cuda":
+            self._dev = tvm.cuda(torch.cuda.current_device())
+        else:
+            self._dev = tvm.cpu()
+            from optc.backends.tvm_schedule import configure_threads
+            configure_threads(self.threads)
+        self.library = tvm.runtime.load_module(library_path)
+        self.vm = relax.VirtualMachine(self.library, self._dev)
+        self._main = self.vm["main"]
+
+    def run_flat(self, inputs):
+        import tvm
+        if self.target.device == "cuda":
+            torch.cuda.current_stream().synchronize()
+        else:
+            from optc.backends.tvm_schedule import configure_threads
+            configure_threads(self.threads)
+        args = [tvm.runtime.from_dlpack(_aligned(t)) for t in inputs]
+        out = self._main(*args)
+        if self.target.device == "cuda":
+            self._dev.sync()
+        return [torch.from_dlpack(o) for o in _flatten(out)]
+
+    def save_artifacts(self, directory):
+        shutil.copyfile(self.library_path, os.path.join(directory, LIBRARY))
+        return [LIBRARY]
+
+    def artifact_size(self) -> int:
+        return os.path.getsize(self.library_path)
+
+
+def _aligned(t: torch.Tensor, align: int = 64) -> torch.Tensor:
+    """``t`` itself unless it is not contiguous or not ``align``-byte aligned (TVM's kernels
+    assume aligned buffers): then an aligned contiguous copy."""
+    t = t.detach()
+    if not t.is_contiguous() or t.data_ptr() % align:
+        t = t.contiguous().clone()
+    return t
+
+
+def _flatten(out) -> list:
+    import tvm
+    if isinstance(out, tvm.runtime.Tensor):
+        return [out]
+    flat = []
+    for o in out:
+        flat.extend(_flatten(o))
+    return flat
+
+
+# ---- tuning database -------------------------------------------------------------------------------------
+def default_tuning_root() -> str:
+    base = os.environ.get("OPTC_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "optc")
+    return os.path.join(base, "tvm-tuning")
+
+
+def model_key(mod, target_dict: dict) -> str:
+    """A hash of the kernels of ``mod`` (structure, shapes, dtypes; not the weights) and the target:
+    names the model's folder in the default tuning database."""
+    import tvm_ffi
+    from optc.backends.tvm_schedule import tir_functions
+    hashes = sorted(str(tvm_ffi.structural_hash(f)) for f in tir_functions(mod).values())
+    h = hashlib.sha256(json.dumps(target_dict, sort_keys=True).encode())
+    for x in hashes:
+        h.update(x.encode())
+    return h.hexdigest()[:16]
+
+
+# ---- the backend ---------------------------------------------------------------------------------------
+class TVMBackend(Backend):
+    name = "tvm"
+    packages = (("tvm", "apache-tvm"),)
+
+    def check_available(self, target: Target) -> None:
+        for module, pip in self.packages:
+            require(module, pip, backend=self.name)
+        if target.device == "cuda":
+            if not torch.cuda.is_available():
+                raise BackendUnavailableError("tvm: target 'cuda' needs a CUDA GPU, and none is available here "
+                                              "(torch.cuda.is_available() is False)")
+            import tvm
+            if not tvm.cuda(0).exist or not tvm.runtime.enabled("cuda"):
+                raise BackendUnavailableError("tvm: target 'cuda' needs a TVM built with CUDA; this apache-tvm "
+                                              "has no CUDA runtime (build TVM with USE_CUDA=ON)")
+
+    def unsupported_reason(self, node, target):
+        t = node.target
+        if isinstance(t, torch._ops.OpOverload):
+            if t in _TRANSLATIONS:
+                return None
+            if t.namespace == "aten" and not _aten_lowerable(t):
+                return (f"ATen op {op_name(t)} has no TVM Relax translation (from_exported_program) "
+                        "and no decomposition")
+        return super().unsupported_reason(node, target)
+
+    def lower(self, program: Program, target: Target, *, threads: int | None = None, tune: int = 0,
+              tuning_db: str | None = None, layout: str | None = None) -> TVMModel:
+        """``threads``: TVM thread-pool workers and the target's ``num-cores`` (default: every core
+        this process may use). ``tune``: MetaSchedule trial budget (0: off; the default schedules
+        only). ``tuning_db``: the tuning database folder (default: a folder per model under
+        ``~/.cache/optc/tvm-tuning``); given with ``tune=0`` its checked records are applied
+        without tuning. ``layout``: convolution layout, ``"NHWC"`` (CPU default) or ``"NCHW"``
+        (CUDA default)."""
+        import tvm
+        from optc.backends import tvm_schedule as ts
+
+        if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
+            raise LoweringError(f"threads must be a positive int, got {threads!r}", backend=self.name)
+        if not isinstance(tune, int) or isinstance(tune, bool) or tune < 0:
+            raise LoweringError(f"tune must be a trial budget (an int >= 0), got {tune!r}", backend=self.name)
+        if layout is None:
+            layout = "NCHW" if target.device == "cuda" else "NHWC"
+        if layout not in LAYOUTS:
+            raise LoweringError(f"unknown layout {layout!r} (valid: {', '.join(LAYOUTS)})", backend=self.name)
+        if tune and any(importlib.util.find_spec(m) is None for m in ("xgboost", "psutil")):
+            raise BackendUnavailableError(TUNE_HINT)
+        n_threads = threads or default_threads()
+        if target.device == "cuda":
+            tdict = ts.cuda_target(torch.cuda.current_device())
+        else:
+            tdict = ts.llvm_target(n_threads)
+            ts.configure_threads(n_threads)   # FoldConstant runs kernels while compiling
+        tvm_target = tvm.target.Target(tdict)
+        signature = Signature.of(program)
+
+        t0 = time.perf_counter()
+        mod = self._import(program)
+        t1 = time.perf_counter()
+        mod = ts.pre_schedule_pipeline(tvm_target, layout)(mod)
+        database, tuning = None, {}
+        if tune or tuning_db:
+            db_dir = os.path.abspath(os.path.expanduser(tuning_db)) if tuning_db else \
+                os.path.join(default_tuning_root(), model_key(mod, tdict))
+            database, tuning = ts.tune(mod, tvm_target, trials=tune, db_dir=db_dir, threads=n_threads)
+        t2 = time.perf_counter()
+        executable = tvm.compile(mod, target=tvm_target,
+                                 relax_pipeline=ts.build_pipeline(tvm_target, layout, database, pre_scheduled=True))
+        workdir = tempfile.mkdtemp(prefix="optc-tvm-")
+        try:
+            path = os.path.join(workdir, LIBRARY)
+            executable.export_library(path)
+            t3 = time.perf_counter()
+            log.info("tvm: import %.1fs, tuning %.1fs, build+export %.1fs", t1 - t0, t2 - t1, t3 - t2)
+            options = {"threads": threads, "layout": layout, "tune": tune, "target": tdict,
+                       "tuned_kernels": tuning.get("applied", 0)}
+            model = TVMModel(signature, target, library_path=path, threads=threads, backend_options=options)
+        except BaseException:
+            shutil.rmtree(workdir, ignore_errors=True)
+            raise
+        model.tuning = tuning
+        weakref.finalize(model, shutil.rmtree, workdir, True)
+        return model
+
+    def _import(self, program: Program):
+        """The Program as a Relax module (weights bound as constants)."""
+        from tvm.relax.frontend.torch import from_exported_program
+        ep = export_program(program, keep=lambda t: t in _TRANSLATIONS)
+        try:
+            return from_exported_program(ep, keep_params_as_input=False, custom_convert_map=_convert_map() or None)
+        except AssertionError as e:  # "Unsupported function types ['foo.default']"
+            text = str(e)
+            if "Unsupported function types" not in text:
+                raise
+            for node in program.graph.nodes:
+                name = getattr(node.target, "__name__", None)
+                if node.op == "call_function" and name and f"'{name}'" in text:
+                    raise LoweringError(f"cannot lower: TVM's importer has no translation for {op_name(node.target)}",
+                                        backend=self.name, op=op_name(node.target), node=node.name,
+                                        source=node_source(node)) from None
+            raise LoweringError(f"cannot lower: TVM's importer has no translation for {text.split('types', 1)[-1].strip()} "
+                                "(an op that the program's ops decompose into)", backend=self.name) from None
+
+    def load(self, directory: str, manifest: dict) -> TVMModel:
+        from optc.backends import tvm_schedule as ts
+        target = target_from_manifest(manifest)
+        options = dict(manifest.get("options", {}))
+        saved = options.get("target") or {}
+        if saved.get("kind") == "llvm" and saved.get("mcpu") and saved["mcpu"] != ts.host_cpu():
+            log.warning("%s was compiled for CPU %s; this machine is %s (it may lack instructions the "
+                        "library uses)", directory, saved["mcpu"], ts.host_cpu())
+        try:
+            return TVMModel(signature_from_manifest(manifest), target,
+                            library_path=os.path.join(os.path.abspath(directory), LIBRARY),
+                            threads=options.get("threads"), pipeline=manifest.get("pipeline", ""),
+                            backend_options=options)
+        except (OSError, RuntimeError) as e:  # tvm.error.* derive from RuntimeError
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ArtifactError(f"{directory}: TVM cannot load '{LIBRARY}': {first}") from e
+
+
+__all__ = ["TVMBackend", "TVMModel", "LIBRARY", "register_tvm_translation", "tvm_translations",
+           "default_tuning_root", "model_key", "default_threads"]
