@@ -346,3 +346,5 @@ def _aten_exportable(op: torch._ops.OpOverload) -> bool:
 
 __all__ = ["ONNXBackend", "ONNXModel", "OPSET", "EXTERNAL_DATA_THRESHOLD", "register_onnx_translation",
            "onnx_translations", "onnx_opset", "default_threads"]
+
+from optc.backends import onnx_quant as _onnx_quant  # noqa: E402,F401  (QuantizeLinear/DequantizeLinear translations)
