@@ -697,11 +697,15 @@ def export_inputs(program: Program) -> tuple[list[torch.Tensor], tuple | None]:
     return flat, tuple(spec)
 
 
-def export_program(program: Program, keep: Callable[[Any], bool] = lambda target: False) -> torch.export.ExportedProgram:
+def export_program(program: Program, keep: Callable[[Any], bool] = lambda target: False,
+                   rewrites: tuple = ()) -> torch.export.ExportedProgram:
     """The Program's flat graph exported again with ``torch.export`` (for backends that consume an
     ExportedProgram: ONNX, TVM's ``from_exported_program``). ``optc::`` ops that ``keep`` rejects
-    are decomposed first; symbolic dims stay dynamic (see :func:`export_inputs`)."""
+    are decomposed first and ``rewrites`` (``backends/workarounds.py``) applied to that private
+    copy; symbolic dims stay dynamic (see :func:`export_inputs`)."""
+    from optc.backends import workarounds
     gm = inline_decompositions(program.graph_module, keep)
+    workarounds.apply(gm, rewrites)
     flat, dynamic = export_inputs(program)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -33,6 +33,7 @@ from optc.backends.base import (
     Backend, CompiledModel, Signature, flat_outputs, graph_module_on, inline_decompositions, signature_from_manifest,
     target_from_manifest,
 )
+from optc.backends import workarounds
 from optc.errors import ArtifactError, LoweringError
 from optc.ir.program import Program
 from optc.target import Target
@@ -89,7 +90,9 @@ class TorchScriptBackend(Backend):
                                 f"{', '.join(dims)}: use method='script' (or 'auto'), or capture without "
                                 "dynamic_shapes", backend=self.name)
         device = torch.device("cuda" if target.device == "cuda" else "cpu")
-        gm = graph_module_on(inline_decompositions(program.graph_module), device)
+        gm = inline_decompositions(program.graph_module)
+        workarounds.apply(gm, workarounds.TORCHSCRIPT)   # torch bugs on the way (backends/workarounds.py)
+        gm = graph_module_on(gm, device)
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
             if method == "trace":

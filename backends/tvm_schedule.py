@@ -702,7 +702,7 @@ def _build(func: tirx.PrimFunc, target: Target):
 
 
 def _time_us(lib, args, dev, min_ms: float) -> float:
-    f = lib.mod.time_evaluator("main", dev, number=1, repeat=5, min_repeat_ms=min_ms)
+    f = lib.mod.time_evaluator("main", dev, number=1, repeat=5, min_repeat_ms=int(round(min_ms)))
     return float(np.median(f(*args).results)) * 1e6
 
 
@@ -760,7 +760,8 @@ def check_kernel(default: tirx.PrimFunc, tuned: tirx.PrimFunc, target: Target, *
     try:
         default_us, tuned_us = _time_pair(default, tuned, target, dev, min_repeat_ms, rng)
     except Exception as e:  # noqa: BLE001
-        return KernelCheck(False, True, f"timing failed: {type(e).__name__}", max_error=worst)
+        return KernelCheck(False, True, f"timing failed: {type(e).__name__}: {str(e).strip().splitlines()[-1:]}",
+                           max_error=worst)
     ok = tuned_us * speedup <= default_us
     reason = (f"correct, {default_us / tuned_us:.2f}x the default's speed"
               + ("" if ok else f" (needs {speedup:.2f}x)"))
@@ -860,7 +861,7 @@ def tune(mod: tvm.IRModule, target: Target, *, trials: int, db_dir: str, threads
     os.makedirs(db_dir, exist_ok=True)
     decisions = _read_decisions(db_dir)
     checked_dir = os.path.join(db_dir, "checked")
-    summary = {"db_dir": db_dir, "tasks": 0, "tuned": 0, "applied": 0, "rejected": {}}
+    summary = {"db_dir": db_dir, "tasks": 0, "tuned": 0, "untuned": 0, "applied": 0, "rejected": {}}
     if trials > 0:
         from tvm.s_tir import meta_schedule as ms
         if target.kind.name == "llvm":
@@ -892,8 +893,8 @@ def tune(mod: tvm.IRModule, target: Target, *, trials: int, db_dir: str, threads
                 key = _workload_key(workload)
                 record = raw.query_tuning_record(workload, target, "main")
                 sch = raw.query_schedule(workload, target, "main")
-                if record is None or sch is None:
-                    decisions[key] = {"task": task.task_name, "ok": False, "reason": "no valid tuned record"}
+                if record is None or sch is None:   # no trial reached it (budget) or none built: undecided,
+                    summary["untuned"] += 1         # so a later compile with more trials tunes it
                     continue
                 default = apply_default_schedule(workload, target)["main"]
                 verdict = check(default, sch.mod["main"], target)

@@ -177,33 +177,10 @@ class KnownIssue:
         return any(op.kind == kind_ and all(op.p.get(k) == v for k, v in params) for op in m.spec.ops)
 
 
+# Bugs outside optc that optc has not worked around yet (docs/fuzzing.md, "Known issues"). The
+# five found so far (TorchScript addmm->linear and conv->tanh-GELU, onnx ceil-mode pooling shape
+# inference, TVM add/sub alpha and bool cumsum) are worked around in backends/workarounds.py.
 KNOWN_ISSUES: list[KnownIssue] = [
-    KnownIssue(
-        "torchscript-addmm-linear", "backend:torchscript",
-        r"The size of tensor a \(\d+\) must match the size of tensor b \(\d+\)", "torch",
-        "TorchScript: aten::addmm feeding a linear layer, traced, frozen and optimize_for_inference'd, fails "
-        "at run time in the profiling executor ('size of tensor a (2) must match the size of tensor b (3)'); "
-        "workaround (pending in backends/torchscript.py): lower aten.addmm as mm + add for TorchScript"),
-    KnownIssue(
-        "torchscript-mkldnn-gelu-tanh", "backend:torchscript", r"mkldnn_gelu: fast, approximate gelu is not supported",
-        "torch",
-        "TorchScript: optimize_for_inference moves a convolution's output to MKLDNN and keeps a following "
-        "gelu(approximate='tanh') on it, which MKLDNN rejects at run time; workaround (pending in "
-        "backends/torchscript.py): write tanh-GELU as its elementwise formula (or leave the tensor dense) for TorchScript"),
-    KnownIssue(
-        "onnx-ceil-mode-shape-inference", "backend:onnx",
-        r"op_type:(MaxPool|AveragePool).*Inferred shape and existing shape differ", "onnx",
-        "onnx 1.23 shape inference: MaxPool/AveragePool with ceil_mode=1 whose last ceil window would start past "
-        "the input and left padding (torch and ONNX Runtime drop it) gets one element too many; "
-        "check_model(full_check=True) then rejects the exported model. ONNX Runtime computes the right result. "
-        "Workaround (pending in backends/onnx.py): export ceil_mode=False where the torch output has the "
-        "floor-mode length (the same windows)"),
-    KnownIssue(
-        "tvm-add-alpha", "backend:tvm", r"^output \d+: error", "tvm",
-        "TVM 0.27 from_exported_program ignores the alpha of aten.add.Tensor / aten.sub.Tensor "
-        "(torch.add(x, y, alpha=0.5) runs as x + y): a silent miscompile. Workaround (pending in "
-        "backends/tvm.py): rewrite add/sub(x, y, alpha=a) as add/sub(x, mul(y, a)) before the import",
-        trigger=("residual", (("op", "add_alpha"),))),
 ]
 
 

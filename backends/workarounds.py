@@ -1,0 +1,252 @@
+"""Graph rewrites that steer a backend around a bug of the library under it.
+
+Each rewrite takes the private copy of the flat graph a backend is about to hand to its library
+(never the Program itself), replaces the op pattern the library gets wrong by an equivalent one it
+gets right, and returns how many nodes it rewrote. Each names the bug, the versions it was seen
+with and its reproducer in ``tests/fuzz/test_regressions.py`` (docs/fuzzing.md, "Known issues").
+The rewritten graph computes exactly what the original does; none of them is a fallback.
+
+=============================  ============  ===============================================
+rewrite                        backend       bug
+=============================  ============  ===============================================
+:func:`addmm_as_linear`        torchscript   optimize_for_inference + the profiling executor
+                                             fail on ``aten::addmm`` feeding a linear (torch 2.13)
+:func:`tanh_gelu_as_formula`   torchscript   optimize_for_inference runs ``gelu(approximate=
+                                             "tanh")`` on a convolution's MKLDNN output, which
+                                             MKLDNN rejects (torch 2.13)
+:func:`ceil_pool_as_floor`     onnx          onnx shape inference gives a ceil-mode pooling one
+                                             window too many where torch drops a last window
+                                             that would start in the right padding (onnx 1.23)
+:func:`add_alpha_as_mul`       tvm           ``from_exported_program`` ignores the ``alpha`` of
+                                             ``aten.add``/``aten.sub`` (TVM 0.27): a silent
+                                             miscompile
+:func:`cumsum_int64`           tvm           ``from_exported_program`` keeps a bool/int32
+                                             ``cumsum``'s input dtype (torch returns int64), and
+                                             LLVM codegen of a bool add aborts (TVM 0.27)
+=============================  ============  ===============================================
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import operator
+
+import torch
+import torch.fx as fx
+
+log = logging.getLogger("optc.backends")
+aten = torch.ops.aten
+
+
+def _val(a):
+    return a.meta.get("val") if isinstance(a, fx.Node) else None
+
+
+def _static_shape(v) -> tuple[int, ...] | None:
+    if not isinstance(v, torch.Tensor):
+        return None
+    try:
+        return tuple(int(d) for d in v.shape)
+    except (TypeError, ValueError):  # symbolic: not decidable at compile time
+        return None
+
+
+def _insert(graph: fx.Graph, before: fx.Node, target, args, kwargs=None) -> fx.Node:
+    with graph.inserting_before(before):
+        new = graph.call_function(target, args, kwargs or {})
+    for key in ("stack_trace", "nn_module_stack", "optc_source"):
+        if key in before.meta:
+            new.meta[key] = before.meta[key]
+    return new
+
+
+def _done(gm: fx.GraphModule, name: str, n: int) -> int:
+    if n:
+        gm.graph.lint()
+        gm.recompile()
+        log.debug("workaround %s: rewrote %d node(s)", name, n)
+    return n
+
+
+# ---- TorchScript -------------------------------------------------------------------------------------
+def addmm_as_linear(gm: fx.GraphModule) -> int:
+    """``addmm(b, x, w)`` -> ``linear(x, w.t(), b)`` (1-d ``b``, ``beta = alpha = 1``), else
+    ``beta * b + alpha * mm(x, w)``: TorchScript's frozen-linear folding and MKLDNN path run the
+    linear form correctly, while an ``aten::addmm`` feeding a linear fails shape propagation at
+    run time ('The size of tensor a (2) must match the size of tensor b (3)')."""
+    n = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not aten.addmm.default:
+            continue
+        b, x, w = node.args[:3]
+        beta, alpha = node.kwargs.get("beta", 1), node.kwargs.get("alpha", 1)
+        bv = _val(b)
+        if beta == 1 and alpha == 1 and isinstance(bv, torch.Tensor) and bv.dim() == 1:
+            wt = _insert(gm.graph, node, aten.t.default, (w,))
+            new = _insert(gm.graph, node, aten.linear.default, (x, wt, b))
+        else:
+            mm = _insert(gm.graph, node, aten.mm.default, (x, w))
+            if alpha != 1:
+                mm = _insert(gm.graph, node, aten.mul.Tensor, (mm, alpha))
+            bb = b if beta == 1 else _insert(gm.graph, node, aten.mul.Tensor, (b, beta))
+            new = _insert(gm.graph, node, aten.add.Tensor, (mm, bb))
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        n += 1
+    return _done(gm, "addmm_as_linear", n)
+
+
+_CONVS = (aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.convolution.default,
+          aten.conv_transpose1d.default, aten.conv_transpose2d.input, aten.conv_transpose3d.input)
+
+
+def tanh_gelu_as_formula(gm: fx.GraphModule) -> int:
+    """In a graph with a convolution, ``gelu(x, approximate="tanh")`` ->
+    ``0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))``, the definition of the tanh form:
+    optimize_for_inference moves convolution outputs to MKLDNN and runs a following tanh GELU on
+    them, which fails ('mkldnn_gelu: fast, approximate gelu is not supported'). Graphs without a
+    convolution (GPT-style decoders) keep the fused op."""
+    if not any(nd.op == "call_function" and nd.target in _CONVS for nd in gm.graph.nodes):
+        return 0
+    n = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not aten.gelu.default:
+            continue
+        approx = node.kwargs.get("approximate", node.args[1] if len(node.args) > 1 else "none")
+        if approx != "tanh":
+            continue
+        g, x = gm.graph, node.args[0]
+        x3 = _insert(g, node, aten.mul.Tensor, (_insert(g, node, aten.mul.Tensor, (x, x)), x))
+        inner = _insert(g, node, aten.add.Tensor, (x, _insert(g, node, aten.mul.Tensor, (x3, 0.044715))))
+        t = _insert(g, node, aten.tanh.default, (_insert(g, node, aten.mul.Tensor, (inner, math.sqrt(2 / math.pi))),))
+        half_x = _insert(g, node, aten.mul.Tensor, (x, 0.5))
+        new = _insert(g, node, aten.mul.Tensor, (half_x, _insert(g, node, aten.add.Tensor, (t, 1.0))))
+        node.replace_all_uses_with(new)
+        g.erase_node(node)
+        n += 1
+    return _done(gm, "tanh_gelu_as_formula", n)
+
+
+# ---- ONNX ---------------------------------------------------------------------------------------------
+# op -> index of ceil_mode, index of padding, index of dilation (None: no dilation argument)
+_CEIL_POOLS = {
+    aten.max_pool1d.default: (5, 3, 4), aten.max_pool2d.default: (5, 3, 4), aten.max_pool3d.default: (5, 3, 4),
+    aten.max_pool2d_with_indices.default: (5, 3, 4), aten.max_pool3d_with_indices.default: (5, 3, 4),
+    aten.avg_pool1d.default: (4, 3, None), aten.avg_pool2d.default: (4, 3, None), aten.avg_pool3d.default: (4, 3, None),
+}
+_POOL_RANK = {aten.max_pool1d.default: 1, aten.avg_pool1d.default: 1, aten.max_pool2d.default: 2,
+              aten.avg_pool2d.default: 2, aten.max_pool2d_with_indices.default: 2, aten.max_pool3d.default: 3,
+              aten.max_pool3d_with_indices.default: 3, aten.avg_pool3d.default: 3}
+
+
+def _ints(v, n: int, default: int) -> list[int]:
+    if v is None or (isinstance(v, (list, tuple)) and len(v) == 0):
+        return [default] * n
+    if isinstance(v, int):
+        return [v] * n
+    v = [int(a) for a in v]
+    return v * n if len(v) == 1 else v
+
+
+def _pool_arg(node: fx.Node, index: int, name: str):
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name)
+
+
+def ceil_pool_as_floor(gm: fx.GraphModule) -> int:
+    """Ceil-mode pooling whose output has the floor-mode length -> ``ceil_mode=False`` (the same
+    windows: torch drops a last ceil window that would start in the right padding, so both modes
+    produce the same windows). onnx 1.23's shape inference keeps that window and
+    ``check_model(full_check=True)`` rejects the exported model; ONNX Runtime itself computes
+    the right result."""
+    n = 0
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target not in _CEIL_POOLS:
+            continue
+        ci, pi, di = _CEIL_POOLS[node.target]
+        if not _pool_arg(node, ci, "ceil_mode"):
+            continue
+        out = node.meta.get("val")
+        out = out[0] if isinstance(out, (tuple, list)) else out
+        xs, ys = _static_shape(_val(node.args[0])), _static_shape(out)
+        if xs is None or ys is None:
+            continue
+        spatial = _POOL_RANK[node.target]
+        k = _ints(node.args[1], spatial, 1)
+        s = _ints(_pool_arg(node, 2, "stride"), spatial, 0)
+        s = [kk if ss == 0 else ss for ss, kk in zip(s, k)]   # stride [] means the kernel size
+        p = _ints(_pool_arg(node, pi, "padding"), spatial, 0)
+        d = _ints(_pool_arg(node, di, "dilation"), spatial, 1) if di is not None else [1] * spatial
+        ins, outs = xs[-spatial:], ys[-spatial:]
+        floor = [(L + 2 * pp - dd * (kk - 1) - 1) // ss + 1 for L, kk, ss, pp, dd in zip(ins, k, s, p, d)]
+        if list(outs) != floor:
+            continue
+        args = list(node.args)
+        if len(args) > ci:
+            args[ci] = False
+            node.args = tuple(args)
+        else:
+            node.update_kwarg("ceil_mode", False)
+        n += 1
+    return _done(gm, "ceil_pool_as_floor", n)
+
+
+# ---- TVM ----------------------------------------------------------------------------------------------
+_ALPHA_OPS = {aten.add.Tensor: aten.add.Tensor, aten.sub.Tensor: aten.sub.Tensor,
+              aten.add.Scalar: aten.add.Tensor, aten.sub.Scalar: aten.sub.Tensor}
+
+
+def add_alpha_as_mul(gm: fx.GraphModule) -> int:
+    """``add/sub(x, y, alpha=a)`` -> ``add/sub(x, y * a)``: TVM 0.27's importer drops ``alpha``
+    (``torch.add(x, y, alpha=0.5)`` ran as ``x + y``)."""
+    n = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target not in _ALPHA_OPS:
+            continue
+        alpha = node.kwargs.get("alpha", 1)
+        if alpha == 1:
+            continue
+        x, y = node.args[:2]
+        if isinstance(y, fx.Node):
+            y = _insert(gm.graph, node, aten.mul.Tensor, (y, alpha))
+        else:
+            y = operator.mul(y, alpha)
+        new = _insert(gm.graph, node, _ALPHA_OPS[node.target], (x, y))
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        n += 1
+    return _done(gm, "add_alpha_as_mul", n)
+
+
+def cumsum_int64(gm: fx.GraphModule) -> int:
+    """``cumsum(x)`` of a bool or integer ``x`` with no ``dtype`` -> ``cumsum(x.to(int64))``: torch
+    accumulates integers in int64; TVM 0.27's importer keeps ``x``'s dtype (a bool cumsum then
+    aborts LLVM codegen, an int32 one could overflow where torch does not)."""
+    n = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not aten.cumsum.default:
+            continue
+        if node.kwargs.get("dtype") is not None or len(node.args) > 2:
+            continue
+        xv = _val(node.args[0])
+        if not isinstance(xv, torch.Tensor) or xv.is_floating_point() or xv.is_complex() or xv.dtype == torch.int64:
+            continue
+        cast = _insert(gm.graph, node, aten._to_copy.default, (node.args[0],), {"dtype": torch.int64})
+        node.update_arg(0, cast)
+        n += 1
+    return _done(gm, "cumsum_int64", n)
+
+
+def apply(gm: fx.GraphModule, rewrites) -> dict[str, int]:
+    """Run ``rewrites`` on ``gm`` (in place); the count of rewritten nodes per rewrite."""
+    return {fn.__name__: fn(gm) for fn in rewrites}
+
+
+TORCHSCRIPT = (addmm_as_linear, tanh_gelu_as_formula)
+ONNX = (ceil_pool_as_floor,)
+TVM = (add_alpha_as_mul, cumsum_int64)
+
+__all__ = ["apply", "addmm_as_linear", "tanh_gelu_as_formula", "ceil_pool_as_floor", "add_alpha_as_mul",
+           "cumsum_int64", "TORCHSCRIPT", "ONNX", "TVM"]
