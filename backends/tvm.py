@@ -58,6 +58,8 @@ log = logging.getLogger("optc.backends.tvm")
 LIBRARY = "model.so"
 LAYOUTS = ("NHWC", "NCHW")
 TUNE_HINT = "tvm: tuning needs xgboost and psutil: pip install optc[tune]"
+#: ``tune=True``: this many MetaSchedule trials for each kernel that has a reduction.
+TUNE_TRIALS_PER_TASK = 64
 
 # ---- translations of optc:: ops ----------------------------------------------------------------------
 # OpOverload -> fn(node: torch.fx.Node, importer) -> relax.Expr, called by from_exported_program's
@@ -233,11 +235,11 @@ class TVMBackend(Backend):
                         "and no decomposition")
         return super().unsupported_reason(node, target)
 
-    def lower(self, program: Program, target: Target, *, threads: int | None = None, tune: int = 0,
+    def lower(self, program: Program, target: Target, *, threads: int | None = None, tune: int | bool = 0,
               tuning_db: str | None = None, layout: str | None = None) -> TVMModel:
         """``threads``: TVM thread-pool workers and the target's ``num-cores`` (default: every core
-        this process may use). ``tune``: MetaSchedule trial budget (0: off; the default schedules
-        only). ``tuning_db``: the tuning database folder (default: a folder per model under
+        this process may use). ``tune``: MetaSchedule trial budget (0 or False: off, the default
+        schedules only; True: :data:`TUNE_TRIALS_PER_TASK` trials per kernel with a reduction). ``tuning_db``: the tuning database folder (default: a folder per model under
         ``~/.cache/optc/tvm-tuning``); given with ``tune=0`` its checked records are applied
         without tuning. ``layout``: convolution layout, ``"NHWC"`` (CPU default) or ``"NCHW"``
         (CUDA default)."""
@@ -246,8 +248,13 @@ class TVMBackend(Backend):
 
         if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
             raise LoweringError(f"threads must be a positive int, got {threads!r}", backend=self.name)
-        if not isinstance(tune, int) or isinstance(tune, bool) or tune < 0:
-            raise LoweringError(f"tune must be a trial budget (an int >= 0), got {tune!r}", backend=self.name)
+        if tune is True:
+            tune = -TUNE_TRIALS_PER_TASK          # resolved per tunable kernel by ts.tune
+        elif tune is False:
+            tune = 0
+        elif not isinstance(tune, int) or tune < 0:
+            raise LoweringError(f"tune must be True/False or a trial budget (an int >= 0), got {tune!r}",
+                                backend=self.name)
         if layout is None:
             layout = "NCHW" if target.device == "cuda" else "NHWC"
         if layout not in LAYOUTS:
@@ -281,7 +288,7 @@ class TVMBackend(Backend):
             executable.export_library(path)
             t3 = time.perf_counter()
             log.info("tvm: import %.1fs, tuning %.1fs, build+export %.1fs", t1 - t0, t2 - t1, t3 - t2)
-            options = {"threads": threads, "layout": layout, "tune": tune, "target": tdict,
+            options = {"threads": threads, "layout": layout, "tune": tuning.get("trials", tune), "target": tdict,
                        "tuned_kernels": tuning.get("applied", 0)}
             model = TVMModel(signature, target, library_path=path, threads=threads, backend_options=options)
         except BaseException:

@@ -853,7 +853,8 @@ def tune(mod: tvm.IRModule, target: Target, *, trials: int, db_dir: str, threads
     ``db_dir`` holds ``tuned/`` (MetaSchedule's own JSON database and logs), ``checked/`` (the
     records that passed :func:`check_kernel`) and ``decisions.json`` (per workload: kept or not,
     why, the timings). A workload with a decision is never tuned or checked again, so a second
-    compile of the same model reuses the records. ``trials`` = 0 only applies what is there.
+    compile of the same model reuses the records. ``trials`` = 0 only applies what is there;
+    ``trials`` = -n means n trials for each kernel still to tune.
     ``progress``: tqdm bars over trials and checks (None: when stderr is a terminal).
     """
     from tqdm import tqdm
@@ -861,8 +862,8 @@ def tune(mod: tvm.IRModule, target: Target, *, trials: int, db_dir: str, threads
     os.makedirs(db_dir, exist_ok=True)
     decisions = _read_decisions(db_dir)
     checked_dir = os.path.join(db_dir, "checked")
-    summary = {"db_dir": db_dir, "tasks": 0, "tuned": 0, "untuned": 0, "applied": 0, "rejected": {}}
-    if trials > 0:
+    summary = {"db_dir": db_dir, "tasks": 0, "tuned": 0, "untuned": 0, "applied": 0, "rejected": {}, "trials": 0}
+    if trials != 0:
         from tvm.s_tir import meta_schedule as ms
         if target.kind.name == "llvm":
             cpu_tensor_intrinsics_only()
@@ -870,7 +871,10 @@ def tune(mod: tvm.IRModule, target: Target, *, trials: int, db_dir: str, threads
                      if is_static(t.dispatched[0]["main"]) and has_reduction(t.dispatched[0]["main"])]
         summary["tasks"] = len(extracted)
         todo = [t for t in extracted if _workload_key(t.dispatched[0]) not in decisions]
-        if todo:
+        if trials < 0:   # -n: n trials per kernel still to tune
+            trials = -trials * len(todo)
+        summary["trials"] = trials
+        if todo and trials:
             tuned_dir = os.path.join(db_dir, "tuned")
             raw = _json_database(tuned_dir)
             with tqdm(total=trials, desc=f"tvm tuning {len(todo)} kernels", unit="trial", disable=_no_bar(progress)) as bar, \

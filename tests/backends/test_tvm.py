@@ -58,7 +58,7 @@ def test_bad_options(captured_structured):
     _, program = captured_structured()
     with pytest.raises(LoweringError, match="threads must be a positive int"):
         lower(program, "cpu", "tvm", threads=0)
-    with pytest.raises(LoweringError, match=r"tune must be a trial budget"):
+    with pytest.raises(LoweringError, match=r"tune must be True/False or a trial budget"):
         lower(program, "cpu", "tvm", tune=-1)
     with pytest.raises(LoweringError, match=r"unknown layout 'NCWH' \(valid: NHWC, NCHW\)"):
         lower(program, "cpu", "tvm", layout="NCWH")

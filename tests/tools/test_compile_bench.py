@@ -140,6 +140,23 @@ def test_bench_markdown_and_skipped_backend(capsys, monkeypatch):
     assert "optc tvm / onnxruntime" in out and "not measured" in out
 
 
+@pytest.mark.skipif(not all(__import__("importlib").util.find_spec(m) for m in ("xgboost", "psutil")),
+                    reason="needs the tune extra")
+def test_bench_tvm_tuned_candidate(capsys, tmp_path):
+    status, out, err = _run(capsys, ["bench", "zoo:mlp", "--tiny", "--runs", "2", "--warmup", "0", "--backends", "",
+                                     "--baselines", "eager,ort", "--tvm-tune", "2", "--tuning-db", str(tmp_path / "db"),
+                                     "--pause-ms", "0", "--json", str(tmp_path / "r.json")])
+    assert status == 0, err
+    assert "--tvm-tune 2" in out and "optc tvm tuned / onnxruntime" in out and "bar <= 1.5x" in out
+    (row,) = [c for c in json.loads((tmp_path / "r.json").read_text())["candidates"] if c["name"] == "optc tvm tuned"]
+    assert row["error"] is None and row["max_rel_err"] < 1e-4 and "tune=2: 3 kernels" in row["note"]
+    assert (tmp_path / "db" / "decisions.json").exists()
+    # without --tvm-tune the tuned bar is not part of the verdicts
+    status, out, err = _run(capsys, ["bench", "zoo:mlp", "--tiny", "--runs", "2", "--warmup", "0", "--backends", "",
+                                     "--baselines", "eager", "--pause-ms", "0"])
+    assert status == 0 and "optc tvm tuned" not in out
+
+
 def test_bench_bad_arguments(capsys):
     status, out, err = _run(capsys, ["bench", "zoo:mlp", "--tiny", "--backends", "onnx,nope"])
     assert status == 2 and "unknown backend 'nope'" in _one_error_line(err)
