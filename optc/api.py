@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterable
 
 from optc.ir.program import Program
+from optc.ir.stats import ModelStats, model_stats
 from optc.passes.manager import PassManager, PipelineReport
 from optc.target import Target, resolve_target
 
@@ -49,6 +50,8 @@ class CompileReport:
     optimize_s: float
     lowering_s: float
     artifact_bytes: int
+    stats_before: "ModelStats | None" = None   # parameters, FLOPs, bytes per layer: the captured model
+    stats_after: "ModelStats | None" = None    # ... and the optimized one that was lowered
 
     @property
     def total_s(self) -> float:
@@ -62,8 +65,26 @@ class CompileReport:
             f"  lowering  {self.lowering_s * 1e3:10.1f} ms",
             f"  total     {self.total_s * 1e3:10.1f} ms",
             f"  artifact  {_human_bytes(self.artifact_bytes):>10}",
+            *([f"  model     {self.stats_summary()}"] if self.stats_before and self.stats_after else []),
             self.pipeline.format(),
         ])
+
+    def stats_summary(self) -> str:
+        """Totals before -> after the pipeline: parameters, FLOPs, weight bytes."""
+        from optc.ir.stats import human
+        a, b = self.stats_before.total, self.stats_after.total
+
+        def cell(label, x, y, fmt):
+            return f"{label} {fmt(x)}" + ("" if x == y else f" -> {fmt(y)}" + (f" ({x / y:.2f}x fewer)" if y and x > y else ""))
+        return ", ".join([cell("params", a.params, b.params, human), cell("FLOPs", a.flops, b.flops, human),
+                          cell("weights", a.weight_bytes, b.weight_bytes, _human_bytes)])
+
+    def format_stats(self) -> str:
+        """Per layer and in total, before -> after the pipeline (``optc compile --stats``)."""
+        from optc.ir.stats import format_stats_diff
+        if not (self.stats_before and self.stats_after):
+            return "(no statistics)"
+        return format_stats_diff(self.stats_before, self.stats_after)
 
     def __str__(self) -> str:
         return self.format()
@@ -115,13 +136,15 @@ def compile(model: Any, example_inputs: Any = (), *, example_kwargs: dict | None
     else:
         program = capture(model, example_inputs, example_kwargs, dynamic_shapes=dynamic_shapes)
     t1 = time.perf_counter()
+    captured = program
     program, preport = optimize(program, pipeline, tgt)
     t2 = time.perf_counter()
     compiled = lower(program, tgt, pipeline=preport.pipeline, **backend_options)
     t3 = time.perf_counter()
     report = CompileReport(name=program.name, backend=be.name, target=str(tgt), pipeline=preport,
                            capture_s=t1 - t0, optimize_s=t2 - t1, lowering_s=t3 - t2,
-                           artifact_bytes=compiled.artifact_size())
+                           artifact_bytes=compiled.artifact_size(),
+                           stats_before=model_stats(captured), stats_after=model_stats(program))
     return compiled, report
 
 

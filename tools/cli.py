@@ -379,6 +379,9 @@ def _add_compile_parser(sub) -> None:
     c.add_argument("--runs", type=_non_negative, default=20, metavar="N",
                    help="timed rounds of the latency comparison (default 20; 0 skips it)")
     c.add_argument("--warmup", type=_non_negative, default=3, metavar="N", help="untimed rounds first (default 3)")
+    c.add_argument("--stats", action="store_true",
+                   help="also print parameters, FLOPs, weight and activation bytes per layer, before and after the "
+                        "pipeline (the report always has the totals)")
     c.add_argument("-v", "--verbose", action="store_true", help="debug logging and tracebacks on errors")
     c.set_defaults(func=cmd_compile)
 
@@ -425,6 +428,9 @@ def cmd_compile(args: argparse.Namespace) -> int:
                                     dynamic_shapes="batch" if args.dynamic_batch else None, **options)
     compiled.save(out)
     print(report.format())
+    if args.stats:
+        print("per layer, before -> after the pipeline:")
+        print(report.format_stats())
     files = ", ".join(sorted(os.listdir(out)))
     print(f"saved to {out} ({files})")
 

@@ -57,6 +57,18 @@ def test_compile_torchscript_no_timing(tmp_path, capsys):
     assert optc.load(tmp_path / "ts").backend == "torchscript"
 
 
+def test_compile_reports_parameters_flops_and_bytes(tmp_path, capsys):
+    status, out, err = _run(capsys, ["compile", "zoo:small_cnn", "--tiny", "--backend", "torchscript", "--runs", "0",
+                                     "--pipeline", "default,prune-channels{ratio=0.5}", "--stats",
+                                     "--out", str(tmp_path / "p")])
+    assert status == 0, err
+    (model_line,) = [line for line in out.splitlines() if line.strip().startswith("model ")]
+    assert re.search(r"params \S+ -> \S+ \(\d+\.\d+x fewer\), FLOPs \S+ -> \S+ \(\d+\.\d+x fewer\), weights", model_line)
+    per_layer = out.split("per layer, before -> after the pipeline:")[1]
+    assert "aten.conv2d" in per_layer and "(removed)" in per_layer   # folded BatchNorms
+    assert re.search(r"^total\b.*->", per_layer, re.M)
+
+
 def test_compile_tune_needs_tvm(tmp_path, capsys):
     status, out, err = _run(capsys, ["compile", "zoo:mlp", "--tiny", "--backend", "onnx", "--tune", "8",
                                      "--out", str(tmp_path / "x")])
