@@ -16,12 +16,18 @@ random inputs).
 
 Where Q/DQ pairs go. Sites are ``conv`` (not transposed), ``linear`` and ``matmul`` with a
 constant float32 weight (activation x activation matmuls with ``activation_matmul=true``). A
-value is quantized when some user takes it as an integer input:
+conv reading fewer than ``min_channels`` input channels (not grouped: the RGB stem of a CNN)
+stays float: ONNX Runtime's integer conv has no fast path for a reduction that short (ResNet-50's
+7x7 stem: 2.0 ms in QLinearConv against 0.5 ms as a float NCHWc conv, docs/quantization.md),
+and the first layer is the one most sensitive to quantization. A value is quantized when some
+user takes it as an integer input:
 
 - a site takes its activation operand(s);
 - a pass-through op (max-pool, reshape/view/flatten, transpose/permute, squeeze/unsqueeze,
-  slice/select, clone) takes its input when its own output is quantized (same scale and zero
-  point on both sides: the op moves integers);
+  slice/select, clone) takes its input when its own output is quantized and its input comes from
+  an integer op (same scale and zero point on both sides: the op moves integers); after a float
+  op the Q goes after the pass-through op instead (``Q(maxpool(x)) == maxpool(Q(x))``, and the
+  float op keeps its fast float neighbour: a float stem conv + max-pool run fused in NCHWc);
 - an integer ``add`` (two activations of one shape) or ``cat`` takes its inputs when its output
   (after a fused ReLU/ReLU6/clamp) is quantized. The inputs of an add share one scale (each keeps
   its own zero point, so ReLU outputs keep zero point 0), all inputs and the output of a cat
@@ -213,6 +219,11 @@ def match_site(node: fx.Node, opts: dict):
             return (None, f"{kind} bias %{getattr(b, 'name', b)} is not a float32 constant")
         if opts["scheme"] == "dynamic" and kind == "conv":
             return (None, "dynamic quantization covers linear and matmul (conv needs calibrated activation scales)")
+        groups = arg(node, 6, "groups", 1)
+        cin = int(attr_value(w).shape[1]) * int(groups)
+        if kind == "conv" and groups == 1 and cin < opts["min_channels"]:
+            return (None, f"conv reads {cin} input channels (< min_channels={opts['min_channels']}): no fast "
+                          "integer kernel for so short a reduction, kept float")
         axis = 0 if opts["per_channel"] else None
         return Site(node, kind, (x,), w, 1, b, axis)
     if is_op(node, aten.convolution.default, aten.conv_transpose1d.default, aten.conv_transpose2d.input,
@@ -321,6 +332,11 @@ def plan_placement(gm: fx.GraphModule, sites: dict[fx.Node, Site], share_add_sca
     tails = {_activation_tail(s): s for s in sites}            # site tail -> site node
     int_candidates = {n for n in nodes if _is_int_add(n) or _is_int_cat(n)}
     cand_tail = {_activation_tail(n): n for n in int_candidates}
+    # values that may be produced in integers: site and add/cat tails, and pass-through ops of them
+    may_be_int: set[fx.Node] = set(tails) | set(cand_tail)
+    for n in nodes:
+        if _is_pass_through(n) and n.args[0] in may_be_int:
+            may_be_int.add(n)
     quantized_out: dict[fx.Node, bool] = {}
 
     def takes_integer(user: fx.Node, value: fx.Node) -> bool:
@@ -328,8 +344,8 @@ def plan_placement(gm: fx.GraphModule, sites: dict[fx.Node, Site], share_add_sca
             return value in sites[user].acts
         if user in int_candidates:
             return quantized_out.get(_activation_tail(user), False)
-        if _is_pass_through(user):
-            return user.args[0] is value and quantized_out.get(user, False)
+        if _is_pass_through(user):   # of a float value, quantize after it: Q(maxpool(x)) == maxpool(Q(x))
+            return user.args[0] is value and quantized_out.get(user, False) and value in may_be_int
         if is_op(user, *_TAKES_DEQUANTIZED):   # only worth it when it lets the producer run in integers
             return user.args[0] is value and (value in tails or value in cand_tail)
         return False
@@ -538,6 +554,7 @@ OPTIONS = {
     "activation_dtype": Option(("uint8", "int8"), "uint8", "integer type of activations (weights are int8)"),
     "exclude": Option(str, "", "node names or module paths (fnmatch patterns, separated by | or ,) to keep in float"),
     "samples": Option(int, 16, "random calibration inputs used when no calibration data is given"),
+    "min_channels": Option(int, 8, "convs (not grouped) reading fewer input channels stay float (the RGB stem)"),
     "activation_matmul": Option(bool, False, "also quantize matmuls of two activations"),
     "share_add_scales": Option(bool, True, "one scale for both inputs of an integer add"),
     "report_samples": Option(int, 2, "calibration samples used for the per-layer SQNR report (0: no report)"),
