@@ -272,12 +272,18 @@ class ONNXBackend(Backend):
         return super().unsupported_reason(node, target)
 
     def lower(self, program: Program, target: Target, *, opset: int = OPSET, threads: int | None = None,
-              optimize: bool = True, external_data_threshold: int = EXTERNAL_DATA_THRESHOLD) -> ONNXModel:
+              optimize: bool = True, external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
+              ort_fusions: bool | str = "auto") -> ONNXModel:
         """``opset``: ONNX opset (default :data:`OPSET`). ``threads``: ONNX Runtime intra-op threads
         (default: every core). ``optimize``: the exporter's ONNX optimizer (constant folding,
         redundancy elimination) before ONNX Runtime's own. ``external_data_threshold``: weights
-        above this many bytes are saved as external data."""
+        above this many bytes are saved as external data. ``ort_fusions``: ONNX Runtime's
+        transformer fusions (:func:`ort_transformer_fusions`: SkipLayerNormalization, BiasGelu,
+        FastGelu... in the ``com.microsoft`` domain) -- ``"auto"`` applies them to graphs with a
+        layer norm, ``True`` always, ``False`` never (the artifact is then plain ONNX)."""
         import onnx
+        if ort_fusions not in (True, False, "auto"):
+            raise LoweringError(f"ort_fusions must be True, False or 'auto', got {ort_fusions!r}", backend=self.name)
         if not isinstance(opset, int) or not MIN_OPSET <= opset <= MAX_OPSET:
             raise LoweringError(f"opset {opset!r} is not supported (valid: {MIN_OPSET}..{MAX_OPSET})", backend=self.name)
         if threads is not None and (not isinstance(threads, int) or threads < 1):
@@ -291,10 +297,12 @@ class ONNXBackend(Backend):
 
         weights = sum(t.nbytes for t in attr_tensors(program.graph_module).values())
         options = {"opset": opset, "threads": threads, "optimize": bool(optimize),
-                   "external_data": weights > external_data_threshold}
+                   "external_data": weights > external_data_threshold, "ort_fusions": {}}
         if not options["external_data"]:
             proto = onnx_program.model_proto
-            onnx.checker.check_model(proto, full_check=True)
+            onnx.checker.check_model(proto, full_check=True)   # the standard ONNX model, before any contrib op
+            if ort_fusions is True or (ort_fusions == "auto" and _has_op(proto, "LayerNormalization")):
+                proto, options["ort_fusions"] = ort_transformer_fusions(proto, program, target, threads)
             return ONNXModel(signature, target, model_bytes=proto.SerializeToString(), threads=threads,
                              backend_options=options)
         workdir = tempfile.mkdtemp(prefix="optc-onnx-")
@@ -327,6 +335,70 @@ class ONNXBackend(Backend):
         except (OSError, RuntimeError) as e:  # onnxruntime raises its own RuntimeError subclasses
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ArtifactError(f"{directory}: ONNX Runtime cannot load '{MODEL_FILE}': {first}") from e
+
+
+def _has_op(proto, op_type: str) -> bool:
+    return any(n.op_type == op_type for n in proto.graph.node) or \
+        any(n.op_type == op_type for f in proto.functions for n in f.node)
+
+
+def ort_transformer_fusions(proto, program: Program, target: Target, threads: int | None):
+    """ONNX Runtime's transformer optimizer (``onnxruntime.transformers.optimizer``, graph
+    fusions only, ``opt_level=0``: ONNX Runtime's own graph optimizations still run in the
+    session) on ``proto``: SkipLayerNormalization (residual add + layer norm), BiasGelu /
+    FastGelu, attention where its patterns match. ``ORT_ENABLE_ALL`` does not do these.
+
+    The fused model is kept only if it computes what ``proto`` does on the program's example
+    inputs (1e-4 of the output scale); otherwise ``proto`` is kept and a warning names the
+    difference. Returns ``(model, {fused op: count})``."""
+    import numpy as np
+    try:
+        from onnxruntime.transformers.optimizer import optimize_model
+    except ImportError as e:   # an onnxruntime build without its Python tools
+        log.warning("onnx: ONNX Runtime's transformer optimizer is not available (%s); no fusions", e)
+        return proto, {}
+    # its modules log as top-level names (fusion_skiplayernorm, onnx_model, ...): quiet them
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith(("fusion", "onnx_model", "optimizer", "onnxruntime.transformers")):
+            logging.getLogger(name).setLevel(logging.ERROR)
+    import onnx
+    work = onnx.ModelProto()
+    work.CopyFrom(proto)   # the optimizer rewrites the model it is given in place
+    from onnxruntime.transformers.fusion_options import FusionOptions
+    options = FusionOptions("bert")
+    options.enable_shape_inference = False   # the exporter's shapes are there; its pass rejects contrib ops
+    if any(n.op_type == "Gelu" and any(a.name == "approximate" and a.s == b"tanh" for a in n.attribute)
+           for n in work.graph.node):
+        # onnxruntime 1.32's BiasGelu fusion ignores Gelu's approximate="tanh" (it computes the erf
+        # form: 1.7e-4 of the output scale on the zoo's GPT): keep those GELUs as they are
+        options.enable_gelu = options.enable_bias_gelu = options.enable_gemm_fast_gelu = False
+    fused = optimize_model(work, model_type="bert", opt_level=0, num_heads=0, hidden_size=0,
+                           optimization_options=options)
+    counts = {k: int(v) for k, v in (fused.get_fused_operator_statistics() or {}).items() if v}
+    if not counts:
+        return proto, {}
+    new = fused.model
+    flat = program.example_flat_inputs()
+    sessions = [_session(m.SerializeToString(), target, threads) for m in (proto, new)]
+    names = [i.name for i in sessions[0].get_inputs()]
+    by_name = {s.name: t for s, t in zip(Signature.of(program).inputs, flat)}
+    feed = {n: by_name[n].detach().cpu().contiguous().numpy() for n in names}
+    try:
+        ref, got = (s.run(None, feed) for s in sessions)
+    except Exception as e:  # noqa: BLE001 - a fused model that does not run is not used
+        log.warning("onnx: ONNX Runtime's transformer fusions produced a model that fails (%s); not used",
+                    str(e).strip().splitlines()[0])
+        return proto, {}
+    for i, (a, b) in enumerate(zip(ref, got)):
+        if a.dtype.kind != "f":
+            ok = a.shape == b.shape and bool(np.array_equal(a, b))
+        else:
+            scale = max(float(np.max(np.abs(a), initial=0.0)), 1e-30)
+            ok = a.shape == b.shape and float(np.max(np.abs(a.astype(np.float64) - b), initial=0.0)) <= 1e-4 * scale
+        if not ok:
+            log.warning("onnx: ONNX Runtime's transformer fusions change output %d on the example inputs; not used", i)
+            return proto, {}
+    return new, counts
 
 
 _ATEN_OK: dict[torch._ops.OpOverload, bool] = {}

@@ -176,3 +176,62 @@ def test_cuda_provider_matches_eager(captured_structured):
         got = compiled(x.cuda(), bias=bias.cuda())
         assert got["act"].is_cuda
         check_close(model(x, bias=bias), got)
+
+
+def _op_types(proto) -> set:
+    return {n.op_type for n in proto.graph.node} | {n.op_type for f in proto.functions for n in f.node}
+
+
+def test_ort_transformer_fusions(captured_zoo):
+    model, inputs, program = captured_zoo("bert")
+    fused = lower(program, "cpu", "onnx")
+    assert fused.backend_options["ort_fusions"].get("SkipLayerNormalization", 0) >= 2
+    assert "SkipLayerNormalization" in _op_types(_onnx_model(fused))
+    plain = lower(program, "cpu", "onnx", ort_fusions=False)
+    assert plain.backend_options["ort_fusions"] == {}
+    proto = _onnx_model(plain)
+    assert not [o for o in proto.opset_import if o.domain == "com.microsoft"]
+    onnx.checker.check_model(proto, full_check=True)   # plain ONNX, for any runtime
+    with torch.no_grad():
+        check_close(model(*inputs), fused(*inputs), rtol=1e-4)
+    with pytest.raises(LoweringError, match="ort_fusions must be True, False or 'auto'"):
+        lower(program, "cpu", "onnx", ort_fusions="yes")
+
+
+def test_ort_fusions_keep_tanh_gelu(captured_zoo):
+    """onnxruntime's BiasGelu fusion ignores approximate='tanh'; the GPT's GELUs stay as they are."""
+    model, inputs, program = captured_zoo("gpt")
+    program, _ = optc.optimize(program, "default")   # fuse-gelu: aten.gelu(approximate="tanh") -> ONNX Gelu
+    compiled = lower(program, "cpu", "onnx")
+    proto = _onnx_model(compiled)
+    gelus = [n for n in proto.graph.node if n.op_type == "Gelu"]
+    assert gelus and all(any(a.name == "approximate" and a.s == b"tanh" for a in n.attribute) for n in gelus)
+    assert "BiasGelu" not in _op_types(proto) and "SkipLayerNormalization" in _op_types(proto)
+    with torch.no_grad():
+        check_close(model(*inputs), compiled(*inputs), rtol=1e-4)
+
+
+def test_ort_fusions_that_change_the_outputs_are_not_used(captured_zoo, monkeypatch, caplog):
+    import onnxruntime.transformers.optimizer as ort_opt
+    real = ort_opt.optimize_model
+
+    def broken(model, **kw):   # fuses, then doubles the first output
+        fused = real(model, **kw)
+        out = fused.model.graph.output[0]
+        doubled = onnx.helper.make_node("Add", [out.name, out.name], [out.name + "_x2"])
+        for node in fused.model.graph.node:
+            node.output[:] = [o + "_pre" if o == out.name else o for o in node.output]
+            node.input[:] = [i + "_pre" if i == out.name else i for i in node.input]
+        doubled.input[:] = [out.name + "_pre", out.name + "_pre"]
+        doubled.output[:] = [out.name]
+        fused.model.graph.node.append(doubled)
+        return fused
+
+    monkeypatch.setattr(ort_opt, "optimize_model", broken)
+    model, inputs, program = captured_zoo("bert")
+    with caplog.at_level("WARNING", logger="optc.backends.onnx"):
+        compiled = lower(program, "cpu", "onnx")
+    assert compiled.backend_options["ort_fusions"] == {} and "change output 0" in caplog.text
+    assert "SkipLayerNormalization" not in _op_types(_onnx_model(compiled))
+    with torch.no_grad():
+        check_close(model(*inputs), compiled(*inputs), rtol=1e-4)
