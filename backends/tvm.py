@@ -337,3 +337,4 @@ class TVMBackend(Backend):
 
 __all__ = ["TVMBackend", "TVMModel", "LIBRARY", "register_tvm_translation", "tvm_translations",
            "default_tuning_root", "model_key", "default_threads"]
+from optc.backends import tvm_layout as _tvm_layout  # noqa: E402,F401  (R.nn.conv2d/pools/resize2d in NHWC for the optc:: NHWC ops)

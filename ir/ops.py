@@ -76,3 +76,4 @@ def _(x, scale, shift, dim):
 
 register("channel_affine", _channel_affine_decomp)
 from optc.ir import quant_ops as _quant_ops  # noqa: E402,F401  (registers optc::quantize_* / dequantize_*)
+from optc.ir import layout_ops as _layout_ops  # noqa: E402,F401  (registers optc::conv2d_nhwc and the other NHWC ops)

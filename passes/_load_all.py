@@ -20,6 +20,7 @@ PASS_MODULES = (
     "prune_magnitude",
     "prune_channels",
     "insert_qdq",
+    "convert_layout",
 )
 
 for _name in PASS_MODULES:
