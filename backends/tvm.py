@@ -337,4 +337,6 @@ class TVMBackend(Backend):
 
 __all__ = ["TVMBackend", "TVMModel", "LIBRARY", "register_tvm_translation", "tvm_translations",
            "default_tuning_root", "model_key", "default_threads"]
+
+from optc.backends import tvm_quant as _tvm_quant  # noqa: E402,F401  (R.quantize / R.dequantize translations)
 from optc.backends import tvm_layout as _tvm_layout  # noqa: E402,F401  (R.nn.conv2d/pools/resize2d in NHWC for the optc:: NHWC ops)
