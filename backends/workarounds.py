@@ -23,6 +23,8 @@ rewrite                        backend       bug
 :func:`cumsum_int64`           tvm           ``from_exported_program`` keeps a bool/int32
                                              ``cumsum``'s input dtype (torch returns int64), and
                                              LLVM codegen of a bool add aborts (TVM 0.27)
+:func:`amax_as_max_dim`        tvm           not a bug, a gap: the importer has no ``amax`` /
+                                             ``amin`` (TVM 0.27); written with ``max.dim``
 =============================  ============  ===============================================
 """
 
@@ -239,6 +241,35 @@ def cumsum_int64(gm: fx.GraphModule) -> int:
     return _done(gm, "cumsum_int64", n)
 
 
+def amax_as_max_dim(gm: fx.GraphModule) -> int:
+    """``amax(x, dims, keepdim)`` -> ``max.dim`` per reduced dim (then ``squeeze``), ``amin(x)`` ->
+    ``-amax(-x)``: TVM 0.27's importer translates ``max.dim`` but neither ``amax`` nor ``amin``
+    (nor ``min.dim``). The same values: a max over several dims is the max over each in turn."""
+    n = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target not in (aten.amax.default, aten.amin.default):
+            continue
+        x = node.args[0]
+        xv = _val(x)
+        if not isinstance(xv, torch.Tensor) or xv.dim() == 0:
+            continue
+        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", [])
+        keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+        dims = sorted({d % xv.dim() for d in (dims if isinstance(dims, (list, tuple)) else [dims])} or range(xv.dim()))
+        g = gm.graph
+        y = x if node.target is aten.amax.default else _insert(g, node, aten.neg.default, (x,))
+        for d in dims:
+            y = _insert(g, node, operator.getitem, (_insert(g, node, aten.max.dim, (y, d, True)), 0))
+        if node.target is aten.amin.default:
+            y = _insert(g, node, aten.neg.default, (y,))
+        if not keepdim:
+            y = _insert(g, node, aten.squeeze.dims, (y, dims))
+        node.replace_all_uses_with(y)
+        g.erase_node(node)
+        n += 1
+    return _done(gm, "amax_as_max_dim", n)
+
+
 def apply(gm: fx.GraphModule, rewrites) -> dict[str, int]:
     """Run ``rewrites`` on ``gm`` (in place); the count of rewritten nodes per rewrite."""
     return {fn.__name__: fn(gm) for fn in rewrites}
@@ -246,7 +277,7 @@ def apply(gm: fx.GraphModule, rewrites) -> dict[str, int]:
 
 TORCHSCRIPT = (addmm_as_linear, tanh_gelu_as_formula)
 ONNX = (ceil_pool_as_floor,)
-TVM = (add_alpha_as_mul, cumsum_int64)
+TVM = (add_alpha_as_mul, cumsum_int64, amax_as_max_dim)
 
 __all__ = ["apply", "addmm_as_linear", "tanh_gelu_as_formula", "ceil_pool_as_floor", "add_alpha_as_mul",
-           "cumsum_int64", "TORCHSCRIPT", "ONNX", "TVM"]
+           "cumsum_int64", "amax_as_max_dim", "TORCHSCRIPT", "ONNX", "TVM"]

@@ -138,6 +138,20 @@ def test_cumsum_int64_on_tvm():
     check_close(ref, got, rtol=1e-6)
 
 
+class Extremes(nn.Module):
+    def forward(self, x):
+        return x.amax((1, 3)), x.amin(-1, keepdim=True), x - x.amax(), torch.amax(x, 2, keepdim=True)
+
+
+def test_amax_amin_as_max_dim_on_tvm():
+    x = torch.randn(2, 3, 4, 5)
+    program, gm = _gm(Extremes(), x)
+    assert workarounds.amax_as_max_dim(gm) == 4
+    assert not {aten.amax.default, aten.amin.default} & set(_targets(gm))
+    check_close(program(x), gm(x), rtol=0)   # the same values, exactly
+    check_close(program(x), lower(program, "cpu", "tvm")(x), rtol=0)
+
+
 def test_known_issue_matching(monkeypatch):
     """The campaign's known-issue mechanism still works with no issue open."""
     spec = ModelSpec(inputs=((1, 3),), ops=(Op(kind="residual", inputs=(0, 0), params=(("op", "add_alpha"),),
