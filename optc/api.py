@@ -26,9 +26,18 @@ def optimize(program: Program, pipeline: str = "default", target: Target | str =
     Returns the new Program and a :class:`~optc.passes.manager.PipelineReport`. ``program``
     itself is never modified; on failure a :class:`~optc.errors.PassError` names the pass, the
     passes before it and the node, and ``program`` is still intact.
+
+    ``calibration_data``: the inputs ``insert-qdq`` calibrates on -- an iterable of samples, each
+    one call's inputs (a tensor, a tuple of positional inputs, a dict of keyword inputs or an
+    ``(args, kwargs)`` pair). Checked against the program's signature before any pass runs
+    (:class:`~optc.errors.InputSpecError` naming the sample). Without it, ``insert-qdq`` warns
+    and calibrates on random inputs.
     """
     if not isinstance(program, Program):
         raise TypeError(f"optimize() takes a Program (from optc.capture), got {type(program).__name__}")
+    if calibration_data is not None:   # checked before any pass runs; a generator is read once, here
+        from optc.passes.calibration import prepare_calibration_data
+        calibration_data = prepare_calibration_data(program, calibration_data)
     tgt = resolve_target(target)
     pm = PassManager(pipeline, target=tgt, verify_each=verify_each, check_numerics=check_numerics,
                      dump_dir=dump_dir, print_after_all=print_after_all, print_changed=print_changed,
@@ -52,6 +61,7 @@ class CompileReport:
     artifact_bytes: int
     stats_before: "ModelStats | None" = None   # parameters, FLOPs, bytes per layer: the captured model
     stats_after: "ModelStats | None" = None    # ... and the optimized one that was lowered
+    quantization: Any = None                   # insert-qdq's per-layer QuantReport (scale, zero point, SQNR)
 
     @property
     def total_s(self) -> float:
@@ -100,7 +110,8 @@ def _human_bytes(n: int) -> str:
 
 def compile(model: Any, example_inputs: Any = (), *, example_kwargs: dict | None = None,
             backend: str | None = None, target: Target | str = "cpu", pipeline: str = "default",
-            dynamic_shapes: Any = None, **backend_options) -> tuple["CompiledModel", CompileReport]:
+            dynamic_shapes: Any = None, calibration_data: Any = None,
+            **backend_options) -> tuple["CompiledModel", CompileReport]:
     """Capture ``model``, run the target's pipeline, lower it with ``backend``.
 
     ``model`` is an ``nn.Module`` called as ``model(*example_inputs, **example_kwargs)`` (or an
@@ -108,6 +119,8 @@ def compile(model: Any, example_inputs: Any = (), *, example_kwargs: dict | None
     else ``"onnx"``. ``dynamic_shapes`` is passed to capture (``"batch"``: dim 0 of every input).
     ``backend_options`` go to the backend's ``lower`` (onnx: ``opset``, ``threads``, ``optimize``,
     ``external_data_threshold``; torchscript: ``method``, ``optimize``); unknown ones are errors.
+    ``calibration_data``: what ``insert-qdq`` calibrates on (see :func:`optimize`); its per-layer
+    report is ``report.quantization``.
 
     Returns the :class:`~optc.backends.base.CompiledModel` (called like ``model``; ``save(dir)``)
     and a :class:`CompileReport`. Availability of the backend and device is checked first, before
@@ -137,14 +150,15 @@ def compile(model: Any, example_inputs: Any = (), *, example_kwargs: dict | None
         program = capture(model, example_inputs, example_kwargs, dynamic_shapes=dynamic_shapes)
     t1 = time.perf_counter()
     captured = program
-    program, preport = optimize(program, pipeline, tgt)
+    program, preport = optimize(program, pipeline, tgt, calibration_data=calibration_data)
     t2 = time.perf_counter()
     compiled = lower(program, tgt, pipeline=preport.pipeline, **backend_options)
     t3 = time.perf_counter()
     report = CompileReport(name=program.name, backend=be.name, target=str(tgt), pipeline=preport,
                            capture_s=t1 - t0, optimize_s=t2 - t1, lowering_s=t3 - t2,
                            artifact_bytes=compiled.artifact_size(),
-                           stats_before=model_stats(captured), stats_after=model_stats(program))
+                           stats_before=model_stats(captured), stats_after=model_stats(program),
+                           quantization=program.graph_module.meta.get("optc_quant_report"))
     return compiled, report
 
 

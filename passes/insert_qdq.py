@@ -16,25 +16,31 @@ random inputs).
 
 Where Q/DQ pairs go. Sites are ``conv`` (not transposed), ``linear`` and ``matmul`` with a
 constant float32 weight (activation x activation matmuls with ``activation_matmul=true``). A
-conv reading fewer than ``min_channels`` input channels (not grouped: the RGB stem of a CNN)
-stays float: ONNX Runtime's integer conv has no fast path for a reduction that short (ResNet-50's
-7x7 stem: 2.0 ms in QLinearConv against 0.5 ms as a float NCHWc conv, docs/quantization.md),
-and the first layer is the one most sensitive to quantization. A value is quantized when some
-user takes it as an integer input:
+conv reading fewer than ``min_channels`` input channels (not grouped; default 0: off) stays
+float -- the RGB stem of a CNN, the layer most sensitive to quantization. It is off by default
+because it does not pay on ONNX Runtime: its integer 7x7 stem conv is no faster than its float
+one (0.65 against 0.61 ms on ResNet-50), and with a float stem ORT's QDQ propagation moves the
+Q in front of the float max-pool, which then runs as a slow uint8 NCHW max-pool
+(docs/quantization.md). A value is quantized when some user takes it as an integer input:
 
 - a site takes its activation operand(s);
 - a pass-through op (max-pool, reshape/view/flatten, transpose/permute, squeeze/unsqueeze,
   slice/select, clone) takes its input when its own output is quantized and its input comes from
   an integer op (same scale and zero point on both sides: the op moves integers); after a float
-  op the Q goes after the pass-through op instead (``Q(maxpool(x)) == maxpool(Q(x))``, and the
-  float op keeps its fast float neighbour: a float stem conv + max-pool run fused in NCHWc);
-- an integer ``add`` (two activations of one shape) or ``cat`` takes its inputs when its output
-  (after a fused ReLU/ReLU6/clamp) is quantized. The inputs of an add share one scale (each keeps
-  its own zero point, so ReLU outputs keep zero point 0), all inputs and the output of a cat
-  share scale and zero point;
-- average pooling and ``mean`` take a quantized input (ONNX Runtime dequantizes in front of
-  them), which lets the op before them run in integers;
+  op the Q goes after the pass-through op instead (``Q(maxpool(x)) == maxpool(Q(x))``: the same
+  numbers, and the float op keeps its float neighbour);
+- an integer ``add`` (two activations of one shape) or ``cat`` -- one all of whose inputs come
+  from integer ops -- takes its inputs when its output (after a fused ReLU/ReLU6/clamp) is
+  quantized. The inputs of an add share one scale (each keeps its own zero point, so ReLU outputs
+  keep zero point 0), all inputs and the output of a cat share scale and zero point; an add with a
+  float input (a layer norm's output, an excluded conv) stays float;
+- average pooling and ``mean`` take a quantized input from an integer op (ONNX Runtime
+  dequantizes in front of them), which lets the op before them run in integers;
 - nothing else does: softmax, layer norm, GELU, SDPA, embeddings, graph outputs read floats.
+
+A conv's tail is always quantized, whoever reads it: ONNX Runtime runs a conv in integers only
+as QLinearConv, which has a quantized output (linear and matmul have float-output integer kernels:
+QGemm, MatMulIntegerToFloat).
 
 The value quantized after a site is its *tail*: the site, or the ReLU/ReLU6/clamp that is its only
 user (ONNX Runtime folds a ReLU followed by a Q with zero point 0 into the integer conv). A value
@@ -327,35 +333,46 @@ class Plan:
     int_ops: set[fx.Node]                              # integer adds / cats
 
 
+def _operands(node: fx.Node) -> list:
+    return list(node.args[0]) if is_op(node, _CAT) else [node.args[0], node.args[1]]
+
+
 def plan_placement(gm: fx.GraphModule, sites: dict[fx.Node, Site], share_add_scales: bool) -> Plan:
     nodes = list(gm.graph.nodes)
     tails = {_activation_tail(s): s for s in sites}            # site tail -> site node
+    # a conv runs in integers only with a quantized output (ONNX Runtime's QLinearConv has no
+    # float-output form); linear/matmul have one (QGemm, MatMulIntegerToFloat)
+    conv_tails = {t for t, s in tails.items() if sites[s].kind == "conv"}
     int_candidates = {n for n in nodes if _is_int_add(n) or _is_int_cat(n)}
-    cand_tail = {_activation_tail(n): n for n in int_candidates}
-    # values that may be produced in integers: site and add/cat tails, and pass-through ops of them
-    may_be_int: set[fx.Node] = set(tails) | set(cand_tail)
+    # values that may be produced in integers, forward: site tails; an add/cat all of whose inputs
+    # may be (its tail: the add or its fused ReLU); a pass-through op of one
+    may_be_int: set[fx.Node] = set(tails)
+    viable: set[fx.Node] = set()
     for n in nodes:
-        if _is_pass_through(n) and n.args[0] in may_be_int:
+        if n in int_candidates and all(i in may_be_int for i in _operands(n)):
+            viable.add(n)
+            may_be_int.add(_activation_tail(n))
+        elif _is_pass_through(n) and n.args[0] in may_be_int:
             may_be_int.add(n)
     quantized_out: dict[fx.Node, bool] = {}
 
     def takes_integer(user: fx.Node, value: fx.Node) -> bool:
         if user in sites:
             return value in sites[user].acts
-        if user in int_candidates:
+        if user in viable:
             return quantized_out.get(_activation_tail(user), False)
         if _is_pass_through(user):   # of a float value, quantize after it: Q(maxpool(x)) == maxpool(Q(x))
             return user.args[0] is value and quantized_out.get(user, False) and value in may_be_int
-        if is_op(user, *_TAKES_DEQUANTIZED):   # only worth it when it lets the producer run in integers
-            return user.args[0] is value and (value in tails or value in cand_tail)
+        if is_op(user, *_TAKES_DEQUANTIZED):   # it lets the producer (an add's convs) run in integers
+            return user.args[0] is value and value in may_be_int
         return False
 
     for n in reversed(nodes):          # users before producers
         if n.op in ("output", "get_attr") or not _is_f32(n):
             continue
-        quantized_out[n] = any(takes_integer(u, n) for u in n.users)
+        quantized_out[n] = n in conv_tails or any(takes_integer(u, n) for u in n.users)
 
-    int_ops = {c for c in int_candidates if quantized_out.get(_activation_tail(c), False)}
+    int_ops = {c for c in viable if quantized_out.get(_activation_tail(c), False)}
     int_tails = {_activation_tail(c) for c in int_ops}
 
     values, readers = [], {}
@@ -554,7 +571,7 @@ OPTIONS = {
     "activation_dtype": Option(("uint8", "int8"), "uint8", "integer type of activations (weights are int8)"),
     "exclude": Option(str, "", "node names or module paths (fnmatch patterns, separated by | or ,) to keep in float"),
     "samples": Option(int, 16, "random calibration inputs used when no calibration data is given"),
-    "min_channels": Option(int, 8, "convs (not grouped) reading fewer input channels stay float (the RGB stem)"),
+    "min_channels": Option(int, 0, "convs (not grouped) reading fewer input channels stay float (8: the RGB stem)"),
     "activation_matmul": Option(bool, False, "also quantize matmuls of two activations"),
     "share_add_scales": Option(bool, True, "one scale for both inputs of an integer add"),
     "report_samples": Option(int, 2, "calibration samples used for the per-layer SQNR report (0: no report)"),
