@@ -35,7 +35,7 @@ from optc.backends.base import (
 )
 from optc.backends import workarounds
 from optc.errors import ArtifactError, LoweringError
-from optc.backends import torchscript_quant
+from optc.backends import torchscript_layout, torchscript_quant
 from optc.ir.program import Program
 from optc.target import Target
 
@@ -91,7 +91,8 @@ class TorchScriptBackend(Backend):
                                 f"{', '.join(dims)}: use method='script' (or 'auto'), or capture without "
                                 "dynamic_shapes", backend=self.name)
         device = torch.device("cuda" if target.device == "cuda" else "cpu")
-        gm = inline_decompositions(program.graph_module, keep=torchscript_quant.keep)
+        # NHWC programs as channels-last memory format (backends/torchscript_layout.py)
+        gm = inline_decompositions(torchscript_layout.channels_last(program.graph_module), keep=torchscript_quant.keep)
         torchscript_quant.lower_quant_ops(gm)            # optc Q/DQ -> torch's quantize/dequantize ops
         workarounds.apply(gm, workarounds.TORCHSCRIPT)   # torch bugs on the way (backends/workarounds.py)
         gm = graph_module_on(gm, device)

@@ -8,7 +8,8 @@ Lowering:
 2. ``tvm.relax.frontend.torch.from_exported_program`` (never ``from_fx``: it computes eval-mode
    BatchNorm wrongly in 0.27), weights bound as constants, so the library is self-contained;
 3. the pre-schedule pipeline (:func:`~optc.backends.tvm_schedule.pre_schedule_passes`):
-   inference decompositions, fast math, conv2d to NHWC/HWIO on CPU, legalization, operator
+   inference decompositions, fast math, conv2d to the ``layout`` (Relax ``ConvertLayout``; a no-op
+   for a Program ``convert-layout`` converted already), legalization, operator
    fusion, layout-free weights;
 4. optional MetaSchedule tuning (``tune`` > 0): tasks are the fused kernels with a reduction;
    records live in a persistent database (``tuning_db``) and a tuned kernel is used only after
@@ -241,8 +242,10 @@ class TVMBackend(Backend):
         this process may use). ``tune``: MetaSchedule trial budget (0 or False: off, the default
         schedules only; True: :data:`TUNE_TRIALS_PER_TASK` trials per kernel with a reduction). ``tuning_db``: the tuning database folder (default: a folder per model under
         ``~/.cache/optc/tvm-tuning``); given with ``tune=0`` its checked records are applied
-        without tuning. ``layout``: convolution layout, ``"NHWC"`` (CPU default) or ``"NCHW"``
-        (CUDA default)."""
+        without tuning. ``layout``: the layout convolutions run in, ``"NHWC"`` or ``"NCHW"``; None
+        (default) is the target's (``optc.target.LAYOUTS``: NHWC on CPU, NCHW on CUDA), the layout
+        the target's default pipeline already converted the Program to (``convert-layout``), so
+        Relax's ``ConvertLayout`` only converts what the pass left (docs/layout.md)."""
         import tvm
         from optc.backends import tvm_schedule as ts
 
@@ -256,7 +259,7 @@ class TVMBackend(Backend):
             raise LoweringError(f"tune must be True/False or a trial budget (an int >= 0), got {tune!r}",
                                 backend=self.name)
         if layout is None:
-            layout = "NCHW" if target.device == "cuda" else "NHWC"
+            layout = target.layout if target.layout in LAYOUTS else "NCHW"
         if layout not in LAYOUTS:
             raise LoweringError(f"unknown layout {layout!r} (valid: {', '.join(LAYOUTS)})", backend=self.name)
         if tune and any(importlib.util.find_spec(m) is None for m in ("xgboost", "psutil")):

@@ -19,8 +19,9 @@ Relax pipeline around it:
     * injective kernels are inlined into one loop nest: parallel outer loops, vectorised inner loop.
 
 ``cpu_pipeline`` / ``cuda_pipeline``
-    Relax -> fused, scheduled TIR -> VM-ready module. The CPU one converts convolutions to
-    NHWC/HWIO (the layout the micro-kernel vectorises), marks constant weights layout-free so
+    Relax -> fused, scheduled TIR -> VM-ready module. The CPU one runs convolutions in
+    NHWC/HWIO (the layout the micro-kernel vectorises: optc's convert-layout produces it, and
+    ``ConvertLayout`` converts what is left), marks constant weights layout-free so
     that their repacking is folded at compile time, applies tuned records first (MetaSchedule
     database) and the default rules to everything else. The CUDA one applies dlight's GPU rules.
 
@@ -477,10 +478,12 @@ def pre_schedule_passes(target: Target, layout: str = "NHWC") -> list:
         clip_to_min_max,
         relax.transform.CanonicalizeBindings(),
     ]
-    if layout == "NHWC":
+    if layout is not None:
+        # convolutions the Program has in the other layout (none after optc's convert-layout);
         # only conv2d: pools and elementwise ops follow by layout inference (listing pools trips
         # a NoDesiredLayout check in 0.27)
-        passes.append(relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "HWIO"]}))
+        kernel = {"NHWC": "HWIO", "NCHW": "OIHW"}[layout]
+        passes.append(relax.transform.ConvertLayout({"relax.nn.conv2d": [layout, kernel]}))
     passes += [
         relax.transform.Normalize(),
         relax.transform.LegalizeOps(),

@@ -18,20 +18,35 @@ _BASE = "canonicalize,constant-fold,cse,dce"
 # docs/benchmarks.md (fusion section) has the measurements behind this choice.
 _FUSED = ("canonicalize,constant-fold,fold-conv-bn,fold-linear-bn,fold-binary,"
           "fuse-layer-norm,fuse-gelu,fuse-attention,merge-parallel-linear,cse,dce")
+# The same, with convolutions, pooling and resampling in NHWC (after the folds, before the cleanups).
+_FUSED_NHWC = ("canonicalize,constant-fold,fold-conv-bn,fold-linear-bn,fold-binary,"
+               "fuse-layer-norm,fuse-gelu,fuse-attention,merge-parallel-linear,convert-layout{layout=NHWC},cse,dce")
 
 DEFAULT_PIPELINES: dict[tuple[str, str | None], str] = {
     ("cpu", None): _FUSED,
     ("cuda", None): _FUSED,
     ("cpu", "torchscript"): _FUSED,
     ("cpu", "onnx"): _FUSED,
-    ("cpu", "tvm"): _FUSED,
+    ("cpu", "tvm"): _FUSED_NHWC,          # LAYOUTS below
     ("cuda", "torchscript"): _FUSED,
     ("cuda", "onnx"): _FUSED,
     ("cuda", "tvm"): _FUSED,
 }
 
-# Preferred activation layout per (device, backend); see docs/layout.md for the measurements.
-LAYOUTS: dict[tuple[str, str | None], str] = {}
+# Activation layout of convolutions, pooling and resampling per (device, backend): the one each
+# runs fastest in, measured with benchmarks/bench_layout.py (figures and the CUDA reasoning in
+# docs/layout.md). A target whose layout is NHWC runs convert-layout{layout=NHWC} in its default
+# pipeline; torch.export's graphs are NCHW already. TVM's backend converts what is left to it too.
+LAYOUTS: dict[tuple[str, str | None], str] = {
+    ("cpu", None): "NCHW",             # no backend: the layout is a backend's property
+    ("cuda", None): "NCHW",
+    ("cpu", "torchscript"): "NCHW",    # NHWC (channels-last) no faster: oneDNN blocks both the same way
+    ("cpu", "onnx"): "NCHW",           # NHWC no faster: ORT cancels the Transposes, runs NCHWc either way
+    ("cpu", "tvm"): "NHWC",            # NHWC 5-7x faster: the CPU schedule vectorises NHWC/HWIO
+    ("cuda", "torchscript"): "NCHW",   # CUDA: not measured (no GPU on the project's machines)
+    ("cuda", "onnx"): "NCHW",
+    ("cuda", "tvm"): "NCHW",
+}
 
 
 @dataclass(frozen=True)

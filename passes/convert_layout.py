@@ -191,9 +191,9 @@ class Rewriter:
             and isinstance(self.perm(v), tuple)
 
     # -- new nodes --
-    def _call(self, target, args, like: fx.Node | None, name: str) -> fx.Node:
+    def _call(self, target, args, like: fx.Node | None, name: str, kwargs: dict | None = None) -> fx.Node:
         with self.graph.inserting_before(self.cursor):
-            node = call(self.graph, target, args, like=like, pass_name=PASS, name=name)
+            node = call(self.graph, target, args, kwargs, like=like, pass_name=PASS, name=name)
         self.created.append(node)
         return node
 
@@ -1018,10 +1018,35 @@ def _fallback(node: fx.Node, rw: Rewriter) -> None:
     if stopped and node.op == "call_function":
         rw.ctx.reject("propagate", node, f"{_target_name(node.target)} has no layout rule: its inputs are "
                       "permuted back to the logical layout")
+    # a permute back is a view with other strides: graph outputs and ops that read strides get a
+    # contiguous copy where the original value was contiguous (an Identity in ONNX and TVM)
+    if node.op == "output":
+        args = (type(args[0])(_contiguous_like(a, o, rw) for a, o in zip(args[0], node.args[0])),)
+    elif is_op(node, *_READS_STRIDES):
+        args = tuple(_contiguous_like(a, o, rw) for a, o in zip(args, node.args))
     if args != node.args or kwargs != node.kwargs:
         rw.dead.extend(node.all_input_nodes)
         node.args, node.kwargs = args, kwargs
+        if is_op(node, aten.view.default, aten._unsafe_view.default):
+            node.target = aten.reshape.default      # its input may now be a permuted view
     rw.env[node] = (node, _logical_outputs(node, rw))
+
+
+_READS_STRIDES = (aten.as_strided.default, aten.sym_stride.int, aten.sym_storage_offset.default)
+
+
+def _contiguous_like(new, orig, rw: Rewriter):
+    if not (isinstance(new, fx.Node) and isinstance(orig, fx.Node)) or new is orig:
+        return new
+    want, got = rw.logical.get(orig), new.meta.get("val")
+    if isinstance(want, torch.Tensor) and isinstance(got, torch.Tensor) and want.is_contiguous() \
+            and not got.is_contiguous():
+        key = (orig, "contiguous")
+        if key not in rw.cache:
+            rw.cache[key] = rw._call(aten.clone.default, (new,), orig, "clone",
+                                     kwargs={"memory_format": torch.contiguous_format})
+        return rw.cache[key]
+    return new
 
 
 def _apply(node: fx.Node, rule: LayoutRule, m: MatchResult, rw: Rewriter) -> bool:

@@ -1,0 +1,73 @@
+"""TorchScript lowering of NHWC programs: PyTorch's own convention, channels-last memory format.
+
+In PyTorch NHWC is not a shape but a memory format: a channels-last tensor keeps its logical
+NCHW shape and stores ``[N, H, W, C]``; ``aten.conv2d`` on one runs oneDNN's NHWC kernel and
+returns channels-last, pooling and pointwise ops keep it. An NHWC Program (``optc.conv2d_nhwc``,
+logical NHWC shapes) is therefore lowered as
+
+1. ``convert-layout{layout=NCHW}`` on a copy: ATen ops on logical NCHW values again (the
+   conversion cancels the permutes the NHWC conversion added at the boundaries);
+2. every 4-d graph input that a convolution reads is made channels-last once
+   (``aten.contiguous(memory_format=channels_last)``: the input permute, as a copy), and every
+   convolution weight becomes a channels-last constant (OHWI in memory).
+
+From there the values stay channels-last: that is what ``torch.jit.trace``/``freeze`` see and
+``torch.jit.optimize_for_inference`` gets (which may then move them into oneDNN's blocked
+layout, as it does for NCHW programs). The alternative, the ATen decompositions of the NHWC ops
+(``permute -> conv2d -> permute`` views), computes the same but puts a permute between every
+pair of convolutions, and ``optimize_for_inference`` then converts to and from oneDNN's layout
+around each one (measured 1.45x slower on ResNet-50, docs/layout.md).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from optc.ir.layout_ops import is_layout_op
+from optc.ir.program import copy_graph_module
+from optc.ir.rewrite import add_attr, attr_value, call, remove_unused_attrs
+
+aten = torch.ops.aten
+
+
+def has_layout_ops(gm: fx.GraphModule) -> bool:
+    return any(n.op == "call_function" and is_layout_op(n.target) for n in gm.graph.nodes)
+
+
+def channels_last(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of ``gm`` (an NHWC program) as logical NCHW with channels-last tensors; ``gm`` is
+    returned unchanged when it has no NHWC op."""
+    if not has_layout_ops(gm):
+        return gm
+    from optc.passes.base import PassContext
+    from optc.passes.convert_layout import convert_layout
+
+    gm = copy_graph_module(gm)
+    convert_layout(gm, PassContext("convert-layout", {"layout": "NCHW"}))
+    graph = gm.graph
+    converted: dict[fx.Node, fx.Node] = {}
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target not in (aten.conv2d.default, aten.convolution.default):
+            continue
+        x, w = node.args[0], node.args[1]
+        if not (isinstance(x, fx.Node) and x.meta["val"].dim() == 4):
+            continue
+        t = attr_value(w)
+        if t is not None and t.dim() == 4:
+            name = add_attr(gm, f"{w.target}_cl", t.contiguous(memory_format=torch.channels_last))
+            with graph.inserting_before(node):
+                new_w = graph.get_attr(name)
+                new_w.meta["val"] = w.meta["val"]
+            node.replace_input_with(w, new_w)
+        if x.op == "placeholder":
+            if x not in converted:
+                last = [n for n in graph.nodes if n.op == "placeholder"][-1]
+                with graph.inserting_after(last):
+                    converted[x] = call(graph, aten.contiguous.default, (x,), {"memory_format": torch.channels_last},
+                                        like=node, name=f"{x.name}_channels_last")
+            node.replace_input_with(x, converted[x])
+    graph.eliminate_dead_code()
+    remove_unused_attrs(gm)
+    gm.recompile()
+    return gm
