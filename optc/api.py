@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from optc.ir.program import Program
 from optc.ir.stats import ModelStats, model_stats
@@ -111,6 +111,7 @@ def _human_bytes(n: int) -> str:
 def compile(model: Any, example_inputs: Any = (), *, example_kwargs: dict | None = None,
             backend: str | None = None, target: Target | str = "cpu", pipeline: str = "default",
             dynamic_shapes: Any = None, calibration_data: Any = None,
+            progress: "Callable[[str], None] | None" = None,
             **backend_options) -> tuple["CompiledModel", CompileReport]:
     """Capture ``model``, run the target's pipeline, lower it with ``backend``.
 
@@ -120,7 +121,8 @@ def compile(model: Any, example_inputs: Any = (), *, example_kwargs: dict | None
     ``backend_options`` go to the backend's ``lower`` (onnx: ``opset``, ``threads``, ``optimize``,
     ``external_data_threshold``; torchscript: ``method``, ``optimize``); unknown ones are errors.
     ``calibration_data``: what ``insert-qdq`` calibrates on (see :func:`optimize`); its per-layer
-    report is ``report.quantization``.
+    report is ``report.quantization``. ``progress``: called with a short message as each phase
+    starts (``optc compile`` prints them on a terminal).
 
     Returns the :class:`~optc.backends.base.CompiledModel` (called like ``model``; ``save(dir)``)
     and a :class:`CompileReport`. Availability of the backend and device is checked first, before
@@ -139,6 +141,7 @@ def compile(model: Any, example_inputs: Any = (), *, example_kwargs: dict | None
         raise OptcError(f"backend '{be.name}' has no option '{unknown[0]}' "
                         f"(valid options: {', '.join(be.option_names()) or 'none'})")
     be.check_available(tgt)
+    say = progress or (lambda msg: None)
 
     t0 = time.perf_counter()
     if isinstance(model, Program):
@@ -147,11 +150,14 @@ def compile(model: Any, example_inputs: Any = (), *, example_kwargs: dict | None
                             "(the Program has them)")
         program = model
     else:
+        say("capturing")
         program = capture(model, example_inputs, example_kwargs, dynamic_shapes=dynamic_shapes)
     t1 = time.perf_counter()
     captured = program
+    say(f"running the pipeline ({'the target default' if pipeline == 'default' else pipeline})")
     program, preport = optimize(program, pipeline, tgt, calibration_data=calibration_data)
     t2 = time.perf_counter()
+    say(f"lowering with {be.name} for {tgt.device}")
     compiled = lower(program, tgt, pipeline=preport.pipeline, **backend_options)
     t3 = time.perf_counter()
     report = CompileReport(name=program.name, backend=be.name, target=str(tgt), pipeline=preport,

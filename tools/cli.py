@@ -423,8 +423,9 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
     loaded = load_model(args.model, inputs=args.input, config=parse_config(args.config), tiny=args.tiny,
                         batch=args.batch)
+    progress = (lambda msg: print(f"optc: {msg}...", file=sys.stderr, flush=True)) if sys.stderr.isatty() else None
     compiled, report = optc.compile(loaded.model, loaded.args, example_kwargs=loaded.kwargs or None,
-                                    target=target, pipeline=args.pipeline,
+                                    target=target, pipeline=args.pipeline, progress=progress,
                                     dynamic_shapes="batch" if args.dynamic_batch else None, **options)
     compiled.save(out)
     print(report.format())

@@ -44,6 +44,13 @@ def test_compile_returns_model_and_report(structured):
         assert word in text
 
 
+def test_compile_reports_progress(structured):
+    model, args, kwargs = structured
+    msgs = []
+    optc.compile(model, args, example_kwargs=kwargs, backend="torchscript", pipeline="dce", progress=msgs.append)
+    assert msgs == ["capturing", "running the pipeline (dce)", "lowering with torchscript for cpu"]
+
+
 def test_compile_default_pipeline(structured):
     from optc.passes.pipeline import resolve
     try:
