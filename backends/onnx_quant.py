@@ -5,6 +5,8 @@
     optc::quantize_per_channel(x, S, Z, axis, ...)         -> QuantizeLinear(x, S, Z, axis=axis)
     optc::dequantize_per_channel(q, S, Z, axis, ...)       -> DequantizeLinear(q, S, Z, axis=axis)
     optc::quantize_dequantize_dynamic(x, uint8)            -> DequantizeLinear(DynamicQuantizeLinear(x))
+    optc::linear_dynamic(x, Wq, S, b)                      -> Mul(Cast(MatMulInteger(DynamicQuantizeLinear(x),
+                                                              Wq^T)), x_scale * S) + b
 
 This is the QDQ format: ONNX Runtime's QDQ transformers fuse ``DequantizeLinear -> Conv/MatMul
 (-> QuantizeLinear)`` groups into integer kernels (QLinearConv, QLinearMatMul,
@@ -14,6 +16,11 @@ to the full range of its type; a narrower ``[quant_min, quant_max]`` adds a ``Cl
 integers (which ONNX Runtime does not fuse: insert-qdq uses narrower ranges only for weights,
 which are quantized at compile time and stored as integers, so only DequantizeLinear sees them).
 A DequantizeLinear of an int32 tensor is a bias quantized with scale ``s_x * s_w``.
+
+Dynamic quantization has no QDQ form that ONNX Runtime fuses (``DynamicQuantizeLinear ->
+DequantizeLinear -> MatMul`` stays a float MatMul on dequantized values; ORT turns the weight's DQ
+into a weight-only MatMulNBits at best), so ``optc::linear_dynamic`` is translated to the form ORT's
+own dynamic quantizer writes, which its fusions turn into DynamicQuantizeMatMul.
 """
 
 from __future__ import annotations
@@ -85,7 +92,19 @@ def quantize_dequantize_dynamic(x, dtype):
     return op.DequantizeLinear(q, scale, zero_point)
 
 
+def linear_dynamic(x, weight, scales, bias=None):
+    """ONNX Runtime's dynamic-quantization form, which it fuses into DynamicQuantizeMatMul:
+    DynamicQuantizeLinear -> MatMulInteger (int32) -> Cast -> Mul(x_scale * w_scales) [-> Add bias]."""
+    from onnx import TensorProto
+    op = _opset()
+    q, x_scale, x_zero_point = op.DynamicQuantizeLinear(x)
+    acc = op.MatMulInteger(q, op.Transpose(weight, perm=[1, 0]), x_zero_point)
+    y = op.Mul(op.Cast(acc, to=TensorProto.FLOAT), op.Mul(x_scale, scales))
+    return y if bias is None else op.Add(y, bias)
+
+
 TRANSLATIONS = {
+    torch.ops.optc.linear_dynamic.default: linear_dynamic,
     torch.ops.optc.quantize_dequantize_dynamic.default: quantize_dequantize_dynamic,
     torch.ops.optc.quantize_per_tensor.default: quantize_per_tensor,
     torch.ops.optc.dequantize_per_tensor.default: dequantize_per_tensor,

@@ -12,8 +12,10 @@ The values between ops stay plain ``uint8`` / ``int8`` / ``int32`` tensors (optc
 other op of the graph is untouched; a quantized tensor lives only inside one translation. The
 dequantize of a constant (weights, biases) is written as ATen arithmetic instead, which
 ``torch.jit.freeze`` folds into a float32 constant (it does not fold ``aten::dequantize``).
-``optc::quantize_dequantize_dynamic`` has no torch counterpart: its translation is its ATen
-definition, annotated so that ``torch.jit.script`` (dynamic shapes) can compile it.
+``optc::quantize_dequantize_dynamic`` and ``optc::linear_dynamic`` are translated to their ATen
+definitions, annotated so that ``torch.jit.script`` (dynamic shapes) can compile them
+(``quantized::linear_dynamic`` runs an integer kernel, but on this machine's fbgemm/x86 engines the
+legacy quantized kernels are slower than the float ones: docs/quantization.md).
 
 Rounding: torch computes ``nearbyint(x * (1 / scale))`` where ONNX and optc's reference compute
 ``nearbyint(x / scale)``; the two differ by one step in about 5 of 10^6 random values.
@@ -26,6 +28,8 @@ pay here (docs/quantization.md).
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import torch.fx as fx
@@ -96,7 +100,14 @@ def quantize_dequantize_dynamic(x: torch.Tensor, dtype: torch.dtype) -> torch.Te
     return (q - zp) * scale
 
 
+def linear_dynamic(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor,
+                   bias: Optional[torch.Tensor]) -> torch.Tensor:
+    w = weight.to(torch.float32) * scales.reshape(-1, 1)
+    return torch.nn.functional.linear(quantize_dequantize_dynamic(x, torch.uint8), w, bias)
+
+
 TRANSLATIONS = {
+    torch.ops.optc.linear_dynamic.default: linear_dynamic,
     torch.ops.optc.quantize_per_tensor.default: quantize_per_tensor,
     torch.ops.optc.dequantize_per_tensor.default: dequantize_per_tensor,
     torch.ops.optc.quantize_per_channel.default: quantize_per_channel,

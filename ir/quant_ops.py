@@ -16,6 +16,9 @@ decomposition into ATen ops (registered in :data:`optc.ir.ops.OPS`)::
                                  int quant_max, ScalarType dtype) -> Tensor
     optc::quantize_dequantize_dynamic(Tensor x, ScalarType dtype) -> Tensor    (dynamic quantization:
                               uint8, scale and zero point from min(x, 0)..max(x, 0) at run time)
+    optc::linear_dynamic(Tensor x, Tensor weight, Tensor scales, Tensor? bias) -> Tensor
+                              (a linear whose input is quantized that way and whose int8 weight has
+                              one scale per output feature: ONNX Runtime's DynamicQuantizeMatMul)
 
 - ``dtype`` is ``torch.uint8`` or ``torch.int8`` (``torch.int32`` too for dequantize: biases
   quantized with scale ``s_x * s_w``); ``[quant_min, quant_max]`` lies within its range
@@ -36,6 +39,7 @@ the QDQ format ONNX Runtime fuses into integer kernels); TorchScript runs the de
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 
@@ -215,11 +219,45 @@ def _(x, dtype):
     return torch.empty_like(x, dtype=torch.float32)
 
 
+# ---- dynamic linear: the activation quantized at run time, the weight at compile time --------------
+def _linear_dynamic_decomp(x, weight, scales, bias):
+    xd = _quantize_dequantize_dynamic_decomp(x, torch.uint8)
+    w = weight.to(torch.float32) * scales.reshape(-1, 1)
+    return torch.nn.functional.linear(xd, w, bias)
+
+
+@torch.library.custom_op("optc::linear_dynamic", mutates_args=())
+def linear_dynamic(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """``linear(quantize_dequantize_dynamic(x, uint8), weight * scales[:, None], bias)``: ``weight``
+    int8 ``[N, K]``, ``scales`` float32 ``[N]`` (one per output feature), ``bias`` float32 ``[N]`` or
+    None. What ONNX Runtime's DynamicQuantizeMatMul computes (the activation is quantized inside the
+    op, so the integer matmul needs the weight and the activation together: one op, not Q/DQ)."""
+    if weight.dtype != torch.int8 or weight.dim() != 2:
+        raise ValueError(f"optc::linear_dynamic: weight must be a 2-d int8 tensor, got {weight.dtype} {list(weight.shape)}")
+    n, k = weight.shape
+    if not x.is_floating_point() or x.dim() < 1 or x.shape[-1] != k:
+        raise ValueError(f"optc::linear_dynamic: input {x.dtype} {list(x.shape)} must be floating point with {k} "
+                         "features in its last dim")
+    if scales.dtype != torch.float32 or list(scales.shape) != [n] or not bool((scales > 0).all()):
+        raise ValueError(f"optc::linear_dynamic: scales must be {n} positive float32 values, got {scales.dtype} "
+                         f"{list(scales.shape)}")
+    if bias is not None and list(bias.shape) != [n]:
+        raise ValueError(f"optc::linear_dynamic: bias must have {n} entries, got {list(bias.shape)}")
+    return _linear_dynamic_decomp(x, weight, scales, bias)
+
+
+@linear_dynamic.register_fake
+def _(x, weight, scales, bias):
+    torch._check(weight.dim() == 2, lambda: "optc::linear_dynamic: weight must be 2-d")
+    return x.new_empty((*x.shape[:-1], weight.shape[0]), dtype=torch.float32)
+
+
 register("quantize_per_tensor", _quantize_per_tensor_decomp)
 register("dequantize_per_tensor", _dequantize_per_tensor_decomp)
 register("quantize_per_channel", _quantize_per_channel_decomp)
 register("dequantize_per_channel", _dequantize_per_channel_decomp)
 register("quantize_dequantize_dynamic", _quantize_dequantize_dynamic_decomp)
+register("linear_dynamic", _linear_dynamic_decomp)
 
 
 # ---- helpers for passes and backends ----------------------------------------------------------------

@@ -49,9 +49,12 @@ is read dequantized by *every* user -- the float value no longer exists at run t
 produced by a float op (an input, a layer norm, a GELU) is read dequantized only by the users that
 take integers, the others keep the float.
 
-Dynamic (``scheme=dynamic``): linear and matmul sites only; weights as above (bias stays float),
-the activation through ``optc::quantize_dequantize_dynamic`` (scale and zero point from each
-input's min/max at run time: ONNX ``DynamicQuantizeLinear``). No calibration.
+Dynamic (``scheme=dynamic``): linear and matmul sites only, each replaced by
+``optc::linear_dynamic(x, W_q, scales, bias)``: the int8 weight as above (``[N, K]``; bias stays
+float), the activation quantized inside the op at run time (uint8, scale and zero point from its
+min/max: ONNX ``DynamicQuantizeLinear``). One op rather than Q/DQ because the integer kernel
+(ONNX Runtime's DynamicQuantizeMatMul) needs both together: ORT fuses no dynamic QDQ pattern.
+No calibration.
 
 The pass records, per site, the scale and zero point of its input, its weight scales and the
 signal-to-quantization-noise ratio (SQNR, dB) of its output against the float program on the
@@ -482,14 +485,29 @@ def _insert_qdq(gm: fx.GraphModule, v: fx.Node, qp: QParams, readers: list[fx.No
     return dq
 
 
-def _insert_dynamic(gm: fx.GraphModule, v: fx.Node, readers: list[fx.Node]) -> fx.Node:
-    graph = gm.graph
-    with _insert_point(graph, v):
-        dq = call(graph, optc_ops.quantize_dequantize_dynamic.default, (v, torch.uint8), like=v, pass_name=PASS,
-                  name=f"{v.name}_dq")
-    for u in readers:
-        u.replace_input_with(v, dq)
-    return dq
+def _rewrite_dynamic(gm: fx.GraphModule, site: Site, per_channel: bool, cache: dict) -> tuple[fx.Node, tuple]:
+    """Replace a linear / ``x @ W`` site by ``optc::linear_dynamic(x, W_q, scales, bias)`` (the weight
+    as int8 ``[N, K]``); returns the new node and (min scale, max scale, weight SQNR dB)."""
+    node, w_node = site.node, site.weight
+    w = attr_value(w_node).detach().to(torch.float32)
+    if site.kind == "matmul":
+        w = w.t()                               # x @ W with W [K, N] is linear(x, W^T)
+    key = (w_node.target, site.kind, per_channel)
+    if key not in cache:
+        q, scales = quantize_weight(w, 0 if per_channel else None)
+        scales = scales.expand(w.shape[0]).contiguous() if not per_channel else scales
+        hint = str(w_node.target).replace(".", "_")
+        wn = _const(gm, f"{hint}_q", q, node)
+        sn = _const(gm, f"{hint}_scale", scales, node)
+        cache[key] = (wn, sn, (float(scales.min()), float(scales.max()), sqnr_db(w, q.float() * scales[:, None])))
+    wn, sn, info = cache[key]
+    with gm.graph.inserting_before(node):
+        new = call(gm.graph, optc_ops.linear_dynamic.default, (site.acts[0], wn, sn, site.bias), like=node,
+                   pass_name=PASS, name=f"{node.name}_dynamic")
+    node.replace_all_uses_with(new)
+    gm.graph.erase_node(node)
+    erase_if_unused(w_node)
+    return new, info
 
 
 def _const(gm: fx.GraphModule, hint: str, value: torch.Tensor, before: fx.Node) -> fx.Node:
@@ -659,29 +677,30 @@ def insert_qdq(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
 
 
 def _dynamic(gm: fx.GraphModule, ctx: PassContext, sites: dict[fx.Node, Site], reference: fx.GraphModule) -> PassResult:
-    layers, cache, done = [], {}, {}
+    layers, cache, renamed = [], {}, {}
     for node, site in sites.items():
-        act = site.acts[0]
-        if act not in done:
-            readers = [u for u in act.users if u in sites and act in sites[u].acts]
-            done[act] = _insert_dynamic(gm, act, readers)
-        wmin, wmax, wsq = quantize_site_weights(gm, site, None, cache)
-        layers.append(LayerReport(node.name, _module_path(node), site.kind, None, None, wmin, wmax, weight_sqnr_db=wsq))
+        name, module, kind = node.name, _module_path(node), site.kind
+        ctx.current_node = name
+        new, (wmin, wmax, wsq) = _rewrite_dynamic(gm, site, ctx.options["per_channel"], cache)
+        renamed[name] = new.name
+        layers.append(LayerReport(new.name, module, kind, None, None, wmin, wmax, weight_sqnr_db=wsq))
+    ctx.current_node = None
     gm.graph.lint()
     gm.recompile()
     report = QuantReport("dynamic", "-", 0, layers)
-    samples = calibration_samples(ctx.program, ctx.extra.get("calibration_data"), samples=1, pass_name=PASS) \
-        if ctx.extra.get("calibration_data") is not None else [ctx.program.example_flat_inputs()]
+    data = ctx.extra.get("calibration_data")
+    samples = calibration_samples(ctx.program, data, samples=1, pass_name=PASS) if data is not None \
+        else [ctx.program.example_flat_inputs()]
     if ctx.options["report_samples"] > 0:
-        _measure(report, reference, gm, sites, None, {}, samples[: ctx.options["report_samples"]])
+        _measure(report, reference, gm, sites, None, {}, samples[: ctx.options["report_samples"]], renamed)
     gm.meta["optc_quant_report"] = report
-    stats = {"layers": len(sites), "dynamic": len(done)}
+    stats = {"layers": len(sites), "dynamic": len(sites)}
     _add_sqnr_stats(stats, report)
     return PassResult(gm, True, stats)
 
 
 def _measure(report: QuantReport, reference: fx.GraphModule, gm: fx.GraphModule, sites: dict[fx.Node, Site],
-             plan: Plan | None, params: dict, samples: list) -> None:
+             plan: Plan | None, params: dict, samples: list, renamed: dict[str, str] | None = None) -> None:
     """SQNR of each site's output (quantized program vs float program), of each site's input
     quantization alone, and of the model outputs, accumulated over ``samples``."""
     if not samples:
@@ -694,7 +713,8 @@ def _measure(report: QuantReport, reference: fx.GraphModule, gm: fx.GraphModule,
     q_out = [a for a in gm.graph.output_node().args[0] if isinstance(a, fx.Node)]
     act_names = sorted({a for a in acts.values() if a in ref_nodes})
     ref_probe = probe_module(reference, [ref_nodes[n] for n in names] + [ref_nodes[a] for a in act_names] + ref_out)
-    q_probe = probe_module(gm, [q_nodes[n] for n in names] + q_out)
+    renamed = renamed or {}
+    q_probe = probe_module(gm, [q_nodes[renamed.get(n, n)] for n in names] + q_out)
     energy: dict[str, list[float]] = {}
 
     def acc(key, ref, got):
@@ -733,9 +753,11 @@ def _measure(report: QuantReport, reference: fx.GraphModule, gm: fx.GraphModule,
         s, nz = energy[key]
         return math.inf if nz == 0 else (-math.inf if s == 0 else 10 * math.log10(s / nz))
 
+    original = {v: k for k, v in renamed.items()}
     for la in report.layers:
-        la.sqnr_db = db(la.node)
-        la.input_sqnr_db = db("in:" + la.node)
+        key = original.get(la.node, la.node)
+        la.sqnr_db = db(key)
+        la.input_sqnr_db = db("in:" + key)
     report.output_sqnr_db = db("@output")
 
 

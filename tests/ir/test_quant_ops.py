@@ -70,6 +70,22 @@ def test_dynamic_quantize_dequantize_uses_the_input_range():
     torch.testing.assert_close(y, torch.tensor([153 / 255, 1.0]), rtol=0, atol=1e-6)
 
 
+def test_linear_dynamic_hand_calculation():
+    # x's range [-1, 2]: scale 3/255, zero point 85, so -1, 0 and 2 quantize exactly
+    x = torch.tensor([[-1.0, 0.0, 2.0]])
+    w = torch.tensor([[1, 2, 3], [-127, 0, 127]], dtype=torch.int8)
+    scales = torch.tensor([0.5, 0.01])              # W = [[0.5, 1, 1.5], [-1.27, 0, 1.27]]
+    y = Q.linear_dynamic(x, w, scales, torch.tensor([1.0, -1.0]))
+    torch.testing.assert_close(y, torch.tensor([[-0.5 + 3.0 + 1.0, 1.27 + 2.54 - 1.0]]), rtol=0, atol=1e-5)
+    assert Q.linear_dynamic(torch.randn(2, 4, 3), w, scales, None).shape == (2, 4, 2)
+    with pytest.raises(ValueError, match="weight must be a 2-d int8 tensor"):
+        Q.linear_dynamic(x, w.float(), scales, None)
+    with pytest.raises(ValueError, match="must be floating point with 3 features"):
+        Q.linear_dynamic(torch.randn(1, 4), w, scales, None)
+    with pytest.raises(ValueError, match="scales must be 2 positive float32 values"):
+        Q.linear_dynamic(x, w, torch.tensor([0.5, 0.0]), None)
+
+
 def test_round_trip_error_is_at_most_half_a_step_inside_the_range():
     x = torch.empty(10000).uniform_(-3, 5)
     scale, zp = quant_ops.choose_qparams(-3.0, 5.0, torch.uint8, symmetric=False)
@@ -105,6 +121,9 @@ def test_decompositions_equal_the_reference_kernels_bit_for_bit():
                        Q.dequantize_per_channel(qc, scales, zps, 1, -127, 127, torch.int8))
     assert torch.equal(ops.OPS["quantize_dequantize_dynamic"].decomposition(x, torch.uint8),
                        Q.quantize_dequantize_dynamic(x, torch.uint8))
+    w, ws, b = torch.randint(-127, 128, (5, 3), dtype=torch.int8), torch.rand(5) + 0.01, torch.randn(5)
+    assert torch.equal(ops.OPS["linear_dynamic"].decomposition(x, w, ws, b),
+                       Q.linear_dynamic(x, w, ws, b))
 
 
 def test_fake_kernels_give_shape_and_dtype():

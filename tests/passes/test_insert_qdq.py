@@ -270,20 +270,14 @@ def test_dynamic_scheme_golden():
 graph(%x : f32[3,6]):
   %fc1_bias : f32[8] = get_attr fc1.bias
   %fc2_bias : f32[4] = get_attr fc2.bias
-  %x_dq : f32[3,6] = optc.quantize_dequantize_dynamic(%x, u8)
   %fc1_weight_q : i8[8,6] = get_attr fc1_weight_q
   %fc1_weight_scale : f32[8] = get_attr fc1_weight_scale
-  %fc1_weight_zero_point : i8[8] = get_attr fc1_weight_zero_point
-  %fc1_weight_dq : f32[8,6] = optc.dequantize_per_channel(%fc1_weight_q, %fc1_weight_scale, %fc1_weight_zero_point, 0, -127, 127, i8)
-  %linear : f32[3,8] = aten.linear(%x_dq, %fc1_weight_dq, %fc1_bias)
-  %relu : f32[3,8] = aten.relu(%linear)
-  %relu_dq : f32[3,8] = optc.quantize_dequantize_dynamic(%relu, u8)
+  %linear_dynamic : f32[3,8] = optc.linear_dynamic(%x, %fc1_weight_q, %fc1_weight_scale, %fc1_bias)
+  %relu : f32[3,8] = aten.relu(%linear_dynamic)
   %fc2_weight_q : i8[4,8] = get_attr fc2_weight_q
   %fc2_weight_scale : f32[4] = get_attr fc2_weight_scale
-  %fc2_weight_zero_point : i8[4] = get_attr fc2_weight_zero_point
-  %fc2_weight_dq : f32[4,8] = optc.dequantize_per_channel(%fc2_weight_q, %fc2_weight_scale, %fc2_weight_zero_point, 0, -127, 127, i8)
-  %linear_1 : f32[3,4] = aten.linear(%relu_dq, %fc2_weight_dq, %fc2_bias)
-  return (%linear_1)
+  %linear_1_dynamic : f32[3,4] = optc.linear_dynamic(%relu, %fc2_weight_q, %fc2_weight_scale, %fc2_bias)
+  return (%linear_1_dynamic)
 """, modified=True, rtol=INT8_RTOL, stats={"insert-qdq": {"layers": 2, "dynamic": 2}})
 
 
