@@ -59,8 +59,8 @@ restores the previous Program).
 from __future__ import annotations
 
 import logging
-import math
 import operator
+import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -131,8 +131,10 @@ def _pair(v) -> list:
     return v * 2 if len(v) == 1 else v
 
 
-def _name(p: Perm) -> str:
-    return {(0, 2, 3, 1): "nhwc", (0, 3, 1, 2): "nchw"}.get(tuple(p), "p" + "".join(map(str, p)))
+def _name(target: str, p: Perm) -> str:
+    """``conv.weight`` in layout ``p`` -> ``conv_weight_nhwc`` (a suffix of an earlier conversion replaced)."""
+    base = re.sub(r"_(nhwc|nchw|p\d+)$", "", str(target).replace(".", "_"))
+    return base + "_" + {(0, 2, 3, 1): "nhwc", (0, 3, 1, 2): "nchw"}.get(tuple(p), "p" + "".join(map(str, p)))
 
 
 def _target_name(t) -> str:
@@ -239,8 +241,10 @@ class Rewriter:
         """``v`` as an operand of a pointwise op whose result is in layout ``p`` (rank ``len(p)``):
         a lower-rank operand is broadcast (leading size-1 axes) before it is permuted."""
         r = self.rank(v)
-        if r is None or r == len(p):
-            return self.request(v, p) if r is not None else v
+        if r is None:
+            return self.plain(v)
+        if r == len(p):
+            return self.request(v, p)
         if r == 0:
             return self.request(v, ())
         shape = [1] * (len(p) - r) + self.lshape(v)
@@ -248,12 +252,11 @@ class Rewriter:
             key = (v, "broadcast", tuple(p))
             if key not in self.cache:
                 t = attr_value(v).reshape(shape).permute(p).contiguous()
-                self.cache[key] = self._new_attr(v, t, f"{v.target}_{_name(p)}")
+                self.cache[key] = self._new_attr(v, t, _name(v.target, p))
             return self.cache[key]
         if not all(_static(d) for d in shape):
             return None
-        # the operand's own axes are axes lead.. of the broadcast value; a reshape to the permuted
-        # shape is exact when its non-unit axes keep their order
+        # a reshape to the permuted broadcast shape is exact when the non-unit axes keep their order
         order = [d for d in p if not _is_one(shape[d])]
         if order == sorted(order):
             key = (v, "broadcast", tuple(p))
@@ -295,7 +298,7 @@ class Rewriter:
         subgraph that computes it re-emitted on permuted inputs."""
         t = attr_value(v)
         if t is not None:
-            return self._new_attr(v, t.permute(q).contiguous(), f"{v.target}_{_name(q)}")
+            return self._new_attr(v, t.permute(q).contiguous(), _name(v.target, q))
         for rule in SAME_RANK_RULES:
             built = rule.reemit(v, q, self)
             if built is not None:

@@ -6,7 +6,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import optc
-from optc.errors import PassError, PipelineError
+from optc.errors import OptcError, PassError, PipelineError
 from optc.ir.printer import format_text
 from optc.ir.verifier import compare_outputs
 from optc.passes import convert_layout as cl
@@ -133,20 +133,20 @@ def test_nhwc_then_nchw_round_trip_has_no_permute():
 graph(%x : f32[2,3,8,8]):
   %c1_bias : f32[8] = get_attr c1.bias
   %c2_bias : f32[8] = get_attr c2.bias
-  %c1_weight_nhwc_nchw : f32[8,3,3,3] = get_attr c1_weight_nhwc_nchw
-  %conv2d : f32[2,8,8,8] = aten.conv2d(%x, %c1_weight_nhwc_nchw, %c1_bias, [1, 1], [1, 1], [1, 1], 1)
+  %c1_weight_nchw : f32[8,3,3,3] = get_attr c1_weight_nchw
+  %conv2d : f32[2,8,8,8] = aten.conv2d(%x, %c1_weight_nchw, %c1_bias, [1, 1], [1, 1], [1, 1], 1)
   %relu : f32[2,8,8,8] = aten.relu(%conv2d)
   %chunk : (f32[2,4,8,8], f32[2,4,8,8]) = aten.chunk(%relu, 2, 1)
   %getitem : f32[2,4,8,8] = getitem(%chunk, 0)
   %getitem_1 : f32[2,4,8,8] = getitem(%chunk, 1)
   %cat : f32[2,8,8,8] = aten.cat([%getitem_1, %getitem], 1)
-  %scale_nhwc_nchw : f32[1,8,1,1] = get_attr scale_nhwc_nchw
-  %mul : f32[2,8,8,8] = aten.mul.Tensor(%cat, %scale_nhwc_nchw)
+  %scale_nchw : f32[1,8,1,1] = get_attr scale_nchw
+  %mul : f32[2,8,8,8] = aten.mul.Tensor(%cat, %scale_nchw)
   %pad : f32[2,8,10,10] = aten.pad(%mul, [1, 1, 0, 2])
-  %dw_weight_nhwc_nchw : f32[8,1,3,3] = get_attr dw_weight_nhwc_nchw
-  %conv2d_1 : f32[2,8,8,8] = aten.conv2d(%pad, %dw_weight_nhwc_nchw, None, [1, 1], [0, 0], [1, 1], 8)
-  %c2_weight_nhwc_nchw : f32[8,4,1,1] = get_attr c2_weight_nhwc_nchw
-  %conv2d_2 : f32[2,8,8,8] = aten.conv2d(%relu, %c2_weight_nhwc_nchw, %c2_bias, [1, 1], [0, 0], [1, 1], 2)
+  %dw_weight_nchw : f32[8,1,3,3] = get_attr dw_weight_nchw
+  %conv2d_1 : f32[2,8,8,8] = aten.conv2d(%pad, %dw_weight_nchw, None, [1, 1], [0, 0], [1, 1], 8)
+  %c2_weight_nchw : f32[8,4,1,1] = get_attr c2_weight_nchw
+  %conv2d_2 : f32[2,8,8,8] = aten.conv2d(%relu, %c2_weight_nchw, %c2_bias, [1, 1], [0, 0], [1, 1], 2)
   %add : f32[2,8,8,8] = aten.add.Tensor(%conv2d_1, %conv2d_2)
   %avg_pool2d : f32[2,8,4,4] = aten.avg_pool2d(%add, [2, 2], [], [0, 0], False, True, None)
   %upsample_nearest2d : f32[2,8,8,8] = aten.upsample_nearest2d.vec(%avg_pool2d, None, [2.0, 2.0])
@@ -368,6 +368,17 @@ def test_quantized_program_converts_with_its_weight_dequantize():
             step = [n for n in quant.graph.nodes if n.target is torch.ops.optc.quantize_per_tensor.default][-1].args[1]
             assert (ref - got).abs().max() <= step * 1.001
             assert (ref == got).float().mean() >= 0.99
+
+
+@pytest.mark.xfail(strict=True, raises=OptcError, reason=(
+    "insert-qdq does not recognise optc.conv2d_nhwc yet: it needs the op in its conv sites (_CONVS: same "
+    "arguments, OHWI weight with the output channels on axis 0) and optc.max_pool2d_nhwc in its pass-through "
+    "ops (docs/layout.md, Ordering)"))
+def test_insert_qdq_after_convert_layout_still_finds_the_convolutions():
+    model = ConvReLUConv().eval()
+    program = optc.capture(model, (torch.randn(2, 3, 8, 8),))
+    _, report = optc.optimize(program, "convert-layout,insert-qdq{samples=4}")
+    assert report.stats("insert-qdq")["layers"] == 2
 
 
 def _check_fp64(model, program, x):
