@@ -36,7 +36,7 @@ import torch
 from optc.backends.base import (
     Backend, CompiledModel, Signature, export_program, require, signature_from_manifest, target_from_manifest,
 )
-from optc.backends import workarounds
+from optc.backends import half_lowering, workarounds
 from optc.errors import ArtifactError, BackendUnavailableError, LoweringError
 from optc.ir.program import Program, attr_tensors
 from optc.target import Target
@@ -290,7 +290,8 @@ class ONNXBackend(Backend):
             raise LoweringError(f"threads must be a positive int, got {threads!r}", backend=self.name)
         signature = Signature.of(program)
         translations = onnx_translations()
-        ep = export_program(program, keep=lambda t: t in translations, rewrites=workarounds.ONNX)
+        ep = export_program(program, keep=lambda t: t in translations,
+                            rewrites=workarounds.ONNX + half_lowering.ONNX)   # bf16 conv/matmul: in f32
         input_names = [s.name for s in signature.inputs]
         output_names = [f"output_{i}" for i in range(len(signature.outputs))]
         onnx_program = _export(ep, opset, input_names, output_names, optimize)

@@ -48,7 +48,7 @@ from optc.backends.base import (
     Backend, CompiledModel, Signature, export_program, op_name, require, signature_from_manifest,
     target_from_manifest,
 )
-from optc.backends import workarounds
+from optc.backends import half_lowering, workarounds
 from optc.errors import ArtifactError, BackendUnavailableError, LoweringError
 from optc.ir.program import Program
 from optc.ir.source import node_source
@@ -304,7 +304,8 @@ class TVMBackend(Backend):
     def _import(self, program: Program):
         """The Program as a Relax module (weights bound as constants)."""
         from tvm.relax.frontend.torch import from_exported_program
-        ep = export_program(program, keep=lambda t: t in _TRANSLATIONS, rewrites=workarounds.TVM)
+        ep = export_program(program, keep=lambda t: t in _TRANSLATIONS,
+                            rewrites=workarounds.TVM + half_lowering.TVM)   # half conv/matmul: in f32
         try:
             return from_exported_program(ep, keep_params_as_input=False, custom_convert_map=_convert_map() or None)
         except AssertionError as e:  # "Unsupported function types ['foo.default']"

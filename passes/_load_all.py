@@ -20,6 +20,7 @@ PASS_MODULES = (
     "prune_magnitude",
     "prune_channels",
     "insert_qdq",
+    "to_half",
     "convert_layout",
 )
 

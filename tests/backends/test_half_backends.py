@@ -1,0 +1,68 @@
+"""to-half programs on every backend: zoo models (tiny) in float16 and bfloat16 on TorchScript,
+ONNX Runtime and TVM, against the half Program (the reference semantics) and float32 eager; what
+each backend does with half precision on CPU (docs/quantization.md)."""
+
+from __future__ import annotations
+
+import collections
+import functools
+
+import onnx
+import pytest
+import torch
+
+import optc
+from optc.backends import lower
+from optc.ir.verifier import compare_outputs, random_inputs_like
+from optc.tools import zoo
+
+ZOO = zoo.names()
+FAST = ("small_cnn", "resnet18", "bert")
+DTYPES = ("float16", "bfloat16")
+#: unit roundoff of each half type
+U = {"float16": 2.0 ** -11, "bfloat16": 2.0 ** -8}
+
+
+@functools.lru_cache(maxsize=None)
+def halved(name: str, dtype: str):
+    torch.manual_seed(0)
+    model, inputs = zoo.load(name, **zoo.tiny_config(name))
+    program = optc.capture(model, inputs)
+    half, _ = optc.optimize(program, f"default,to-half{{dtype={dtype}}}")
+    checks = [(program.example_args, program.example_kwargs), random_inputs_like(program, seed=7)]
+    return model, half, checks
+
+
+@pytest.mark.parametrize("backend", ["onnx", "torchscript", "tvm"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", [n if n in FAST else pytest.param(n, marks=pytest.mark.slow) for n in ZOO])
+def test_zoo_model_in_half_precision(name, dtype, backend):
+    model, half, checks = halved(name, dtype)
+    compiled = lower(half, "cpu", backend)
+    for args, kwargs in checks:
+        with torch.no_grad():
+            ref, fp32, got = half(*args, **kwargs), model(*args, **kwargs), compiled(*args, **kwargs)
+        assert all(t.dtype == r.dtype for t, r in zip(torch.utils._pytree.tree_leaves(got),
+                                                      torch.utils._pytree.tree_leaves(fp32)))
+        # the backend computes the same half values in its own accumulation order (or, on TVM and
+        # for bfloat16 on ONNX, the half ops in float32): a few roundings of u per layer apart
+        err_ref = compare_outputs(ref, got).max_rel_error
+        err_fp32 = compare_outputs(fp32, ref).max_rel_error
+        assert err_ref <= max(2 * err_fp32, 16 * U[dtype]), (name, dtype, backend, err_ref, err_fp32)
+        assert compare_outputs(fp32, got).cosine > 0.999
+
+
+def test_onnx_float16_runs_float16_kernels_and_bfloat16_is_rounded_float32(tmp_path):
+    _, half, _ = halved("bert", "float16")
+    proto = onnx.load_from_string(lower(half, "cpu", "onnx").model_bytes)
+    fp16 = {vi.name for vi in list(proto.graph.value_info) if vi.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16}
+    matmuls = [n for n in proto.graph.node if n.op_type in ("MatMul", "Gemm")]
+    assert any(n.input[0] in fp16 or n.output[0] in fp16 for n in matmuls)    # float16 matmuls in the file
+    _, half, _ = halved("bert", "bfloat16")
+    proto = onnx.load_from_string(lower(half, "cpu", "onnx").model_bytes)
+    types = collections.Counter(t.type.tensor_type.elem_type for t in proto.graph.value_info)
+    casts = [n for n in proto.graph.node if n.op_type == "Cast"]
+    assert types[onnx.TensorProto.BFLOAT16] > 0 and len(casts) > 2 * 8       # values rounded through bf16
+    assert all(n.op_type != "MatMul" or all(i not in {v.name for v in proto.graph.value_info
+                                                      if v.type.tensor_type.elem_type == onnx.TensorProto.BFLOAT16}
+                                            for i in n.input) for n in proto.graph.node)
