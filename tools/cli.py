@@ -99,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--stats", action="store_true",
                    help="print parameters, FLOPs and bytes per layer and in total to stderr (before -> after "
                         "the pipeline when one runs)")
+    _add_quant_arguments(d)
     d.add_argument("-v", "--verbose", action="store_true",
                    help="debug logging for optc (why rewrites did not fire) and tracebacks on errors")
     d.set_defaults(func=cmd_dump)
@@ -109,6 +110,48 @@ def build_parser() -> argparse.ArgumentParser:
     from optc.tools.bench import add_bench_parser
     add_bench_parser(sub)  # optc bench: latency against eager and other runtimes (docs/benchmarks.md)
     return parser
+
+
+def _add_quant_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--calibration-data", metavar="FILE",
+                   help="what insert-qdq calibrates on: a file written by torch.save holding a list of samples "
+                        "(each a tensor, a tuple of inputs, a dict of keyword inputs or an (args, kwargs) pair), "
+                        "or one tensor whose dim 0 runs over the examples (split into the model's batch size); "
+                        "without it insert-qdq warns and calibrates on random inputs")
+    p.add_argument("--quant-report", action="store_true",
+                   help="print insert-qdq's per-layer report: input scale and zero point, weight scales, SQNR of "
+                        "each layer's output against float32 (dB), the worst layers first")
+
+
+def load_calibration_data(path: str | None, example_args: tuple):
+    """The samples in ``path`` (torch.save'd; read with weights_only=True), or None."""
+    if path is None:
+        return None
+    import torch
+    if not os.path.isfile(path):
+        raise OptcError(f"--calibration-data '{path}': no such file")
+    try:
+        data = torch.load(path, weights_only=True)
+    except Exception as e:  # torch.load raises pickle / zip / runtime errors
+        raise OptcError(f"--calibration-data '{path}': cannot read it with torch.load: {error_line(e)}") from None
+    if isinstance(data, torch.Tensor):
+        if len(example_args) != 1 or not isinstance(example_args[0], torch.Tensor) or example_args[0].dim() < 1:
+            raise OptcError(f"--calibration-data '{path}' is one tensor, but the model takes {len(example_args)} "
+                            "positional inputs: save a list of samples (tuples of inputs) instead")
+        return [(t,) for t in data.split(example_args[0].shape[0])]
+    return data
+
+
+def print_quant_report(rep, file=None) -> None:
+    """insert-qdq's QuantReport as a table, then its three worst layers."""
+    if rep is None:
+        print("no quantization report: the pipeline has no insert-qdq", file=file)
+        return
+    print(rep.format(), file=file)
+    worst = rep.worst(3)
+    if worst:
+        print("worst layers (lowest SQNR): " + ", ".join(f"{la.node} ({la.module or '-'}, {la.sqnr_db:.1f} dB)"
+                                                       for la in worst), file=file)
 
 
 def _non_negative(text: str) -> int:
@@ -295,6 +338,12 @@ def cmd_dump(args: argparse.Namespace) -> int:
                            dynamic_shapes="batch" if args.dynamic_batch else None, name=loaded.name)
     report = None
     before = program
+    calibration = load_calibration_data(args.calibration_data, loaded.args)
+    if calibration is not None:
+        from optc.passes.calibration import prepare_calibration_data
+        if pm is None:
+            raise OptcError("--calibration-data needs a --pipeline with insert-qdq")
+        pm.extra["calibration_data"] = prepare_calibration_data(program, calibration)
     if pm is not None:
         program, report = pm.run(program)
 
@@ -306,6 +355,8 @@ def cmd_dump(args: argparse.Namespace) -> int:
         sys.stdout.flush()
     if report is not None:
         print(report.format(), file=sys.stderr)
+    if args.quant_report:
+        print_quant_report(program.graph_module.meta.get("optc_quant_report"), file=sys.stderr)
     if args.stats:
         from optc.ir.stats import format_stats, format_stats_diff, model_stats
         text = format_stats(model_stats(program)) if report is None else \
@@ -382,6 +433,7 @@ def _add_compile_parser(sub) -> None:
     c.add_argument("--stats", action="store_true",
                    help="also print parameters, FLOPs, weight and activation bytes per layer, before and after the "
                         "pipeline (the report always has the totals)")
+    _add_quant_arguments(c)
     c.add_argument("-v", "--verbose", action="store_true", help="debug logging and tracebacks on errors")
     c.set_defaults(func=cmd_compile)
 
@@ -424,11 +476,15 @@ def cmd_compile(args: argparse.Namespace) -> int:
     loaded = load_model(args.model, inputs=args.input, config=parse_config(args.config), tiny=args.tiny,
                         batch=args.batch)
     progress = (lambda msg: print(f"optc: {msg}...", file=sys.stderr, flush=True)) if sys.stderr.isatty() else None
+    calibration = load_calibration_data(args.calibration_data, loaded.args)
     compiled, report = optc.compile(loaded.model, loaded.args, example_kwargs=loaded.kwargs or None,
                                     target=target, pipeline=args.pipeline, progress=progress,
-                                    dynamic_shapes="batch" if args.dynamic_batch else None, **options)
+                                    dynamic_shapes="batch" if args.dynamic_batch else None,
+                                    calibration_data=calibration, **options)
     compiled.save(out)
     print(report.format())
+    if args.quant_report:
+        print_quant_report(report.quantization)
     if args.stats:
         print("per layer, before -> after the pipeline:")
         print(report.format_stats())
