@@ -420,29 +420,56 @@ def _parse_conv(node: fx.Node):
     return x, [w, b, stride, _pair(padding), dilation, groups]
 
 
+def _ceil_matters(sizes, kernel, stride, padding, dilation) -> bool:
+    """Whether ``ceil_mode=True`` gives a longer output than floor mode on these spatial sizes
+    (torch drops a last ceil window that would start in the right padding, so often it does not).
+    Where it does not, the pass writes ``ceil_mode=False``: the same windows, and the form every
+    backend computes alike (ONNX's shape inference counts that dropped window)."""
+    stride = stride or kernel
+    for n, k, s, p, d in zip(sizes, kernel, stride, padding, dilation):
+        if not _static(n):
+            return True
+        span = int(n) + 2 * p - d * (k - 1) - 1
+        floor, ceil = span // s + 1, -(-span // s) + 1
+        if (ceil - 1) * s >= int(n) + p:
+            ceil -= 1
+        if ceil != floor:
+            return True
+    return False
+
+
 def _parse_max_pool(node: fx.Node):
-    if is_op(node, layout_ops.NHWC_OPS["max_pool2d_nhwc"]):
-        return node.args[0], list(node.args[1:6])
     x = node.args[0]
-    if _shape(x) is None or len(_shape(x)) != 4:
-        return "unbatched (3-d) input"
-    k = _pair(arg(node, 1, "kernel_size"))
-    stride = arg(node, 2, "stride", [])
-    return x, [k, _pair(stride) if stride else [], _pair(arg(node, 3, "padding", 0)),
-               _pair(arg(node, 4, "dilation", 1)), bool(arg(node, 5, "ceil_mode", False))]
+    if is_op(node, layout_ops.NHWC_OPS["max_pool2d_nhwc"]):
+        args, sizes = list(node.args[1:6]), _shape(x)[1:3]
+    else:
+        if _shape(x) is None or len(_shape(x)) != 4:
+            return "unbatched (3-d) input"
+        stride = arg(node, 2, "stride", [])
+        args = [_pair(arg(node, 1, "kernel_size")), _pair(stride) if stride else [],
+                _pair(arg(node, 3, "padding", 0)), _pair(arg(node, 4, "dilation", 1)),
+                bool(arg(node, 5, "ceil_mode", False))]
+        sizes = _shape(x)[2:4]
+    args[4] = bool(args[4]) and _ceil_matters(sizes, args[0], args[1], args[2], args[3])
+    return x, args
 
 
 def _parse_avg_pool(node: fx.Node):
-    if is_op(node, layout_ops.NHWC_OPS["avg_pool2d_nhwc"]):
-        return node.args[0], list(node.args[1:7])
     x = node.args[0]
-    if _shape(x) is None or len(_shape(x)) != 4:
-        return "unbatched (3-d) input"
-    if arg(node, 6, "divisor_override") is not None:
-        return "divisor_override has no NHWC lowering in every backend"
-    stride = arg(node, 2, "stride", [])
-    return x, [_pair(arg(node, 1, "kernel_size")), _pair(stride) if stride else [], _pair(arg(node, 3, "padding", 0)),
-               bool(arg(node, 4, "ceil_mode", False)), bool(arg(node, 5, "count_include_pad", True)), None]
+    if is_op(node, layout_ops.NHWC_OPS["avg_pool2d_nhwc"]):
+        args, sizes = list(node.args[1:7]), _shape(x)[1:3]
+    else:
+        if _shape(x) is None or len(_shape(x)) != 4:
+            return "unbatched (3-d) input"
+        if arg(node, 6, "divisor_override") is not None:
+            return "divisor_override has no NHWC lowering in every backend"
+        stride = arg(node, 2, "stride", [])
+        args = [_pair(arg(node, 1, "kernel_size")), _pair(stride) if stride else [],
+                _pair(arg(node, 3, "padding", 0)), bool(arg(node, 4, "ceil_mode", False)),
+                bool(arg(node, 5, "count_include_pad", True)), None]
+        sizes = _shape(x)[2:4]
+    args[3] = bool(args[3]) and _ceil_matters(sizes, args[0], args[1], args[2], [1, 1])
+    return x, args
 
 
 def _parse_adaptive(node: fx.Node):

@@ -290,6 +290,29 @@ def test_an_op_without_nhwc_form_runs_in_nchw_between_permutes():
     _check_fp64(model, out.program, torch.randn(1, 3, 6, 6))
 
 
+class CeilPools(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+
+    def forward(self, x):                      # [1, 3, 3, 5]
+        y = self.conv(x)
+        # H: a ceil window would start in the padding, so torch drops it: the floor length
+        same = F.max_pool2d(y, 2, stride=2, padding=1, ceil_mode=True)                  # [1, 4, 2, 3]
+        longer = F.avg_pool2d(y, 2, stride=2, ceil_mode=True)                             # [1, 4, 2, 3]
+        return same, longer
+
+
+def test_ceil_mode_that_changes_nothing_is_written_as_floor():
+    # the same windows, and the form ONNX's shape inference agrees with (it counts the dropped
+    # window): backends/workarounds.py does this for ATen pools, the pass for the ops it writes
+    model = CeilPools().eval()
+    out = run_pass("convert-layout", model, (torch.randn(1, 3, 3, 5),))
+    assert "optc.max_pool2d_nhwc(%conv2d, [2, 2], [2, 2], [1, 1], [1, 1], False)" in out.text
+    assert "optc.avg_pool2d_nhwc(%conv2d, [2, 2], [2, 2], [0, 0], True, True, None)" in out.text
+    _check_fp64(model, out.program, torch.randn(1, 3, 3, 5))
+
+
 # ---- failures, the user's model ------------------------------------------------------------------
 def test_a_failed_conversion_leaves_the_program_unchanged(monkeypatch):
     model = ConvBNPool().eval()
