@@ -620,8 +620,10 @@ class Pointwise(LayoutRule):
             return None
         if node.target._schema.is_mutable:
             written = node.args[0]
-            if len(written.users) != 1 or not rw.moving(written) or rw.perm(written) != p:
+            if len(written.users) != 1:
                 return MatchResult.fail("in-place op on a value that other ops read")
+            if not rw.moving(written) or rw.perm(written) != p:
+                return MatchResult.fail("in-place op on a value in another layout")
         return MatchResult.success(p=p)
 
     def build(self, node, m, rw):
