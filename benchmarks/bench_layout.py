@@ -10,7 +10,9 @@ NCHW Program with its backend option ``layout="NHWC"`` (Relax's ``ConvertLayout`
 backend, how the TVM backend ran NHWC before ``convert-layout`` existed). The candidates of
 one (model, backend) are timed interleaved (one call of each per round, random order, a short
 pause before each call), and each ratio is the median of the per-round ratios candidate/NCHW
-(TorchScript also without ``optimize_for_inference``, NHWC/NCHW both so) with a 95% confidence interval of that median (``optc.tools.bench.median_ci``). A ratio below 1
+(TorchScript also: NHWC lowered through the NHWC ops' ATen decompositions instead of channels-last
+memory format, and both layouts without ``optimize_for_inference``, that NHWC row against that NCHW
+one) with a 95% confidence interval of that median (``optc.tools.bench.median_ci``). A ratio below 1
 means NHWC is faster. Each candidate is checked against eager (max error relative to the output
 scale). The last column says which layout the backend's default pipeline (``optc/target.py``)
 picks.
@@ -19,6 +21,7 @@ picks.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -42,6 +45,19 @@ def pipelines(target) -> tuple[str, str]:
     items = [str(i) for i in parse(target.default_pipeline) if i.name != "convert-layout"]
     cut = len(items) - 2 if items[-2:] == ["cse", "dce"] else len(items)
     return ",".join(items), ",".join(items[:cut] + ["convert-layout{layout=NHWC}"] + items[cut:])
+
+
+@contextlib.contextmanager
+def torchscript_decompositions():
+    """Lower NHWC programs through the ATen decompositions of the NHWC ops (permute -> conv2d ->
+    permute views) instead of channels-last memory format: the alternative design, for the record."""
+    from optc.backends import torchscript_layout
+    saved = torchscript_layout.channels_last
+    torchscript_layout.channels_last = lambda gm: gm
+    try:
+        yield
+    finally:
+        torchscript_layout.channels_last = saved
 
 
 def count_permutes(program) -> int:
@@ -112,8 +128,10 @@ def main(argv=None) -> int:
             opts = {"threads": args.threads} if "threads" in get_backend(backend).option_names() else {}
             variants = {"NCHW": (nchw, {}), "NHWC": (nhwc, {})}
             if backend == "torchscript" and dev == "cpu":
-                # without optimize_for_inference: oneDNN's plain NCHW and NHWC kernels, no blocked layout
-                variants.update({"NCHW, optimize=False": (nchw, {"optimize": False}),
+                # the NHWC ops' ATen decompositions instead of channels-last memory format; and without
+                # optimize_for_inference: oneDNN's plain NCHW and NHWC kernels, no blocked layout
+                variants.update({"NHWC as decompositions": (nhwc, {}),
+                                 "NCHW, optimize=False": (nchw, {"optimize": False}),
                                  "NHWC, optimize=False": (nhwc, {"optimize": False})})
             if backend == "tvm":
                 # the backend option layout= is explicit here: "NCHW" leaves the NCHW Program as it
@@ -123,7 +141,8 @@ def main(argv=None) -> int:
             compiled, compile_s, errors = {}, {}, {}
             for label, (prog, extra) in variants.items():
                 t0 = time.perf_counter()
-                compiled[label] = lower(prog, target, backend, **opts, **extra)
+                with torchscript_decompositions() if label == "NHWC as decompositions" else contextlib.nullcontext():
+                    compiled[label] = lower(prog, target, backend, **opts, **extra)
                 compile_s[label] = time.perf_counter() - t0
                 with torch.no_grad():
                     errors[label] = compare_outputs(ref, compiled[label](*inputs)).max_rel_error
