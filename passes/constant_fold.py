@@ -64,6 +64,13 @@ def _written(node: fx.Node) -> fx.Node | None:
     return None
 
 
+def _preserved(node: fx.Node) -> bool:
+    """optc's dequantize ops are never folded (as onnxscript's folder keeps DequantizeLinear): the
+    int8 weight behind a dequantize is what a backend fuses into an integer kernel."""
+    from optc.ir.quant_ops import is_dequantize
+    return is_dequantize(node.target)
+
+
 def _constant_nodes(gm: fx.GraphModule, excluded: set[fx.Node]) -> list[fx.Node]:
     """call_function nodes that depend only on constants, in topological order."""
     const: set[fx.Node] = set()
@@ -71,7 +78,7 @@ def _constant_nodes(gm: fx.GraphModule, excluded: set[fx.Node]) -> list[fx.Node]
     for node in gm.graph.nodes:
         if node.op == "get_attr" and attr_value(node) is not None and node not in excluded:
             const.add(node)
-        elif node.op == "call_function" and node not in excluded and is_pure_call(node) \
+        elif node.op == "call_function" and node not in excluded and is_pure_call(node) and not _preserved(node) \
                 and all(i in const for i in node.all_input_nodes):
             const.add(node)
             order.append(node)

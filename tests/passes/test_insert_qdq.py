@@ -449,3 +449,16 @@ def test_quantized_weights_are_exact_int8_of_the_float_weights():
 def test_quant_helpers():
     assert quant_ops.qrange(torch.int8, symmetric=True) == (-127, 127)
     assert quant_ops.qrange(torch.uint8) == (0, 255)
+
+
+def test_a_later_default_pipeline_keeps_the_int8_weights():
+    # constant-fold must not fold dequantize(int8 weight) into a float weight: ONNX Runtime would
+    # then quantize that float weight again its own way (per tensor), not with insert-qdq's scales
+    model, x = ResBlock(), torch.randn(1, 4, 6, 6)
+    out = run_pass("insert-qdq", model, (x,), **calib_with_checked_inputs(model, (x,)))
+    again, report = optc.optimize(out.program, "default")
+    convs = [n for n in again.graph.nodes if n.target in (torch.ops.aten.conv2d.default, torch.ops.aten.linear.default)]
+    assert len(convs) == 3
+    for n in convs:
+        assert n.args[1].target is Q.dequantize_per_channel.default and n.args[1].args[0].meta["val"].dtype == torch.int8
+    assert report.stats("constant-fold")["folded"] == 0
