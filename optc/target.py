@@ -40,8 +40,8 @@ DEFAULT_PIPELINES: dict[tuple[str, str | None], str] = {
 LAYOUTS: dict[tuple[str, str | None], str] = {
     ("cpu", None): "NCHW",             # no backend: the layout is a backend's property
     ("cuda", None): "NCHW",
-    ("cpu", "torchscript"): "NCHW",    # NHWC (channels-last) no faster: oneDNN blocks both the same way
-    ("cpu", "onnx"): "NCHW",           # NHWC no faster: ORT cancels the Transposes, runs NCHWc either way
+    ("cpu", "torchscript"): "NCHW",    # NHWC (channels-last) level: optimize_for_inference blocks both alike
+    ("cpu", "onnx"): "NCHW",           # NHWC level: ORT removes the Transposes, runs NCHWc either way
     ("cpu", "tvm"): "NHWC",            # NHWC 5-7x faster: the CPU schedule vectorises NHWC/HWIO
     ("cuda", "torchscript"): "NCHW",   # CUDA: not measured (no GPU on the project's machines)
     ("cuda", "onnx"): "NCHW",
