@@ -173,7 +173,7 @@ class ONNXModel(CompiledModel):
         self.model_dir = model_dir
         self.threads = threads
         self.session = _session(model_bytes if model_bytes is not None else os.path.join(model_dir, MODEL_FILE),
-                                target, threads)
+                                target, threads, self.backend_options.get("ort_disabled_optimizers", ()))
         present = {i.name for i in self.session.get_inputs()}
         # flat input i -> ONNX input name, None where the exporter dropped an unused input
         self._inputs = [s.name if s.name in present else None for s in signature.inputs]
@@ -221,7 +221,7 @@ class ONNXModel(CompiledModel):
         return self.model_bytes is None
 
 
-def _session(model, target: Target, threads: int | None):
+def _session(model, target: Target, threads: int | None, disabled_optimizers=()):
     import onnxruntime as ort
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -233,7 +233,7 @@ def _session(model, target: Target, threads: int | None):
         providers = [("CUDAExecutionProvider", {"device_id": torch.cuda.current_device()}), "CPUExecutionProvider"]
     else:
         providers = ["CPUExecutionProvider"]
-    return ort.InferenceSession(model, so, providers=providers)
+    return ort.InferenceSession(model, so, providers=providers, disabled_optimizers=list(disabled_optimizers))
 
 
 def default_threads() -> int:
@@ -273,15 +273,21 @@ class ONNXBackend(Backend):
 
     def lower(self, program: Program, target: Target, *, opset: int = OPSET, threads: int | None = None,
               optimize: bool = True, external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
-              ort_fusions: bool | str = "auto") -> ONNXModel:
+              ort_fusions: bool | str = "auto", ort_disabled_optimizers: tuple = ()) -> ONNXModel:
         """``opset``: ONNX opset (default :data:`OPSET`). ``threads``: ONNX Runtime intra-op threads
         (default: every core). ``optimize``: the exporter's ONNX optimizer (constant folding,
         redundancy elimination) before ONNX Runtime's own. ``external_data_threshold``: weights
         above this many bytes are saved as external data. ``ort_fusions``: ONNX Runtime's
         transformer fusions (:func:`ort_transformer_fusions`: SkipLayerNormalization, BiasGelu,
         FastGelu... in the ``com.microsoft`` domain) -- ``"auto"`` applies them to graphs with a
-        layer norm, ``True`` always, ``False`` never (the artifact is then plain ONNX)."""
+        layer norm, ``True`` always, ``False`` never (the artifact is then plain ONNX).
+        ``ort_disabled_optimizers``: names of ONNX Runtime graph transformers the session leaves out
+        (``("SkipLayerNormFusion",)``: docs/quantization.md measured its CPU kernel slow here);
+        saved in the manifest, so a loaded model runs the same way."""
         import onnx
+        if isinstance(ort_disabled_optimizers, str) or not all(isinstance(o, str) for o in ort_disabled_optimizers):
+            raise LoweringError(f"ort_disabled_optimizers must be a tuple of optimizer names, got "
+                                f"{ort_disabled_optimizers!r}", backend=self.name)
         if ort_fusions not in (True, False, "auto"):
             raise LoweringError(f"ort_fusions must be True, False or 'auto', got {ort_fusions!r}", backend=self.name)
         if not isinstance(opset, int) or not MIN_OPSET <= opset <= MAX_OPSET:
@@ -298,7 +304,8 @@ class ONNXBackend(Backend):
 
         weights = sum(t.nbytes for t in attr_tensors(program.graph_module).values())
         options = {"opset": opset, "threads": threads, "optimize": bool(optimize),
-                   "external_data": weights > external_data_threshold, "ort_fusions": {}}
+                   "external_data": weights > external_data_threshold, "ort_fusions": {},
+                   "ort_disabled_optimizers": list(ort_disabled_optimizers)}
         if not options["external_data"]:
             proto = onnx_program.model_proto
             onnx.checker.check_model(proto, full_check=True)   # the standard ONNX model, before any contrib op

@@ -179,3 +179,25 @@ def test_quantized_dynamic_batch_and_save_load(backend, tmp_path):
         assert got.shape == (batch, 10)
         assert torch.equal(got, compiled(x))
         assert compare_outputs(ref, got).max_rel_error < 0.05
+
+
+def test_onnx_session_can_leave_out_an_ort_optimizer(tmp_path):
+    # what bench_quant uses on BERT: ONNX Runtime's CPU SkipLayerNormalization is slow here
+    _, _, q, checks = quantized("bert")
+    opts = {"ort_fusions": False, "ort_disabled_optimizers": ("SkipLayerNormFusion",)}
+    compiled = lower(q, "cpu", "onnx", **opts)
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    so.log_severity_level = 3
+    ort.InferenceSession(compiled.model_bytes, so, providers=["CPUExecutionProvider"],
+                         disabled_optimizers=["SkipLayerNormFusion"])
+    ran = collections.Counter(n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node)
+    assert ran["SkipLayerNormalization"] == 0 and ran["LayerNormalization"] > 0
+    assert ort_optimized_ops(compiled_for("bert", "onnx"), tmp_path)["SkipLayerNormalization"] > 0   # the default
+    loaded = optc.load(compiled.save(tmp_path / "m"))
+    assert loaded.backend_options["ort_disabled_optimizers"] == ["SkipLayerNormFusion"]
+    args, kwargs = checks[0]
+    assert torch.equal(loaded(*args, **kwargs), compiled(*args, **kwargs))
+    with pytest.raises(optc.OptcError, match="ort_disabled_optimizers must be a tuple"):
+        lower(q, "cpu", "onnx", ort_disabled_optimizers="SkipLayerNormFusion")
