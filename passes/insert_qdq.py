@@ -78,6 +78,7 @@ import torch
 import torch.fx as fx
 
 from optc.errors import OptcError
+from optc.ir import layout_ops as _layout_ops  # noqa: F401  (registers optc::conv2d_nhwc and the other NHWC ops)
 from optc.ir import quant_ops
 from optc.ir.program import copy_graph_module
 from optc.ir.rewrite import add_attr, arg, attr_node, attr_value, call, erase_if_unused, is_op
@@ -90,7 +91,10 @@ aten = torch.ops.aten
 optc_ops = torch.ops.optc
 PASS = "insert-qdq"
 
-_CONVS = (aten.conv1d.default, aten.conv2d.default, aten.conv3d.default)
+#: ``optc.conv2d_nhwc`` (convert-layout's, ir/layout_ops.py) takes the arguments of aten.conv2d; its
+#: OHWI weight keeps the output channels on axis 0, so per-channel weights mean the same thing
+_CONV_NHWC = torch.ops.optc.conv2d_nhwc.default
+_CONVS = (aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, _CONV_NHWC)
 _MATMULS = (aten.matmul.default, aten.mm.default, aten.bmm.default)
 _ACTIVATIONS = (aten.relu.default, aten.hardtanh.default, aten.clamp.default, aten.relu6.default)
 _PASS_THROUGH = (
@@ -98,9 +102,10 @@ _PASS_THROUGH = (
     aten.flatten.using_ints, aten.view.default, aten.reshape.default, aten._unsafe_view.default,
     aten.permute.default, aten.transpose.int, aten.t.default, aten.squeeze.dim, aten.squeeze.dims,
     aten.squeeze.default, aten.unsqueeze.default, aten.slice.Tensor, aten.select.int, aten.clone.default,
-    aten.contiguous.default,
+    aten.contiguous.default, torch.ops.optc.max_pool2d_nhwc.default,
 )
-_TAKES_DEQUANTIZED = (aten.adaptive_avg_pool1d.default, aten.adaptive_avg_pool2d.default,
+_TAKES_DEQUANTIZED = (torch.ops.optc.adaptive_avg_pool2d_nhwc.default, torch.ops.optc.avg_pool2d_nhwc.default,
+                      aten.adaptive_avg_pool1d.default, aten.adaptive_avg_pool2d.default,
                       aten.avg_pool1d.default, aten.avg_pool2d.default, aten.mean.dim)
 _ADD = aten.add.Tensor
 _CAT = aten.cat.default
@@ -229,7 +234,8 @@ def match_site(node: fx.Node, opts: dict):
         if opts["scheme"] == "dynamic" and kind == "conv":
             return (None, "dynamic quantization covers linear and matmul (conv needs calibrated activation scales)")
         groups = arg(node, 6, "groups", 1)
-        cin = int(attr_value(w).shape[1]) * int(groups)
+        wt = attr_value(w)
+        cin = int(wt.shape[3] if is_op(node, _CONV_NHWC) else wt.shape[1]) * int(groups)
         if kind == "conv" and groups == 1 and cin < opts["min_channels"]:
             return (None, f"conv reads {cin} input channels (< min_channels={opts['min_channels']}): no fast "
                           "integer kernel for so short a reduction, kept float")

@@ -462,3 +462,17 @@ def test_a_later_default_pipeline_keeps_the_int8_weights():
     for n in convs:
         assert n.args[1].target is Q.dequantize_per_channel.default and n.args[1].args[0].meta["val"].dtype == torch.int8
     assert report.stats("constant-fold")["folded"] == 0
+
+
+def test_nhwc_convolutions_are_sites_too():
+    # what tvm:cpu's default pipeline gives: convert-layout first, then insert-qdq sees optc.conv2d_nhwc
+    model, x = CatNet(), torch.randn(1, 3, 5, 5)
+    opts = calib_with_checked_inputs(model, (x,))
+    nchw = run_pass("insert-qdq", model, (x,), **opts)
+    nhwc = run_pass("convert-layout{layout=NHWC},insert-qdq", model, (x,), **opts)
+    assert nhwc.report.stats("insert-qdq")["layers"] == nchw.report.stats("insert-qdq")["layers"] == 3
+    convs = [n for n in nhwc.program.graph.nodes if n.target is torch.ops.optc.conv2d_nhwc.default]
+    assert len(convs) == 3 and all(c.args[1].target is Q.dequantize_per_channel.default for c in convs)
+    with torch.no_grad():
+        # the same integers: only the convs' float summation order differs
+        assert compare_outputs(nchw.program(x), nhwc.program(x)).max_rel_error < 1e-5
