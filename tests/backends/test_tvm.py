@@ -236,6 +236,23 @@ def test_tuning_uses_a_persistent_checked_database(tmp_path):
     assert third.tuning["tuned"] == 0 and third.tuning["applied"] == second.tuning["applied"]
 
 
+@pytest.mark.skipif(not HAS_TUNING, reason="needs the tune extra (xgboost, psutil)")
+def test_a_failing_tuner_costs_speed_not_the_compile(tmp_path, monkeypatch, caplog, captured_zoo):
+    from tvm.s_tir import meta_schedule as ms
+
+    def broken(**kw):
+        raise AttributeError("'NoneType' object has no attribute 'format'")
+
+    monkeypatch.setattr(ms, "tune_tasks", broken)
+    model, inputs, program = captured_zoo("mlp")
+    with caplog.at_level("WARNING", logger="optc.backends.tvm"):
+        compiled = lower(program, "cpu", "tvm", tune=4, tuning_db=str(tmp_path / "db"))
+    assert "AttributeError" in compiled.tuning["error"] and "tvm tuning stopped early" in caplog.text
+    assert compiled.tuning["applied"] == 0
+    assert json.load(open(tmp_path / "db" / "decisions.json")) == {}   # nothing decided: tuned next time
+    check_close(model(*inputs), compiled(*inputs))
+
+
 @pytest.mark.cuda
 def test_cuda_matches_eager(captured_structured):
     try:
