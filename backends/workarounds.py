@@ -14,6 +14,13 @@ rewrite                        backend       bug
 :func:`tanh_gelu_as_formula`   torchscript   optimize_for_inference runs ``gelu(approximate=
                                              "tanh")`` on a convolution's MKLDNN output, which
                                              MKLDNN rejects (torch 2.13)
+:func:`clamp_one_sided`        torchscript   optimize_for_inference's conv+clamp fusion reads
+                                             both bounds as doubles: a one-sided clamp aborts
+:func:`batch_norm_as_affine`   torchscript   ``torch.jit.freeze`` folds a BatchNorm into a linear
+                                             whose output has other users (a silent miscompile);
+                                             MKLDNN rejects a BatchNorm without affine
+:func:`adaptive_avg_pool_as_matmul` torchscript  MKLDNN's adaptive average pooling fails when
+                                             the input is not a multiple of the output
 :func:`ceil_pool_as_floor`     onnx          onnx shape inference gives a ceil-mode pooling one
                                              window too many where torch drops a last window
                                              that would start in the right padding (onnx 1.23)
@@ -128,6 +135,110 @@ def tanh_gelu_as_formula(gm: fx.GraphModule) -> int:
         g.erase_node(node)
         n += 1
     return _done(gm, "tanh_gelu_as_formula", n)
+
+
+def clamp_one_sided(gm: fx.GraphModule) -> int:
+    """``clamp(x, lo, None)`` -> ``clamp_min(x, lo)`` and ``clamp(x, None, hi)`` -> ``clamp_max(x, hi)``:
+    optimize_for_inference fuses a convolution with a following clamp and reads both bounds as
+    doubles ('INTERNAL ASSERT FAILED ... expected double' when one is None)."""
+    n = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not aten.clamp.default:
+            continue
+        lo = node.args[1] if len(node.args) > 1 else node.kwargs.get("min")
+        hi = node.args[2] if len(node.args) > 2 else node.kwargs.get("max")
+        if (lo is None) == (hi is None) or isinstance(lo, fx.Node) or isinstance(hi, fx.Node):
+            continue
+        new = _insert(gm.graph, node, aten.clamp_min.default if hi is None else aten.clamp_max.default,
+                      (node.args[0], lo if hi is None else hi))
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        n += 1
+    return _done(gm, "clamp_one_sided", n)
+
+
+def batch_norm_as_affine(gm: fx.GraphModule) -> int:
+    """Eval-mode ``batch_norm`` -> ``x * s + t`` per channel (``s = w / sqrt(var + eps)``,
+    ``t = b - mean * s``, computed from the constants in the graph, so freezing folds them) where
+    TorchScript gets the op wrong:
+
+    - its input is a linear whose output has other users: ``torch.jit.freeze`` folds the
+      BatchNorm into the linear's weights anyway, so the other users read the folded values (a
+      silent miscompile; the convolution version is right);
+    - it has no affine parameters: optimize_for_inference moves it to MKLDNN, which rejects it
+      ('mkldnn_batch_norm: currently mkldnn only support affine model').
+
+    optc's own fold-linear-bn/fold-conv-bn fold the cases where folding is right; what is left
+    here is exactly what must not be folded."""
+    n = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not aten.batch_norm.default:
+            continue
+        x, w, b, mean, var = node.args[:5]
+        training = node.args[5] if len(node.args) > 5 else node.kwargs.get("training", False)
+        eps = node.args[7] if len(node.args) > 7 else node.kwargs.get("eps", 1e-5)
+        xv = _val(x)
+        if training or mean is None or var is None or not isinstance(xv, torch.Tensor) or xv.dim() < 2:
+            continue
+        shared_linear = isinstance(x, fx.Node) and x.op == "call_function" and x.target is aten.linear.default \
+            and len(x.users) > 1
+        if not (shared_linear or w is None):
+            continue
+        g = gm.graph
+        shape = [1, -1] + [1] * (xv.dim() - 2)
+        inv = _insert(g, node, aten.rsqrt.default, (_insert(g, node, aten.add.Tensor, (var, eps)),))
+        scale = inv if w is None else _insert(g, node, aten.mul.Tensor, (w, inv))
+        shift = _insert(g, node, aten.neg.default, (_insert(g, node, aten.mul.Tensor, (mean, scale)),))
+        if b is not None:
+            shift = _insert(g, node, aten.add.Tensor, (shift, b))
+        y = _insert(g, node, aten.mul.Tensor, (x, _insert(g, node, aten.reshape.default, (scale, shape))))
+        y = _insert(g, node, aten.add.Tensor, (y, _insert(g, node, aten.reshape.default, (shift, shape))))
+        node.replace_all_uses_with(y)
+        g.erase_node(node)
+        n += 1
+    return _done(gm, "batch_norm_as_affine", n)
+
+
+def _pool_matrix(n_in: int, n_out: int) -> torch.Tensor:
+    """``[n_out, n_in]``: row i averages the window adaptive pooling uses for output i."""
+    m = torch.zeros(n_out, n_in, dtype=torch.float64)
+    for i in range(n_out):
+        lo, hi = (i * n_in) // n_out, -((-(i + 1) * n_in) // n_out)
+        m[i, lo:hi] = 1.0 / (hi - lo)
+    return m
+
+
+def adaptive_avg_pool_as_matmul(gm: fx.GraphModule) -> int:
+    """In a graph with a convolution, ``adaptive_avg_pool2d`` whose input size is not a multiple
+    of its output size -> ``P_h @ x @ P_w^T`` with constant averaging matrices (the same windows
+    and weights): optimize_for_inference moves it to MKLDNN, which fails at run time ('input
+    size is not divisible by the output size is not supported yet'). Divisible pools keep the op."""
+    if not any(nd.op == "call_function" and nd.target in _CONVS for nd in gm.graph.nodes):
+        return 0
+    from optc.ir.rewrite import add_attr
+    n = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not aten.adaptive_avg_pool2d.default:
+            continue
+        xs, ys = _static_shape(_val(node.args[0])), _static_shape(node.meta.get("val"))
+        xv = _val(node.args[0])
+        if xs is None or ys is None or len(xs) < 3 or not xv.is_floating_point():
+            continue
+        (h, w), (oh, ow) = xs[-2:], ys[-2:]
+        if h % oh == 0 and w % ow == 0:
+            continue
+        g = gm.graph
+        consts = []
+        for name, mat in (("ph", _pool_matrix(h, oh)), ("pwt", _pool_matrix(w, ow).t().contiguous())):
+            target = add_attr(gm, f"_optc_adaptive_pool_{name}", mat.to(xv.dtype))
+            with g.inserting_before(node):
+                consts.append(g.get_attr(target))
+        y = _insert(g, node, aten.matmul.default, (consts[0], node.args[0]))
+        y = _insert(g, node, aten.matmul.default, (y, consts[1]))
+        node.replace_all_uses_with(y)
+        g.erase_node(node)
+        n += 1
+    return _done(gm, "adaptive_avg_pool_as_matmul", n)
 
 
 # ---- ONNX ---------------------------------------------------------------------------------------------
@@ -275,9 +386,10 @@ def apply(gm: fx.GraphModule, rewrites) -> dict[str, int]:
     return {fn.__name__: fn(gm) for fn in rewrites}
 
 
-TORCHSCRIPT = (addmm_as_linear, tanh_gelu_as_formula)
+TORCHSCRIPT = (addmm_as_linear, tanh_gelu_as_formula, clamp_one_sided, batch_norm_as_affine, adaptive_avg_pool_as_matmul)
 ONNX = (ceil_pool_as_floor,)
 TVM = (add_alpha_as_mul, cumsum_int64, amax_as_max_dim)
 
-__all__ = ["apply", "addmm_as_linear", "tanh_gelu_as_formula", "ceil_pool_as_floor", "add_alpha_as_mul",
+__all__ = ["apply", "addmm_as_linear", "tanh_gelu_as_formula", "clamp_one_sided", "batch_norm_as_affine",
+           "adaptive_avg_pool_as_matmul", "ceil_pool_as_floor", "add_alpha_as_mul",
            "cumsum_int64", "amax_as_max_dim", "TORCHSCRIPT", "ONNX", "TVM"]

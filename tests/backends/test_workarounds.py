@@ -138,6 +138,83 @@ def test_cumsum_int64_on_tvm():
     check_close(ref, got, rtol=1e-6)
 
 
+class ConvClamps(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 2, 3, padding=1)
+
+    def forward(self, x):
+        h = self.conv(x)
+        return h.clamp(min=-0.5) + h.clamp(max=0.5) + h.clamp(-1.0, 1.0)   # the two-sided one stays
+
+
+def test_clamp_one_sided_on_torchscript():
+    x = torch.randn(1, 2, 5, 5)
+    program, gm = _gm(ConvClamps(), x)
+    assert workarounds.clamp_one_sided(gm) == 2
+    t = _targets(gm)
+    assert t.count(aten.clamp.default) == 1 and aten.clamp_min.default in t and aten.clamp_max.default in t
+    check_close(program(x), gm(x)[0], rtol=0)
+    check_close(program(x), lower(program, "cpu", "torchscript")(x), rtol=1e-5)
+
+
+class SharedLinearBN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.bn = nn.BatchNorm1d(4)
+        self.conv = nn.Conv2d(2, 2, 1)
+        self.bn2 = nn.BatchNorm2d(2, affine=False)
+        for bn in (self.bn, self.bn2):
+            bn.running_mean.uniform_(-1, 1)
+            bn.running_var.uniform_(0.5, 2)
+
+    def forward(self, x, img):
+        h = self.fc(x)
+        return self.bn(h) + h, self.bn2(torch.relu(self.conv(img)))
+
+
+def test_batch_norm_as_affine_where_torchscript_gets_it_wrong():
+    x, img = torch.randn(3, 4), torch.randn(1, 2, 3, 3)
+    program, gm = _gm(SharedLinearBN(), x, img)
+    assert workarounds.batch_norm_as_affine(gm) == 2
+    assert aten.batch_norm.default not in _targets(gm)
+    check_close(program(x, img), gm(x, img), rtol=1e-6)
+    check_close(program(x, img), lower(program, "cpu", "torchscript")(x, img), rtol=1e-5)
+
+    class SingleUser(nn.Module):   # a linear + BatchNorm that freeze folds correctly keeps the op
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+            self.bn = nn.BatchNorm1d(4)
+
+        def forward(self, x):
+            return self.bn(self.fc(x))
+
+    _, gm2 = _gm(SingleUser(), x)
+    assert workarounds.batch_norm_as_affine(gm2) == 0
+
+
+class ConvAdaptivePool(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3)
+
+    def forward(self, x):
+        h = self.conv(x)
+        return F.adaptive_avg_pool2d(h, (3, 2)), F.adaptive_avg_pool2d(h, 1)   # 5x5 -> 3x2: not divisible
+
+
+def test_adaptive_avg_pool_as_matmul_on_torchscript():
+    x = torch.randn(2, 2, 7, 7)
+    program, gm = _gm(ConvAdaptivePool(), x)
+    assert workarounds.adaptive_avg_pool_as_matmul(gm) == 1
+    assert _targets(gm).count(aten.adaptive_avg_pool2d.default) == 1   # the divisible one stays
+    check_close(program(x), gm(x), rtol=1e-6)
+    check_close(program(x), lower(program, "cpu", "torchscript")(x), rtol=1e-5)
+    assert torch.allclose(workarounds._pool_matrix(5, 3).sum(1), torch.ones(3, dtype=torch.float64))
+
+
 class Extremes(nn.Module):
     def forward(self, x):
         return x.amax((1, 3)), x.amin(-1, keepdim=True), x - x.amax(), torch.amax(x, 2, keepdim=True)

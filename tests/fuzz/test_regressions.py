@@ -102,3 +102,21 @@ def test_tvm_add_with_alpha():
 def test_add_with_alpha_agrees_elsewhere():
     for target in ("pipeline:default", "backend:onnx", "backend:torchscript"):
         assert _mismatches(ADD_ALPHA, target) == []
+
+
+# torch (optimize_for_inference / freeze), found by a TorchScript-focused campaign
+# (optc fuzz --backends torchscript --backend-rate 1; shrunk from 3-6 op models):
+# a convolution followed by a one-sided clamp aborts ("INTERNAL ASSERT FAILED ... expected double");
+CONV_CLAMP_MIN = ModelSpec(inputs=((1, 1, 1, 1),), ops=(Op(kind='conv2d', inputs=(0,), params=(('groups_mode', 'plain'), ('out', 1), ('k', (3, 3)), ('stride', 1), ('padding', (1, 1)), ('dilation', 1), ('groups', 1), ('bias', True), ('padding_mode', 'zeros')), shape=(1, 1, 1, 1)), Op(kind='scalar', inputs=(1,), params=(('op', 'mul'), ('c', 2.0)), shape=(1, 1, 1, 1)), Op(kind='clip', inputs=(2,), params=(('form', 'clamp_min'), ('lo', -1.0), ('hi', 1.0)), shape=(1, 1, 1, 1))), outputs=(3,), seed=0)
+# MKLDNN rejects a BatchNorm without affine parameters after a convolution;
+CONV_BN_NO_AFFINE = ModelSpec(inputs=((1, 1, 1, 1),), ops=(Op(kind='clip', inputs=(0,), params=(('form', 'clamp'), ('lo', -1.0), ('hi', 1.0)), shape=(1, 1, 1, 1)), Op(kind='act', inputs=(1,), params=(('fn', 'relu'),), shape=(1, 1, 1, 1)), Op(kind='conv2d', inputs=(2,), params=(('groups_mode', 'pointwise'), ('out', 1), ('k', (1, 1)), ('stride', 1), ('padding', (0, 0)), ('dilation', 1), ('groups', 1), ('bias', True), ('padding_mode', 'zeros')), shape=(1, 1, 1, 1)), Op(kind='act', inputs=(3,), params=(('fn', 'relu'),), shape=(1, 1, 1, 1)), Op(kind='batchnorm2d', inputs=(4,), params=(('affine', False), ('eps', 1e-05)), shape=(1, 1, 1, 1))), outputs=(5,), seed=0)
+# freeze folds a BatchNorm into a linear whose output has another user: a silent miscompile;
+LINEAR_BN_SHARED = ModelSpec(inputs=((1, 1),), ops=(Op(kind='act', inputs=(0,), params=(('fn', 'relu'),), shape=(1, 1)), Op(kind='linear', inputs=(1,), params=(('out', 1), ('bias', True), ('form', 'module')), shape=(1, 1)), Op(kind='act', inputs=(2,), params=(('fn', 'relu'),), shape=(1, 1)), Op(kind='parallel_linear', inputs=(3,), params=(('n', 3), ('combine', 'add'), ('outs', (1, 1, 1)), ('bias', (True, True, True))), shape=(1, 1)), Op(kind='batchnorm1d', inputs=(2,), params=(('affine', True), ('eps', 1e-05)), shape=(1, 1)), Op(kind='residual', inputs=(5, 4), params=(('op', 'add'),), shape=(1, 1))), outputs=(6,), seed=0)
+# MKLDNN's adaptive average pooling cannot pool 1x1 up to 2x2 after a convolution.
+CONV_ADAPTIVE_POOL_UP = ModelSpec(inputs=((1, 1, 1, 1),), ops=(Op(kind='conv2d', inputs=(0,), params=(('groups_mode', 'plain'), ('out', 1), ('k', (1, 1)), ('stride', 1), ('padding', (0, 0)), ('dilation', 1), ('groups', 1), ('bias', True), ('padding_mode', 'zeros')), shape=(1, 1, 1, 1)), Op(kind='channel_const', inputs=(1,), params=(('op', 'mul'), ('where', 'channel'), ('cshape', (1, 1, 1)), ('storage', 'buffer')), shape=(1, 1, 1, 1)), Op(kind='pool2d', inputs=(2,), params=(('pool', 'adaptive_avg'), ('out', 2)), shape=(1, 1, 2, 2))), outputs=(3,), seed=0)
+
+
+@pytest.mark.parametrize("spec", [CONV_CLAMP_MIN, CONV_BN_NO_AFFINE, LINEAR_BN_SHARED, CONV_ADAPTIVE_POOL_UP],
+                         ids=["conv-clamp-min", "conv-bn-no-affine", "linear-bn-shared", "conv-adaptive-pool-up"])
+def test_torchscript_optimize_for_inference_and_freeze_bugs(spec):
+    assert _mismatches(spec, "backend:torchscript") == []
