@@ -483,7 +483,7 @@ def pre_schedule_passes(target: Target, layout: str = "NHWC") -> list:
         # only conv2d: pools and elementwise ops follow by layout inference (listing pools trips
         # a NoDesiredLayout check in 0.27)
         kernel = {"NHWC": "HWIO", "NCHW": "OIHW"}[layout]
-        passes.append(relax.transform.ConvertLayout({"relax.nn.conv2d": [layout, kernel]}))
+        passes.append(_if_calls("relax.nn.conv2d", relax.transform.ConvertLayout({"relax.nn.conv2d": [layout, kernel]})))
     passes += [
         relax.transform.Normalize(),
         relax.transform.LegalizeOps(),
@@ -499,6 +499,29 @@ def pre_schedule_passes(target: Target, layout: str = "NHWC") -> list:
         passes.append(_wrap_rootless)
     passes.append(s_tir.transform.StmtSimplify())   # reshape index math, using block-var ranges
     return passes
+
+
+def _calls(mod: tvm.IRModule, op_name: str) -> bool:
+    found = []
+
+    def visit(e):
+        if isinstance(e, relax.Call) and isinstance(e.op, tvm.ir.Op) and e.op.name == op_name:
+            found.append(e)
+
+    for func in mod.functions.values():
+        if isinstance(func, relax.Function) and not found:
+            relax.analysis.post_order_visit(func.body, visit)
+    return bool(found)
+
+
+def _if_calls(op_name: str, inner):
+    """``inner`` applied only to modules that call ``op_name``. ConvertLayout on a module without
+    a conv2d (a layer norm and a 1-d average pool, found by optc fuzz) aborts with std::bad_alloc
+    in 0.27; with no conv2d it has nothing to convert anyway."""
+    @tvm.transform.module_pass(opt_level=0, name=f"OptcIfCalls[{op_name}]")
+    def _pass(mod, ctx):
+        return inner(mod) if _calls(mod, op_name) else mod
+    return _pass
 
 
 def _has_root_block(func: tirx.PrimFunc) -> bool:

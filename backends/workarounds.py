@@ -24,6 +24,8 @@ rewrite                        backend       bug
 :func:`ceil_pool_as_floor`     onnx          onnx shape inference gives a ceil-mode pooling one
                                              window too many where torch drops a last window
                                              that would start in the right padding (onnx 1.23)
+:func:`sdpa_as_4d`             onnx          torch's ONNX translation of SDPA takes only 4-d
+                                             operands; torch (and fuse-attention) allow 3-d
 :func:`add_alpha_as_mul`       tvm           ``from_exported_program`` ignores the ``alpha`` of
                                              ``aten.add``/``aten.sub`` (TVM 0.27): a silent
                                              miscompile
@@ -32,6 +34,9 @@ rewrite                        backend       bug
                                              LLVM codegen of a bool add aborts (TVM 0.27)
 :func:`amax_as_max_dim`        tvm           not a bug, a gap: the importer has no ``amax`` /
                                              ``amin`` (TVM 0.27); written with ``max.dim``
+:func:`var_mean_as_two`        tvm           a gap: no ``var_mean`` in the importer
+:func:`adaptive_max_pool_as_max_pool`  onnx, tvm  a gap: neither translates adaptive max
+                                             pooling; the divisible case is a max pool
 =============================  ============  ===============================================
 """
 
@@ -67,6 +72,11 @@ def _insert(graph: fx.Graph, before: fx.Node, target, args, kwargs=None) -> fx.N
     for key in ("stack_trace", "nn_module_stack", "optc_source"):
         if key in before.meta:
             new.meta[key] = before.meta[key]
+    try:   # shapes for the rewrites that look at this node's users (a second amax after a first)
+        from optc.ir.rewrite import compute_val
+        new.meta["val"] = compute_val(new)
+    except Exception:  # noqa: BLE001 - metadata only; the backend's export re-derives every shape
+        pass
     return new
 
 
@@ -306,6 +316,40 @@ def ceil_pool_as_floor(gm: fx.GraphModule) -> int:
     return _done(gm, "ceil_pool_as_floor", n)
 
 
+def sdpa_as_4d(gm: fx.GraphModule) -> int:
+    """``scaled_dot_product_attention`` of 3-d ``[B, L, E]`` operands -> the same on
+    ``[B, 1, L, E]`` (a mask of rank 3 too), squeezed back: torch's ONNX translation of SDPA
+    accepts only 4-d operands ("only 4D query, key, and value are supported"); fuse-attention
+    writes single-head attention as 3-d SDPA, as torch allows."""
+    n = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not aten.scaled_dot_product_attention.default:
+            continue
+        q, k, v = node.args[:3]
+        vals = [_val(a) for a in (q, k, v)]
+        if not all(isinstance(t, torch.Tensor) and t.dim() == 3 for t in vals):
+            continue
+        mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
+        mv = _val(mask)
+        if mask is not None and not (isinstance(mv, torch.Tensor) and mv.dim() in (2, 3)):
+            continue
+        g = gm.graph
+        args = [_insert(g, node, aten.unsqueeze.default, (a, 1)) for a in (q, k, v)]
+        rest, kwargs = list(node.args[3:]), dict(node.kwargs)
+        if mask is not None and mv.dim() == 3:
+            m4 = _insert(g, node, aten.unsqueeze.default, (mask, 1))
+            if rest:
+                rest[0] = m4
+            else:
+                kwargs["attn_mask"] = m4
+        out = _insert(g, node, aten.scaled_dot_product_attention.default, (*args, *rest), kwargs)
+        new = _insert(g, node, aten.squeeze.dim, (out, 1))
+        node.replace_all_uses_with(new)
+        g.erase_node(node)
+        n += 1
+    return _done(gm, "sdpa_as_4d", n)
+
+
 # ---- TVM ----------------------------------------------------------------------------------------------
 _ALPHA_OPS = {aten.add.Tensor: aten.add.Tensor, aten.sub.Tensor: aten.sub.Tensor,
               aten.add.Scalar: aten.add.Tensor, aten.sub.Scalar: aten.sub.Tensor}
@@ -381,15 +425,88 @@ def amax_as_max_dim(gm: fx.GraphModule) -> int:
     return _done(gm, "amax_as_max_dim", n)
 
 
+def var_mean_as_two(gm: fx.GraphModule) -> int:
+    """``var_mean(x, dims, correction, keepdim)`` -> ``var(...)`` and ``mean(...)``: TVM 0.27's
+    importer has ``var.correction`` and ``mean.dim`` but not ``var_mean``."""
+    n = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target not in (aten.var_mean.correction, aten.var_mean.dim):
+            continue
+        x = node.args[0]
+        xv = _val(x)
+        if not isinstance(xv, torch.Tensor):
+            continue
+        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        if node.target is aten.var_mean.dim:   # (x, dim, unbiased=True, keepdim=False)
+            unbiased = node.args[2] if len(node.args) > 2 else node.kwargs.get("unbiased", True)
+            correction = 1 if unbiased else 0
+            keepdim = node.args[3] if len(node.args) > 3 else node.kwargs.get("keepdim", False)
+        else:
+            correction = node.kwargs.get("correction", 1)
+            keepdim = node.kwargs.get("keepdim", False)
+        if correction is None:
+            correction = 1
+        if dims is None:
+            dims = list(range(xv.dim()))
+        g = gm.graph
+        var = _insert(g, node, aten.var.correction, (x, dims), {"correction": correction, "keepdim": keepdim})
+        mean = _insert(g, node, aten.mean.dim, (x, dims, keepdim))
+        for user in list(node.users):
+            if user.op == "call_function" and user.target is operator.getitem and user.args[1] in (0, 1):
+                user.replace_all_uses_with(var if user.args[1] == 0 else mean)
+                g.erase_node(user)
+        if node.users:   # used as a tuple elsewhere: leave the op (the importer will say so)
+            continue
+        for unused in (var, mean):
+            if not unused.users:
+                g.erase_node(unused)
+        g.erase_node(node)
+        n += 1
+    return _done(gm, "var_mean_as_two", n)
+
+
+def adaptive_max_pool_as_max_pool(gm: fx.GraphModule) -> int:
+    """``adaptive_max_pool2d`` whose input is a multiple of its output, with its indices unused ->
+    ``max_pool2d`` with kernel = stride = input / output (the same windows): neither TVM 0.27's
+    importer nor torch's ONNX exporter translates the adaptive op."""
+    n = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not aten.adaptive_max_pool2d.default:
+            continue
+        xs = _static_shape(_val(node.args[0]))
+        out = node.meta.get("val")
+        ys = _static_shape(out[0] if isinstance(out, (tuple, list)) else None)
+        if xs is None or ys is None or len(xs) < 3:
+            continue
+        (h, w), (oh, ow) = xs[-2:], ys[-2:]
+        users = [u for u in node.users if u.users or not (u.op == "call_function" and u.target is operator.getitem)]
+        if h % oh or w % ow or not all(u.op == "call_function" and u.target is operator.getitem and u.args[1] == 0
+                                       for u in users):
+            continue
+        for u in list(node.users):   # unused getitems (the indices nobody reads)
+            if u not in users:
+                gm.graph.erase_node(u)
+        k = [h // oh, w // ow]
+        g = gm.graph
+        new = _insert(g, node, aten.max_pool2d.default, (node.args[0], k, k))
+        for u in users:
+            u.replace_all_uses_with(new)
+            g.erase_node(u)
+        g.erase_node(node)
+        n += 1
+    return _done(gm, "adaptive_max_pool_as_max_pool", n)
+
+
 def apply(gm: fx.GraphModule, rewrites) -> dict[str, int]:
     """Run ``rewrites`` on ``gm`` (in place); the count of rewritten nodes per rewrite."""
     return {fn.__name__: fn(gm) for fn in rewrites}
 
 
 TORCHSCRIPT = (addmm_as_linear, tanh_gelu_as_formula, clamp_one_sided, batch_norm_as_affine, adaptive_avg_pool_as_matmul)
-ONNX = (ceil_pool_as_floor,)
-TVM = (add_alpha_as_mul, cumsum_int64, amax_as_max_dim)
+ONNX = (ceil_pool_as_floor, sdpa_as_4d, adaptive_max_pool_as_max_pool)
+TVM = (add_alpha_as_mul, cumsum_int64, amax_as_max_dim, var_mean_as_two, adaptive_max_pool_as_max_pool)
 
 __all__ = ["apply", "addmm_as_linear", "tanh_gelu_as_formula", "clamp_one_sided", "batch_norm_as_affine",
-           "adaptive_avg_pool_as_matmul", "ceil_pool_as_floor", "add_alpha_as_mul",
-           "cumsum_int64", "amax_as_max_dim", "TORCHSCRIPT", "ONNX", "TVM"]
+           "adaptive_avg_pool_as_matmul", "sdpa_as_4d", "ceil_pool_as_floor", "add_alpha_as_mul",
+           "cumsum_int64", "amax_as_max_dim", "var_mean_as_two", "adaptive_max_pool_as_max_pool", "TORCHSCRIPT",
+           "ONNX", "TVM"]

@@ -229,6 +229,45 @@ def test_amax_amin_as_max_dim_on_tvm():
     check_close(program(x), lower(program, "cpu", "tvm")(x), rtol=0)
 
 
+class SingleHead(nn.Module):
+    def forward(self, q, k, v, mask):
+        return F.scaled_dot_product_attention(q, k, v), F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def test_sdpa_as_4d_on_onnx():
+    q, k, v, mask = torch.randn(2, 5, 8), torch.randn(2, 6, 8), torch.randn(2, 6, 8), torch.randn(2, 5, 6)
+    program, gm = _gm(SingleHead(), q, k, v, mask)
+    assert workarounds.sdpa_as_4d(gm) == 2
+    sdpas = [n for n in gm.graph.nodes if n.target is aten.scaled_dot_product_attention.default]
+    assert all(n.args[0].meta["val"].dim() == 4 for n in sdpas)
+    check_close(program(q, k, v, mask), gm(q, k, v, mask), rtol=1e-6)
+    check_close(program(q, k, v, mask), lower(program, "cpu", "onnx")(q, k, v, mask), rtol=1e-5)
+
+
+class Stats(nn.Module):
+    def forward(self, x):
+        v, m = torch.var_mean(x, dim=(2, 3), keepdim=True, correction=0)
+        return (x - m) / (v + 1).sqrt(), torch.var_mean(x, 1)[1], F.adaptive_max_pool2d(x, (2, 3)), \
+            F.adaptive_max_pool2d(x, (3, 4))   # 4x6 -> 3x4 is not divisible: left to the backend
+
+
+def test_var_mean_and_adaptive_max_pool():
+    x = torch.randn(2, 3, 4, 6)
+    program, gm = _gm(Stats(), x)
+    assert workarounds.var_mean_as_two(gm) == 2 and workarounds.adaptive_max_pool_as_max_pool(gm) == 1
+    t = _targets(gm)
+    assert not {aten.var_mean.correction, aten.var_mean.dim} & set(t) and t.count(aten.adaptive_max_pool2d.default) == 1
+    check_close(program(x), gm(x), rtol=1e-6)
+
+    class Divisible(nn.Module):
+        def forward(self, x):
+            return torch.var_mean(x, 1)[0], F.adaptive_max_pool2d(x, (2, 3))
+
+    p2 = optc.capture(Divisible(), (x,))
+    for backend in ("onnx", "tvm"):
+        check_close(p2(x), lower(p2, "cpu", backend)(x), rtol=1e-5)
+
+
 def test_known_issue_matching(monkeypatch):
     """The campaign's known-issue mechanism still works with no issue open."""
     spec = ModelSpec(inputs=((1, 3),), ops=(Op(kind="residual", inputs=(0, 0), params=(("op", "add_alpha"),),

@@ -120,3 +120,21 @@ CONV_ADAPTIVE_POOL_UP = ModelSpec(inputs=((1, 1, 1, 1),), ops=(Op(kind='conv2d',
                          ids=["conv-clamp-min", "conv-bn-no-affine", "linear-bn-shared", "conv-adaptive-pool-up"])
 def test_torchscript_optimize_for_inference_and_freeze_bugs(spec):
     assert _mismatches(spec, "backend:torchscript") == []
+
+
+# onnx: torch's ONNX translation of SDPA takes only 4-d operands; fuse-attention writes a
+# single-head attention as 3-d SDPA. Found by optc fuzz (shrunk from 3 ops).
+SDPA_3D = ModelSpec(inputs=((1, 1),), ops=(Op(kind='concat', inputs=(0, 0), params=(('dim', 1), ('order', 'xy'), ('form', 'cat')), shape=(1, 2)), Op(kind='to3', inputs=(1,), params=(('form', 'unsqueeze'),), shape=(1, 1, 2)), Op(kind='attention', inputs=(2, 2), params=(('heads', 1), ('qkv', 'separate'), ('mask', 'none'), ('scale', 'div_sqrt'), ('k_form', 'transpose'), ('dropout', 'none'), ('softmax', 'torch'), ('merge', 'reshape'), ('out_proj', True), ('bias', True)), shape=(1, 1, 2))), outputs=(3,), seed=0)
+
+
+def test_onnx_3d_attention():
+    assert _mismatches(SDPA_3D, "backend:onnx") == []
+
+
+# tvm: ConvertLayout on a module without a conv2d (a layer norm and a 1-d average pool) aborts
+# with std::bad_alloc. Found by optc fuzz (shrunk from 3 ops).
+LAYER_NORM_AVG_POOL1D = ModelSpec(inputs=((1, 1, 2),), ops=(Op(kind='act', inputs=(0,), params=(('fn', 'relu'),), shape=(1, 1, 2)), Op(kind='layernorm', inputs=(1,), params=(('dims', 1), ('affine', True), ('bias', True), ('eps', 1e-05), ('form', 'module')), shape=(1, 1, 2)), Op(kind='pool1d', inputs=(2,), params=(('pool', 'avg'), ('k', 2), ('stride', 2)), shape=(1, 1, 1))), outputs=(3,), seed=0)
+
+
+def test_tvm_convert_layout_without_a_conv():
+    assert _mismatches(LAYER_NORM_AVG_POOL1D, "backend:tvm") == []
