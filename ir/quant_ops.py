@@ -269,6 +269,15 @@ def is_dequantize(target) -> bool:
     return target in (torch.ops.optc.dequantize_per_tensor.default, torch.ops.optc.dequantize_per_channel.default)
 
 
+_QUANT_OPS = ("quantize_per_tensor", "dequantize_per_tensor", "quantize_per_channel", "dequantize_per_channel",
+              "quantize_dequantize_dynamic", "linear_dynamic")
+
+
+def is_quant_op(target) -> bool:
+    """Any of this module's ops (a graph holding one is a quantized program)."""
+    return isinstance(target, torch._ops.OpOverload) and target.namespace == "optc" and target._opname in _QUANT_OPS
+
+
 def qrange(dtype: torch.dtype, *, symmetric: bool = False) -> tuple[int, int]:
     """``(quant_min, quant_max)`` for ``dtype``; symmetric int8 uses ``[-127, 127]`` (a zero point
     of 0 and the same step on both sides, as ONNX Runtime's quantizer does)."""

@@ -194,7 +194,12 @@ def test_onnx_session_can_leave_out_an_ort_optimizer(tmp_path):
                          disabled_optimizers=["SkipLayerNormFusion"])
     ran = collections.Counter(n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node)
     assert ran["SkipLayerNormalization"] == 0 and ran["LayerNormalization"] > 0
-    assert ort_optimized_ops(compiled_for("bert", "onnx"), tmp_path)["SkipLayerNormalization"] > 0   # the default
+    # the default for a quantized program: the same options
+    default = compiled_for("bert", "onnx")
+    assert default.backend_options["ort_disabled_optimizers"] == ["SkipLayerNormFusion"]
+    assert default.backend_options["ort_fusions"] == {} and ort_optimized_ops(default, tmp_path)["QGemm"] > 0
+    fp32 = lower(quantized("bert")[1], "cpu", "onnx")
+    assert fp32.backend_options["ort_disabled_optimizers"] == []                # float programs: unchanged
     loaded = optc.load(compiled.save(tmp_path / "m"))
     assert loaded.backend_options["ort_disabled_optimizers"] == ["SkipLayerNormFusion"]
     args, kwargs = checks[0]
