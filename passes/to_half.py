@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+import math
 import operator
 import re
 
@@ -124,6 +125,26 @@ def _reads_dequantized(node: fx.Node) -> bool:
                for a in node.all_input_nodes)
 
 
+def _overflows(node: fx.Node, half: torch.dtype) -> bool:
+    """A Python float argument beyond ``half``'s range (an attention mask's ``finfo(float32).min``):
+    the op cannot run in ``half`` (torch refuses the scalar), so it stays float32."""
+    limit = torch.finfo(half).max
+    return any(isinstance(a, float) and math.isfinite(a) and abs(a) > limit
+               for a in (*node.args, *node.kwargs.values()))
+
+
+def _retype_assert(node: fx.Node) -> None:
+    """``aten._assert_tensor_metadata(x, dtype=float32)`` of a value this pass made half asserts the
+    new dtype (it only checks what the graph itself computes)."""
+    v = node.args[0].meta.get("val") if isinstance(node.args[0], fx.Node) else None
+    if not isinstance(v, torch.Tensor):
+        return
+    if node.kwargs.get("dtype") is not None and node.kwargs["dtype"] != v.dtype:
+        node.update_kwarg("dtype", v.dtype)
+    elif len(node.args) > 3 and node.args[3] is not None and node.args[3] != v.dtype:
+        node.update_arg(3, v.dtype)
+
+
 OPTIONS = {
     "dtype": Option(tuple(DTYPES), "float16", "the half type"),
     "keep": Option(str, "default", "ops (names), nodes or module paths kept in float32; 'default' = softmax, "
@@ -170,6 +191,9 @@ def to_half(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         if node.op == "call_function" and node.target is operator.getitem:
             infer_val(node)                            # an element of a (maybe now half) tuple
             continue
+        if is_op(node, aten._assert_tensor_metadata.default):
+            _retype_assert(node)                       # torch.export's check of a .to(): the new dtype
+            continue
         if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
             continue
         name = _op_name(node)
@@ -189,6 +213,8 @@ def to_half(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
                 mode = "keep"
             else:
                 mode = "half"
+        elif _overflows(node, half):
+            mode = "keep"                              # e.g. masked_fill(scores, mask, finfo(f32).min)
         else:
             mode = "follow" if all(_is_float(a, half) for a in ins) else "keep"
         if mode == "keep" and not any(_is_float(a, half) for a in ins):

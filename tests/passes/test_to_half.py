@@ -223,3 +223,43 @@ def test_cat_of_a_half_and_a_float32_value_computes_in_float32():
     out = run_pass("to-half", Cat(), (torch.randn(2, 3, 4),))
     cat = next(n for n in out.program.graph.nodes if n.target is torch.ops.aten.cat.default)
     assert [a.meta["val"].dtype for a in cat.args[0]] == [torch.float32, torch.float32]   # the half one cast up
+
+
+# ---- found by optc fuzz ----------------------------------------------------------------------------
+class FinfoMask(nn.Module):
+    """Attention scores masked with finfo(float32).min: the scalar does not fit in half."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k = nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def forward(self, x):
+        s = self.q(x) @ self.k(x).transpose(-1, -2)
+        mask = torch.ones(x.shape[1], x.shape[1], dtype=torch.bool).triu(1)
+        return torch.softmax(s.masked_fill(mask, torch.finfo(torch.float32).min), -1)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_a_scalar_beyond_the_half_range_keeps_its_op_in_float32(dtype):
+    model, x = FinfoMask().eval(), torch.randn(2, 3, 4)
+    out = run_pass(f"to-half{{dtype={dtype}}}", model, (x,))
+    fill = next(n for n in out.program.graph.nodes if n.target is torch.ops.aten.masked_fill.Scalar)
+    assert fill.meta["val"].dtype == torch.float32 and fill.args[0].meta["val"].dtype == torch.float32
+    with torch.no_grad():
+        assert compare_outputs(model(x), out.program(x)).max_rel_error < RTOL[dtype]
+
+
+class ToFloat(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return (self.fc(x) * 2).to(torch.float32)     # torch.export checks the dtype of the .to()
+
+
+def test_torch_exports_dtype_assert_follows_the_new_dtype():
+    out = run_pass("to-half", ToFloat(), (torch.randn(3, 4),))
+    asserts = [n for n in out.program.graph.nodes if n.target is torch.ops.aten._assert_tensor_metadata.default]
+    assert asserts and all(n.kwargs["dtype"] == n.args[0].meta["val"].dtype for n in asserts)
+    assert out.program(torch.randn(3, 4)).dtype == torch.float32
