@@ -60,10 +60,14 @@ def _val(a):
 def _static_shape(v) -> tuple[int, ...] | None:
     if not isinstance(v, torch.Tensor):
         return None
-    try:
-        return tuple(int(d) for d in v.shape)
-    except (TypeError, ValueError):  # symbolic: not decidable at compile time
-        return None
+    dims = []
+    for d in v.shape:
+        if isinstance(d, torch.SymInt):   # int(SymInt) would guard on it: the Program's dim turns static
+            d = d.node.maybe_as_int()
+            if d is None:                 # symbolic: not decidable at compile time
+                return None
+        dims.append(int(d))
+    return tuple(dims)
 
 
 def _insert(graph: fx.Graph, before: fx.Node, target, args, kwargs=None) -> fx.Node:

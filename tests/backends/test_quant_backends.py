@@ -138,6 +138,17 @@ def test_onnx_dynamic_scheme_runs_dynamic_integer_matmuls(tmp_path):
             assert compare_outputs(q(*args, **kwargs), compiled(*args, **kwargs)).max_rel_error < 1e-5
 
 
+@pytest.mark.parametrize("backend", ["torchscript", "tvm"])
+def test_dynamic_scheme_on_torchscript_and_tvm(backend):
+    # optc::linear_dynamic is lowered through its definition (float kernels) and computes the same
+    _, _, q, checks = quantized("bert", "default,insert-qdq{scheme=dynamic}")
+    assert any(n.target is torch.ops.optc.linear_dynamic.default for n in q.graph.nodes)
+    compiled = lower(q, "cpu", backend)
+    for args, kwargs in checks:
+        with torch.no_grad():
+            assert compare_outputs(q(*args, **kwargs), compiled(*args, **kwargs)).max_rel_error < 1e-5
+
+
 # ---- TVM lowers Q/DQ to Relax's own ops ------------------------------------------------------------------
 def test_tvm_imports_relax_quantize_and_dequantize():
     from optc.backends.tvm import TVMBackend
