@@ -854,6 +854,34 @@ def _env(**values):
                 os.environ[k] = v
 
 
+@contextlib.contextmanager
+def _meta_schedule_logging():
+    """MetaSchedule's ``create_loggers`` rebuilds its logger with ``logging.config.dictConfig`` and
+    lists every handler already on ``tvm.s_tir.meta_schedule`` by name: a handler it did not
+    create (unnamed: "'NoneType' object has no attribute 'format'"; or named, unknown to its
+    config) makes tuning fail. Such handlers are set aside for the call and put back after; its
+    chatter on stdout is silenced (the tqdm bar shows progress)."""
+    logger = logging.getLogger("tvm.s_tir.meta_schedule")
+    foreign = [h for h in logger.handlers if not (h.get_name() or "").startswith("tvm.s_tir.meta_schedule")]
+    for h in foreign:
+        logger.removeHandler(h)
+    if logger.level == logging.NOTSET:   # else it sets DEBUG, and its console handler prints every XGB round
+        logger.setLevel(logging.INFO)
+    # its console handler writes the task table to stdout each round: here it goes to devnull
+    # (the same lines are in DIR/tuned/logs/), and afterwards only warnings, to stderr
+    with open(os.devnull, "w") as null:
+        try:
+            with contextlib.redirect_stdout(null):
+                yield
+        finally:
+            for h in logger.handlers:
+                if (h.get_name() or "").endswith(".console") and isinstance(h, logging.StreamHandler):
+                    h.setStream(sys.stderr)
+                    h.setLevel(logging.WARNING)
+            for h in foreign:
+                logger.addHandler(h)
+
+
 def _progress_callback(bar):
     from tvm.ir.utils import derived_object
     from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
@@ -905,19 +933,21 @@ def tune(mod: tvm.IRModule, target: Target, *, trials: int, db_dir: str, threads
             raw = _json_database(tuned_dir)
             with tqdm(total=trials, desc=f"tvm tuning {len(todo)} kernels", unit="trial", disable=_no_bar(progress)) as bar, \
                     _env(TVM_NUM_THREADS=threads):
-                contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(todo, work_dir=tuned_dir)
                 try:
-                    ms.tune_tasks(
-                        tasks=contexts, task_weights=weights, work_dir=tuned_dir,
-                        max_trials_global=trials, max_trials_per_task=trials,
-                        num_trials_per_iter=max(1, min(64, trials)),
-                        builder=ms.builder.LocalBuilder(f_build=make_fast_build(), max_workers=threads,
-                                                        timeout_sec=300),
-                        runner=ms.runner.LocalRunner(timeout_sec=120),
-                        database=raw, cost_model="xgb",
-                        measure_callbacks=list(ms.measure_callback.MeasureCallback.create("default"))
-                        + [_progress_callback(bar)],
-                    )
+                    with _meta_schedule_logging():
+                        contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
+                            todo, work_dir=tuned_dir)
+                        ms.tune_tasks(
+                            tasks=contexts, task_weights=weights, work_dir=tuned_dir,
+                            max_trials_global=trials, max_trials_per_task=trials,
+                            num_trials_per_iter=max(1, min(64, trials)),
+                            builder=ms.builder.LocalBuilder(f_build=make_fast_build(), max_workers=threads,
+                                                            timeout_sec=300),
+                            runner=ms.runner.LocalRunner(timeout_sec=120),
+                            database=raw, cost_model="xgb",
+                            measure_callbacks=list(ms.measure_callback.MeasureCallback.create("default"))
+                            + [_progress_callback(bar)],
+                        )
                 except Exception as e:  # noqa: BLE001 - the tuner failing costs speed, never correctness
                     # what it committed before failing is still checked below; the rest keeps the
                     # default schedule and stays undecided, so the next compile tunes it again
