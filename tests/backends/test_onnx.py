@@ -185,8 +185,11 @@ def _op_types(proto) -> set:
 def test_ort_transformer_fusions(captured_zoo):
     model, inputs, program = captured_zoo("bert")
     fused = lower(program, "cpu", "onnx")
-    assert fused.backend_options["ort_fusions"].get("SkipLayerNormalization", 0) >= 2
-    assert "SkipLayerNormalization" in _op_types(_onnx_model(fused))
+    assert fused.backend_options["ort_fusions"].get("BiasGelu", 0) >= 2
+    assert "BiasGelu" in _op_types(_onnx_model(fused))
+    # SkipLayerNormalization is slower on CPU here: neither optc's fusions nor the session's create it
+    assert "SkipLayerNormalization" not in _op_types(_onnx_model(fused))
+    assert fused.backend_options["ort_disabled_optimizers"] == ["SkipLayerNormFusion"]
     plain = lower(program, "cpu", "onnx", ort_fusions=False)
     assert plain.backend_options["ort_fusions"] == {}
     proto = _onnx_model(plain)
@@ -206,7 +209,7 @@ def test_ort_fusions_keep_tanh_gelu(captured_zoo):
     proto = _onnx_model(compiled)
     gelus = [n for n in proto.graph.node if n.op_type == "Gelu"]
     assert gelus and all(any(a.name == "approximate" and a.s == b"tanh" for a in n.attribute) for n in gelus)
-    assert "BiasGelu" not in _op_types(proto) and "SkipLayerNormalization" in _op_types(proto)
+    assert "BiasGelu" not in _op_types(proto)
     with torch.no_grad():
         check_close(model(*inputs), compiled(*inputs), rtol=1e-4)
 
@@ -232,6 +235,21 @@ def test_ort_fusions_that_change_the_outputs_are_not_used(captured_zoo, monkeypa
     with caplog.at_level("WARNING", logger="optc.backends.onnx"):
         compiled = lower(program, "cpu", "onnx")
     assert compiled.backend_options["ort_fusions"] == {} and "change output 0" in caplog.text
-    assert "SkipLayerNormalization" not in _op_types(_onnx_model(compiled))
+    assert "BiasGelu" not in _op_types(_onnx_model(compiled))
+    with torch.no_grad():
+        check_close(model(*inputs), compiled(*inputs), rtol=1e-4)
+
+
+def test_a_crashing_ort_optimizer_leaves_the_plain_model(captured_zoo, monkeypatch, caplog):
+    import onnxruntime.transformers.optimizer as ort_opt
+
+    def crash(model, **kw):   # its pattern matchers raised IndexError on a [1, 1] layer norm (optc fuzz)
+        raise IndexError("list index out of range")
+
+    monkeypatch.setattr(ort_opt, "optimize_model", crash)
+    model, inputs, program = captured_zoo("bert")
+    with caplog.at_level("WARNING", logger="optc.backends.onnx"):
+        compiled = lower(program, "cpu", "onnx")
+    assert compiled.backend_options["ort_fusions"] == {} and "IndexError" in caplog.text
     with torch.no_grad():
         check_close(model(*inputs), compiled(*inputs), rtol=1e-4)
