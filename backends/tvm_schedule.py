@@ -969,15 +969,26 @@ def tune(mod: tvm.IRModule, target: Target, *, trials: int, db_dir: str, threads
                 decisions[key] = {"task": task.task_name, **verdict.to_json()}
                 summary["tuned"] += 1
                 if verdict.ok:
+                    # the record's own workload (MetaSchedule's normalised copy of the task's module):
+                    # its trace replays on that one. ``workload`` itself can differ structurally, and
+                    # a trace that does not replay makes the whole database fail to load (MobileNetV2,
+                    # a grouped conv: "parallel_for_dynamic error")
                     checked.commit_tuning_record(ms.database.TuningRecord(
-                        record.trace, checked.commit_workload(workload), record.run_secs, target, record.args_info))
+                        record.trace, checked.commit_workload(record.workload.mod), record.run_secs, target,
+                        record.args_info))
                 else:
                     summary["rejected"][task.task_name] = verdict.reason
                     log.info("tvm tuning: %s keeps its default schedule: %s", task.task_name, verdict.reason)
             _write_decisions(db_dir, decisions)
     if not os.path.exists(os.path.join(checked_dir, "database_tuning_record.json")):
         return None, summary
-    database = _json_database(checked_dir)
+    try:
+        database = _json_database(checked_dir)
+    except Exception as e:  # noqa: BLE001 - a record that no longer replays (written by an older optc or TVM)
+        summary["error"] = (f"the checked records in {checked_dir} do not load ({type(e).__name__}: "
+                            f"{(str(e).strip().splitlines() or [''])[-1][:200]}); delete that folder to tune again")
+        log.warning("tvm tuning: %s; every kernel keeps its default schedule", summary["error"])
+        return None, summary
     summary["applied"] = sum(1 for f in tir_functions(mod).values()
                              if database.has_workload(tvm.IRModule({"main": f})))
     return (database if len(database) else None), summary

@@ -21,7 +21,7 @@ import torch
 import optc
 from optc.ir.verifier import compare_outputs
 from optc.tools import zoo
-from optc.tools.bench import backend_skip_reason, interleaved, machine_info, paired_ratios
+from optc.tools.bench import backend_skip_reason, interleaved, machine_info, median_ci, paired_ratios
 
 BASE = "canonicalize,constant-fold,cse,dce"
 
@@ -45,7 +45,7 @@ def main(argv=None) -> int:
             except ValueError:
                 pass
         config[k] = v
-    print(f"| model | backend | unfused ms | fused ms | fused/unfused | fused passes fired | err unfused | err fused |")
+    print(f"| model | backend | unfused ms | fused ms | fused/unfused [95% CI] | fused passes fired | err unfused | err fused |")
     print("|---|---|---|---|---|---|---|---|")
     for name in args.models:
         model, inputs = zoo.load(name, **{k: v for k, v in config.items() if k in zoo.get(name).default_config})
@@ -65,10 +65,11 @@ def main(argv=None) -> int:
                                     runs=args.runs, warmup=3)
                 e0 = compare_outputs(ref, unfused(*inputs)).max_rel_error
                 e1 = compare_outputs(ref, fused(*inputs)).max_rel_error
-            ratio = statistics.median(paired_ratios(times["fused"], times["unfused"]))
+            ratios = paired_ratios(times["fused"], times["unfused"])
+            ratio, (lo, hi) = statistics.median(ratios), median_ci(ratios)
             fired_txt = ", ".join(sorted(k for k in fired if k not in ("canonicalize", "constant-fold", "cse", "dce")))
             print(f"| {name} | {backend} | {statistics.median(times['unfused']) * 1e3:.1f} | "
-                  f"{statistics.median(times['fused']) * 1e3:.1f} | {ratio:.3f} | {fired_txt} | {e0:.1e} | {e1:.1e} |",
+                  f"{statistics.median(times['fused']) * 1e3:.1f} | {ratio:.3f} [{lo:.3f}, {hi:.3f}] | {fired_txt} | {e0:.1e} | {e1:.1e} |",
                   flush=True)
             del unfused, fused
     info = machine_info()

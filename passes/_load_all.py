@@ -1,9 +1,6 @@
 """Imports every pass module so that each registers itself. Add new pass modules here."""
 
 import importlib
-import logging
-
-log = logging.getLogger(__name__)
 
 PASS_MODULES = (
     "dce",
@@ -25,9 +22,4 @@ PASS_MODULES = (
 )
 
 for _name in PASS_MODULES:
-    try:
-        importlib.import_module(f"optc.passes.{_name}")
-    except ModuleNotFoundError as e:  # a pass module not written yet must not break the others
-        if e.name != f"optc.passes.{_name}":
-            raise
-        log.debug("pass module %s not present", _name)
+    importlib.import_module(f"optc.passes.{_name}")

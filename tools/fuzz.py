@@ -555,6 +555,7 @@ class CampaignReport:
     notes: dict[str, Counter] = field(default_factory=dict)
     harness_errors: int = 0       # models the oracle itself failed on (not counted as models)
     code_digest: str = ""         # optc's source files when the campaign started (other people edit them)
+    digests: set = field(default_factory=set, repr=False)   # the distinct models' spec digests
 
     def add(self, res: OracleResult, index: int | None = None) -> None:
         if res.discarded:
@@ -609,6 +610,31 @@ class CampaignReport:
             for note, n in notes.most_common(5):
                 lines.append(f"note x{n}: {target}: {note}")
         return "\n".join(lines)
+
+    def merge(self, other: "CampaignReport") -> None:
+        """Add ``other``'s counts (another worker of the same campaign) to this report."""
+        self.models += other.models
+        self.digests |= other.digests
+        self.distinct = len(self.digests)
+        self.discarded += other.discarded
+        self.harness_errors += other.harness_errors
+        self.elapsed_s = max(self.elapsed_s, other.elapsed_s)
+        self.kinds.update(other.kinds)
+        for t, c in other.per_target.items():
+            self.per_target.setdefault(t, Counter()).update(c)
+        for t, c in other.notes.items():
+            self.notes.setdefault(t, Counter()).update(c)
+        for t, v in other.time_per_target.items():
+            self.time_per_target[t] = self.time_per_target.get(t, 0.0) + v
+        for sig, f in other.findings.items():
+            mine = self.findings.get(sig)
+            if mine is None:
+                self.findings[sig] = f
+            else:
+                mine.occurrences += f.occurrences
+                mine.models = sorted(mine.models + f.models)[:1000]
+                if mine.reproducer is None:
+                    mine.shrunk, mine.reproducer = f.shrunk, f.reproducer
 
     @property
     def unexplained(self) -> list[Finding]:
@@ -668,9 +694,11 @@ def _first_line(text: str) -> str:
 def campaign(minutes: float, *, seed: int = 0, backends: Sequence[str] = DEFAULT_BACKENDS,
              backend_rate: float | dict = 0.1, out: str | os.PathLike = "fuzz-repro", passes: Sequence[str] | None = None,
              max_ops: int = 10, shrink_seconds: float = 120.0, progress: bool = True,
-             max_models: int | None = None, start: int = 0, kinds: Sequence[str] | None = None) -> CampaignReport:
+             max_models: int | None = None, start: int = 0, kinds: Sequence[str] | None = None,
+             stride: int = 1) -> CampaignReport:
     """Fuzz for ``minutes`` (or ``max_models``): model ``k`` is ``random_spec(f"{seed}:{k}")``
-    (``k`` from ``start``); each goes through capture, every pass and the default pipeline, and
+    (``k`` from ``start`` in steps of ``stride``: worker ``i`` of ``n`` takes ``start + i``,
+    step ``n``; see :func:`parallel_campaign`); each goes through capture, every pass and the default pipeline, and
     each backend runs on a ``backend_rate`` share of models (a float, or a dict per backend;
     chosen by a seeded RNG, so a
     campaign is deterministic up to its time limit). The first mismatch of each new signature
@@ -693,17 +721,18 @@ def campaign(minutes: float, *, seed: int = 0, backends: Sequence[str] = DEFAULT
             spec, choices = random_spec_choices(f"{seed}:{k}", max_ops, kinds)
             rng = random.Random(f"{seed}:{k}:backends")
             chosen = [b for b in backends if rng.random() < rates[b]]
-            k += 1
+            index = k
+            k += stride
             try:
                 res = oracle(spec, passes, chosen)
             except Exception as e:  # the harness itself (e.g. a pass module that fails to import)
                 report.harness_errors += 1
-                msg = f"optc fuzz: model {k - 1}: the oracle failed: {type(e).__name__}: {_first_line(str(e))}"
+                msg = f"optc fuzz: model {index}: the oracle failed: {type(e).__name__}: {_first_line(str(e))}"
                 bar.write(msg) if bar is not None else print(msg, file=sys.stderr)
                 if report.harness_errors >= 20 and report.harness_errors > report.models:
                     raise
                 continue
-            report.add(res, k - 1)
+            report.add(res, index)
             seen.add(spec.digest())
             if bar is not None:
                 bar.update(1)
@@ -717,7 +746,7 @@ def campaign(minutes: float, *, seed: int = 0, backends: Sequence[str] = DEFAULT
                     continue
                 finding.shrunk = shrink_mismatch(m, choices, passes=passes, seconds=shrink_seconds, max_ops=max_ops,
                                                  kinds=kinds)
-                finding.reproducer = write_reproducer(finding.shrunk, out, note=f"optc fuzz --seed {seed}, model {k - 1}")
+                finding.reproducer = write_reproducer(finding.shrunk, out, note=f"optc fuzz --seed {seed}, model {index}")
                 msg = (f"optc fuzz: {m.target}: {m.kind}: {_first_line(m.detail)}\n"
                        f"  shrunk from {len(m.spec.ops)} to {len(finding.shrunk.spec.ops)} ops: {finding.reproducer}")
                 if bar is not None:
@@ -728,8 +757,38 @@ def campaign(minutes: float, *, seed: int = 0, backends: Sequence[str] = DEFAULT
         torch.set_num_threads(threads)
         if bar is not None:
             bar.close()
+    report.digests = seen
     report.distinct = len(seen)
     report.elapsed_s = time.monotonic() - t_start
+    return report
+
+
+def _campaign_worker(kwargs: dict) -> CampaignReport:
+    return campaign(**kwargs)
+
+
+def parallel_campaign(minutes: float, *, workers: int, max_models: int | None = None, start: int = 0,
+                      progress: bool = True, **kwargs) -> CampaignReport:
+    """:func:`campaign` in ``workers`` processes (each single-threaded): worker ``i`` takes models
+    ``start + i``, ``start + i + workers``, ... so the union is the models one worker would take
+    (up to the time limit); their reports are merged. Only worker 0 shows a progress bar (its
+    count is about ``1/workers`` of the total). A campaign's counts do not depend on ``workers``
+    when it stops at ``max_models``."""
+    if workers <= 1:
+        return campaign(minutes, max_models=max_models, start=start, progress=progress, **kwargs)
+    import multiprocessing
+    jobs = []
+    for i in range(workers):
+        share = None if max_models is None else max_models // workers + (i < max_models % workers)
+        if share == 0:
+            continue
+        jobs.append(dict(kwargs, minutes=minutes, max_models=share, start=start + i, stride=workers,
+                         progress=progress and i == 0))
+    with multiprocessing.get_context("spawn").Pool(len(jobs)) as pool:
+        reports = pool.map(_campaign_worker, jobs)
+    report = reports[0]
+    for other in reports[1:]:
+        report.merge(other)
     return report
 
 
@@ -778,6 +837,8 @@ def add_fuzz_parser(sub) -> None:
     p.add_argument("--max-models", type=int, default=None, metavar="N", help="stop after N models")
     p.add_argument("--seed", type=int, default=0, help="campaign seed: model k is drawn from 'SEED:k' (default 0)")
     p.add_argument("--start", type=int, default=0, metavar="K", help="first model index (resume a campaign)")
+    p.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="processes to fuzz in (default 1; each runs single-threaded, so up to one per core)")
     p.add_argument("--backends", default=",".join(DEFAULT_BACKENDS),
                    help="comma-separated backends to compare (default: all; '' for none); a backend whose "
                         "package is missing is skipped")
@@ -822,7 +883,9 @@ def cmd_fuzz(args) -> int:
             raise OptcError(f"unknown op kind '{bad[0] if bad else ''}' (valid: {', '.join(KINDS)})")
     if not 1 <= args.max_ops <= 50:
         raise OptcError(f"--max-ops must be in [1, 50], got {args.max_ops}")
-    report = campaign(args.minutes, seed=args.seed, backends=backends, backend_rate=rate,
+    if not 1 <= args.workers <= (os.cpu_count() or 1) * 4:
+        raise OptcError(f"--workers must be in [1, {(os.cpu_count() or 1) * 4}], got {args.workers}")
+    report = parallel_campaign(args.minutes, workers=args.workers, seed=args.seed, backends=backends, backend_rate=rate,
                       out=args.out, passes=passes, max_ops=args.max_ops, shrink_seconds=args.shrink_seconds,
                       progress=not args.no_progress, max_models=args.max_models, start=args.start, kinds=kinds)
     print(report.format())

@@ -234,6 +234,11 @@ def test_tuning_uses_a_persistent_checked_database(tmp_path, capfd, monkeypatch)
     decisions = json.load(open(os.path.join(db, "decisions.json")))
     assert decisions and all({"task", "ok", "reason"} <= set(d) for d in decisions.values())
     assert all(d["correct"] for d in decisions.values() if "correct" in d)
+    # a checked record is stored with the workload its trace was tuned on (MetaSchedule's copy):
+    # a trace that does not replay on its workload makes the whole database fail to load
+    hashes = {d: {json.loads(line)[0] for line in open(os.path.join(db, d, "database_workload.json"))}
+              for d in ("tuned", "checked") if os.path.exists(os.path.join(db, d, "database_workload.json"))}
+    assert hashes.get("checked", set()) <= hashes["tuned"]
     # the second compile of the same model tunes nothing it has decided on, and reuses the records
     second = lower(program, "cpu", "tvm", tune=4, tuning_db=db)
     assert second.tuning["tuned"] <= first.tuning["tasks"] - len(decisions)
@@ -242,6 +247,19 @@ def test_tuning_uses_a_persistent_checked_database(tmp_path, capfd, monkeypatch)
     # tune=0 with a database applies its checked records without tuning
     third = lower(program, "cpu", "tvm", tuning_db=db)
     assert third.tuning["tuned"] == 0 and third.tuning["applied"] == second.tuning["applied"]
+
+
+def test_a_tuning_database_that_does_not_load_costs_speed_not_the_compile(tmp_path, caplog, captured_zoo):
+    checked = tmp_path / "db" / "checked"
+    checked.mkdir(parents=True)
+    (checked / "database_workload.json").write_text('["1", "bm90IGEgbW9kdWxl"]\n')
+    (checked / "database_tuning_record.json").write_text('[0, [[[], []], [1e-05], {"kind": "llvm"}, []]]\n')
+    model, inputs, program = captured_zoo("mlp")
+    with caplog.at_level("WARNING", logger="optc.backends.tvm"):
+        compiled = lower(program, "cpu", "tvm", tuning_db=str(tmp_path / "db"))
+    assert "do not load" in compiled.tuning["error"] and str(checked) in compiled.tuning["error"]
+    assert "every kernel keeps its default schedule" in caplog.text
+    check_close(model(*inputs), compiled(*inputs))
 
 
 @pytest.mark.skipif(not HAS_TUNING, reason="needs the tune extra (xgboost, psutil)")

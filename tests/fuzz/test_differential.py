@@ -225,6 +225,17 @@ def test_campaign_shrinks_and_counts(wrong_pass, tmp_path):
     assert f"pass:{wrong_pass}" in report.format()
 
 
+def test_a_campaign_in_two_workers_counts_what_one_worker_does(tmp_path):
+    kw = dict(seed=5, backends=(), passes=["cse", "fold-binary"], max_models=6, progress=False, out=tmp_path,
+              max_ops=5)
+    one = fuzz.campaign(5, **kw)
+    two = fuzz.parallel_campaign(5, workers=2, **kw)
+    assert one.models == two.models == 6
+    assert two.distinct == one.distinct
+    assert {t: dict(c) for t, c in two.per_target.items()} == {t: dict(c) for t, c in one.per_target.items()}
+    assert two.kinds == one.kinds
+
+
 def _register(name, fn, **kw):
     passes_base.register_pass(name, description="test only", **kw)(fn)
     return name
@@ -306,6 +317,7 @@ def test_cli_fuzz(tmp_path, capsys):
     assert main(["fuzz", "--minutes", "-1"]) == 2
     assert main(["fuzz", "--backends", "nope"]) == 2
     assert main(["fuzz", "--backend-rate", "2"]) == 2
+    assert main(["fuzz", "--workers", "0"]) == 2
 
 
 def test_reproducer_of_an_agreeing_model_exits_zero(tmp_path):
