@@ -26,9 +26,11 @@ rewrite                        backend       bug
                                              that would start in the right padding (onnx 1.23)
 :func:`sdpa_as_4d`             onnx          torch's ONNX translation of SDPA takes only 4-d
                                              operands; torch (and fuse-attention) allow 3-d
-:func:`add_alpha_as_mul`       tvm           ``from_exported_program`` ignores the ``alpha`` of
-                                             ``aten.add``/``aten.sub`` (TVM 0.27): a silent
-                                             miscompile
+:func:`add_alpha_as_mul`       tvm,          ``from_exported_program`` ignores the ``alpha`` of
+                               torchscript   ``aten.add``/``aten.sub`` (TVM 0.27); TorchScript's
+                                             ``optimize_for_inference`` ignores it in
+                                             ``add(y, y, alpha=a)`` of a convolution's output
+                                             (torch 2.13: ``2a*y``): silent miscompiles
 :func:`cumsum_int64`           tvm           ``from_exported_program`` keeps a bool/int32
                                              ``cumsum``'s input dtype (torch returns int64), and
                                              LLVM codegen of a bool add aborts (TVM 0.27)
@@ -361,7 +363,9 @@ _ALPHA_OPS = {aten.add.Tensor: aten.add.Tensor, aten.sub.Tensor: aten.sub.Tensor
 
 def add_alpha_as_mul(gm: fx.GraphModule) -> int:
     """``add/sub(x, y, alpha=a)`` -> ``add/sub(x, y * a)``: TVM 0.27's importer drops ``alpha``
-    (``torch.add(x, y, alpha=0.5)`` ran as ``x + y``)."""
+    (``torch.add(x, y, alpha=0.5)`` ran as ``x + y``), and so does TorchScript's
+    ``optimize_for_inference`` for ``add(y, y, alpha=a)`` where ``y`` is a convolution's output
+    (torch 2.13.0 returns ``2a*y`` instead of ``(1+a)*y``; found by optc fuzz)."""
     n = 0
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target not in _ALPHA_OPS:
@@ -469,10 +473,19 @@ def var_mean_as_two(gm: fx.GraphModule) -> int:
     return _done(gm, "var_mean_as_two", n)
 
 
+def _adaptive_windows(n: int, out: int) -> list[tuple[int, int]]:
+    """adaptive pooling's windows along one axis: ``[floor(i*n/out), ceil((i+1)*n/out))``."""
+    return [((i * n) // out, -((-(i + 1) * n) // out)) for i in range(out)]
+
+
 def adaptive_max_pool_as_max_pool(gm: fx.GraphModule) -> int:
-    """``adaptive_max_pool2d`` whose input is a multiple of its output, with its indices unused ->
-    ``max_pool2d`` with kernel = stride = input / output (the same windows): neither TVM 0.27's
-    importer nor torch's ONNX exporter translates the adaptive op."""
+    """``adaptive_max_pool2d`` with its indices unused -> ``max_pool2d`` with kernel = stride =
+    input / output where the input is a multiple of the output (the same windows), else a
+    separable max: along H, one ``amax`` per output row over its window, concatenated, then the
+    same along W (a max over a rectangle is the max over its rows of the max over its columns;
+    windows may overlap or, for an output larger than the input, repeat). Neither TVM 0.27's
+    importer nor torch's ONNX exporter translates the adaptive op (the exporter raised a
+    DispatchError on a 1x1 -> 2x2 pool, found by optc fuzz)."""
     n = 0
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target is not aten.adaptive_max_pool2d.default:
@@ -484,15 +497,29 @@ def adaptive_max_pool_as_max_pool(gm: fx.GraphModule) -> int:
             continue
         (h, w), (oh, ow) = xs[-2:], ys[-2:]
         users = [u for u in node.users if u.users or not (u.op == "call_function" and u.target is operator.getitem)]
-        if h % oh or w % ow or not all(u.op == "call_function" and u.target is operator.getitem and u.args[1] == 0
-                                       for u in users):
+        if not all(u.op == "call_function" and u.target is operator.getitem and u.args[1] == 0 for u in users):
             continue
         for u in list(node.users):   # unused getitems (the indices nobody reads)
             if u not in users:
                 gm.graph.erase_node(u)
-        k = [h // oh, w // ow]
         g = gm.graph
-        new = _insert(g, node, aten.max_pool2d.default, (node.args[0], k, k))
+        if h % oh == 0 and w % ow == 0:
+            k = [h // oh, w // ow]
+            new = _insert(g, node, aten.max_pool2d.default, (node.args[0], k, k))
+        else:
+            new = node.args[0]
+            rank = len(xs)
+            for dim, size, osize in ((rank - 2, h, oh), (rank - 1, w, ow)):
+                windows = _adaptive_windows(size, osize)
+                if all(e - s == 1 for s, e in windows) and osize == size:
+                    continue   # the identity along this axis
+                parts = []
+                for s, e in windows:
+                    piece = _insert(g, node, aten.slice.Tensor, (new, dim, s, e))
+                    parts.append(_insert(g, node, aten.amax.default, (piece, [dim], True)))
+                new = parts[0] if len(parts) == 1 else _insert(g, node, aten.cat.default, (parts, dim))
+            if new is node.args[0]:
+                new = _insert(g, node, aten.clone.default, (new,))
         for u in users:
             u.replace_all_uses_with(new)
             g.erase_node(u)
@@ -506,9 +533,10 @@ def apply(gm: fx.GraphModule, rewrites) -> dict[str, int]:
     return {fn.__name__: fn(gm) for fn in rewrites}
 
 
-TORCHSCRIPT = (addmm_as_linear, tanh_gelu_as_formula, clamp_one_sided, batch_norm_as_affine, adaptive_avg_pool_as_matmul)
+TORCHSCRIPT = (addmm_as_linear, tanh_gelu_as_formula, clamp_one_sided, batch_norm_as_affine, adaptive_avg_pool_as_matmul,
+               add_alpha_as_mul)
 ONNX = (ceil_pool_as_floor, sdpa_as_4d, adaptive_max_pool_as_max_pool)
-TVM = (add_alpha_as_mul, cumsum_int64, amax_as_max_dim, var_mean_as_two, adaptive_max_pool_as_max_pool)
+TVM = (add_alpha_as_mul, cumsum_int64, adaptive_max_pool_as_max_pool, amax_as_max_dim, var_mean_as_two)   # its amax first
 
 __all__ = ["apply", "addmm_as_linear", "tanh_gelu_as_formula", "clamp_one_sided", "batch_norm_as_affine",
            "adaptive_avg_pool_as_matmul", "sdpa_as_4d", "ceil_pool_as_floor", "add_alpha_as_mul",

@@ -138,3 +138,40 @@ LAYER_NORM_AVG_POOL1D = ModelSpec(inputs=((1, 1, 2),), ops=(Op(kind='act', input
 
 def test_tvm_convert_layout_without_a_conv():
     assert _mismatches(LAYER_NORM_AVG_POOL1D, "backend:tvm") == []
+
+
+# torch's ONNX exporter has no translation of adaptive_max_pool2d ("No ONNX function found"); optc
+# rewrote only the divisible case, so a 1x1 -> 2x2 pool failed to lower. Found by optc fuzz (seed
+# 20261201, model 388; shrunk to 3 ops). Worked around: windows that do not tile the input become
+# a separable max (workarounds.adaptive_max_pool_as_max_pool).
+ADAPTIVE_MAX_UP = ModelSpec(inputs=((1, 1, 1, 1),), ops=(
+    Op(kind='act', inputs=(0,), params=(('fn', 'relu'),), shape=(1, 1, 1, 1)),
+    Op(kind='conv2d', inputs=(1,), params=(('groups_mode', 'pointwise'), ('out', 1), ('k', (1, 1)), ('stride', 1),
+                                           ('padding', (0, 0)), ('dilation', 1), ('groups', 1), ('bias', True),
+                                           ('padding_mode', 'zeros')), shape=(1, 1, 1, 1)),
+    Op(kind='pool2d', inputs=(2,), params=(('pool', 'adaptive_max'), ('out', 2)), shape=(1, 1, 2, 2))),
+    outputs=(3,), seed=0)
+
+
+@pytest.mark.parametrize("target", ["backend:onnx", "backend:tvm", "backend:torchscript"])
+def test_adaptive_max_pool_to_a_larger_output(target):
+    assert _mismatches(ADAPTIVE_MAX_UP, target) == []
+
+
+# torch: optimize_for_inference computes add(y, y, alpha=a) of a convolution's output as 2a*y
+# (alpha applied to both operands; 1/3 of the output scale off for a = 0.5). Pure-torch reproducer in docs/fuzzing.md.
+# Found by optc fuzz (seed 1, model 136; shrunk from 10 to 4 ops). Worked around: add(y, y * a).
+CONV_ADD_ALPHA_SELF = ModelSpec(inputs=((1, 1, 1, 1),), ops=(
+    Op(kind='channel_const', inputs=(0,), params=(('op', 'mul'), ('where', 'channel'), ('cshape', (1, 1, 1)),
+                                                  ('storage', 'buffer')), shape=(1, 1, 1, 1)),
+    Op(kind='layernorm', inputs=(1,), params=(('dims', 1), ('affine', True), ('bias', True), ('eps', 1e-05),
+                                              ('form', 'module')), shape=(1, 1, 1, 1)),
+    Op(kind='conv2d', inputs=(2,), params=(('groups_mode', 'plain'), ('out', 1), ('k', (3, 3)), ('stride', 1),
+                                           ('padding', (1, 1)), ('dilation', 1), ('groups', 1), ('bias', True),
+                                           ('padding_mode', 'zeros')), shape=(1, 1, 1, 1)),
+    Op(kind='residual', inputs=(3, 3), params=(('op', 'add_alpha'),), shape=(1, 1, 1, 1))),
+    outputs=(4,), seed=0)
+
+
+def test_torchscript_conv_output_added_to_itself_with_alpha():
+    assert _mismatches(CONV_ADD_ALPHA_SELF, "backend:torchscript") == []
