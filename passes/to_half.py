@@ -20,6 +20,11 @@ Every float32 op is put in one of three classes (torch autocast's, restated for 
     its float inputs -- half if they all are half, float32 if any is (the half ones cast up),
     so a residual add of a half branch and a float32 input computes in float32.
 
+``range`` (float16 only; ``range_check=true``, the default)
+    an op whose float32 result, or any of whose float inputs, reaches beyond a quarter of
+    float16's range (65504 / 4) on the program's example inputs (and its calibration data, when
+    given) stays float32: float16 would overflow to inf there. bfloat16 has float32's range.
+
 A value is cast at most once per type (the cast is shared by its readers). Graph inputs keep their
 dtypes (cast after them), and every float32 graph output stays float32 (cast before it): the
 compiled model is called and answers like the original. Integer and float64 values are untouched.
@@ -145,8 +150,46 @@ def _retype_assert(node: fx.Node) -> None:
         node.update_arg(3, v.dtype)
 
 
+#: ``range_check``: a value this far from zero (as a share of the half type's max) stays float32.
+RANGE_SHARE = 0.25
+
+
+def _value_ranges(gm: fx.GraphModule, ctx: PassContext) -> dict[str, float]:
+    """max |value| of every float tensor the graph computes, over the program's example inputs and
+    its calibration data (when given), in float32, before the rewrite."""
+    program = ctx.program
+    if program is None:
+        return {}
+    samples = [program.example_flat_inputs()]
+    from optc.passes.calibration import normalise_sample
+    for sample in list(ctx.extra.get("calibration_data") or [])[:8]:
+        try:
+            args, kwargs = normalise_sample(sample)
+            samples.append(program.flatten_inputs(args, kwargs))
+        except Exception:  # noqa: BLE001 - checked by the API already; a range is a heuristic
+            break
+    ranges: dict[str, float] = {}
+
+    class Recorder(fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            for t in (out if isinstance(out, (tuple, list)) else (out,)):
+                if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel():
+                    finite = t.detach()[torch.isfinite(t.detach())]
+                    m = float(finite.abs().max()) if finite.numel() else 0.0
+                    ranges[n.name] = max(ranges.get(n.name, 0.0), m)
+            return out
+
+    with torch.no_grad():
+        for flat in samples:
+            Recorder(gm).run(*flat)
+    return ranges
+
+
 OPTIONS = {
     "dtype": Option(tuple(DTYPES), "float16", "the half type"),
+    "range_check": Option(bool, True, "float16: ops whose values on the example inputs reach a quarter of its range "
+                          "stay float32"),
     "keep": Option(str, "default", "ops (names), nodes or module paths kept in float32; 'default' = softmax, "
                    "norms, reductions, exp/log/pow, SDPA"),
 }
@@ -162,6 +205,13 @@ def to_half(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     casts: dict[tuple[fx.Node, torch.dtype], fx.Node] = {}
     converted: dict[tuple[str, torch.dtype], str] = {}
     stats = {"half": 0, "follow_half": 0, "kept": 0, "casts": 0, "weights": 0}
+    limit = torch.finfo(half).max * RANGE_SHARE
+    ranges = _value_ranges(gm, ctx) if ctx.options["range_check"] and half == torch.float16 else {}
+
+    def out_of_range(node: fx.Node) -> float | None:
+        big = [ranges.get(a.name, 0.0) for a in (node, *_float_inputs(node))]
+        return max(big) if big and max(big) > limit else None
+
     nodes = list(graph.nodes)
     placeholders = [n for n in nodes if n.op == "placeholder"]
 
@@ -201,8 +251,16 @@ def to_half(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         if not ins or any(_is_float(a, torch.float64) for a in ins):
             continue                                   # no float input, or float64 compute: untouched
         pat = _kept(node, keep)
+        wide = out_of_range(node)
         if node.target.namespace == "optc":
             mode = "keep"
+        elif wide is not None:
+            mode = "keep"                              # float16 would overflow here
+            if name in HALF_OPS or any(_is_float(a, half) for a in ins):   # the check changed it
+                stats["kept_range"] = stats.get("kept_range", 0) + 1
+            if name in HALF_OPS:
+                ctx.reject("half", node, f"values reach {wide:.3g} on the example inputs, beyond {limit:.3g}: "
+                           "stays float32 (range_check)")
         elif pat is not None:
             mode = "keep"
             if name in HALF_OPS:

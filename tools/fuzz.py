@@ -159,7 +159,9 @@ class KnownIssue:
 
     A mismatch matches when it is on ``target``, its detail contains ``pattern`` (a regular
     expression; errors) and, if ``trigger`` is given, the model has an op of kind ``trigger[0]``
-    whose parameters include ``trigger[1]`` (numeric mismatches have no message to match)."""
+    whose parameters include ``trigger[1]`` (numeric mismatches have no message to match); a
+    parameter's value may be a frozenset of alternatives. ``accepted``: not a bug but an accuracy
+    trade-off of the library, understood and left as it is (its test checks the bound)."""
 
     id: str
     target: str                          # the target it occurs on ("backend:torchscript")
@@ -167,6 +169,7 @@ class KnownIssue:
     where: str                           # whose bug: torch, onnx, onnxruntime, tvm, optc
     summary: str
     trigger: tuple[str, tuple] | None = None   # (op kind, ((param, value), ...)) the model must have
+    accepted: bool = False
 
     def matches(self, m: "Mismatch") -> bool:
         if m.target != self.target or re.search(self.pattern, m.detail) is None:
@@ -174,13 +177,21 @@ class KnownIssue:
         if self.trigger is None:
             return True
         kind_, params = self.trigger
-        return any(op.kind == kind_ and all(op.p.get(k) == v for k, v in params) for op in m.spec.ops)
+        return any(op.kind == kind_ and all(op.p.get(k) in v if isinstance(v, frozenset) else op.p.get(k) == v
+                                            for k, v in params) for op in m.spec.ops)
 
 
 # Bugs outside optc that optc has not worked around yet (docs/fuzzing.md, "Known issues"). The
 # five found so far (TorchScript addmm->linear and conv->tanh-GELU, onnx ceil-mode pooling shape
 # inference, TVM add/sub alpha and bool cumsum) are worked around in backends/workarounds.py.
 KNOWN_ISSUES: list[KnownIssue] = [
+    # ONNX Runtime's Sigmoid (MLAS) has absolute error up to 1.4e-7: relative error 2.6e-5 at
+    # sigmoid(-6), 2e-3 at sigmoid(-10). A model whose output is such a tail (quick_gelu of -3.6:
+    # -0.0078) differs from eager by 1e-5 of that small output. Found by the 10,000-model campaign
+    # (seed 20261201, model 969). Matched only below 1e-3 of the output scale.
+    KnownIssue("ort-sigmoid-tail", "backend:onnx", r"^output \d+: error \d(\.\d+)?e-(0[4-9]|[1-9]\d) ",
+               "onnxruntime", "Sigmoid's absolute error of about 1e-7 is a large relative error in its negative tail",
+               trigger=("act", (("fn", frozenset({"sigmoid", "silu", "silu_manual", "quick_gelu"})),)), accepted=True),
 ]
 
 
@@ -602,7 +613,9 @@ class CampaignReport:
         for f in self.findings.values():
             m = f.shrunk or f.first
             known = known_issue(f.first)
-            tag = f"KNOWN ({known.where} bug: {known.id})" if known else "UNEXPLAINED MISMATCH"
+            tag = ("UNEXPLAINED MISMATCH" if known is None else
+                   f"KNOWN ({known.where} accuracy trade-off, accepted: {known.id})" if known.accepted else
+                   f"KNOWN ({known.where} bug: {known.id})")
             lines.append(f"{tag} x{f.occurrences}: {f.first.target}: {f.first.kind}: {_first_line(f.first.detail)}")
             if f.reproducer:
                 lines.append(f"  reproducer ({len(m.spec.ops)} ops): {f.reproducer}")

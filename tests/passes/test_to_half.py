@@ -263,3 +263,48 @@ def test_torch_exports_dtype_assert_follows_the_new_dtype():
     asserts = [n for n in out.program.graph.nodes if n.target is torch.ops.aten._assert_tensor_metadata.default]
     assert asserts and all(n.kwargs["dtype"] == n.args[0].meta["val"].dtype for n in asserts)
     assert out.program(torch.randn(3, 4)).dtype == torch.float32
+
+
+class Wide(nn.Module):
+    """Values beyond float16's range (found by optc fuzz, shrunk: seed 20261201, model 5326): h in
+    [-24, 552], y = fc(h) * 4 about 455, y * y about 2e5 > 65504; h * h about 3e5 into a linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(48, 1)
+        self.narrow = nn.Linear(48, 1)
+        self.wide_in = nn.Linear(48, 2)
+
+    def forward(self, x):
+        h = x.clamp(-1, 6) / -0.25
+        h = h + h * h
+        y = self.fc(h) * 4
+        return y * y, self.narrow(x), self.wide_in(h * h) / 1e4
+
+
+def test_values_beyond_the_float16_range_stay_float32():
+    torch.manual_seed(0)
+    model, x = Wide().eval(), torch.randn(3, 48) * 4
+    with torch.no_grad():
+        ref = model(x)
+    assert ref[0].abs().max() > torch.finfo(torch.float16).max    # float16 would overflow here
+    out = run_pass("to-half", model, (x,))
+    dtypes = {n.name: n.meta["val"].dtype for n in out.program.graph.nodes
+              if isinstance(n.meta.get("val"), torch.Tensor)}
+    assert dtypes["linear"] == dtypes["linear_1"] == dtypes["mul_1"] == torch.float16   # in range: half
+    assert dtypes["mul_2"] == torch.float32                      # y * y: computed from y cast up
+    assert dtypes["linear_2"] == dtypes["mul_3"] == torch.float32   # h * h and the linear reading it
+    stats = out.report.stats("to-half")
+    assert stats["half"] == 2 and stats["kept_range"] == 2       # mul_2 and linear_2
+    (rej,) = [r for r in out.report.record("to-half").rejections if "range_check" in r[2]]
+    assert rej[1] == "linear_2" and "beyond 1.64e+04" in rej[2]
+    with torch.no_grad():
+        got = out.program(x)
+    assert all(torch.isfinite(g).all() for g in got)
+    assert compare_outputs(ref, got).max_rel_error < RTOL["float16"]
+    # without the check the same graph overflows; bfloat16 has float32's range and needs no check
+    off = run_pass("to-half{range_check=false}", model, (x,))
+    with torch.no_grad():
+        assert not torch.isfinite(off.program(x)[0]).all()
+    bf = run_pass("to-half{dtype=bfloat16}", model, (x,))
+    assert "kept_range" not in bf.report.stats("to-half")
