@@ -26,6 +26,9 @@ rewrite                        backend       bug
                                              that would start in the right padding (onnx 1.23)
 :func:`sdpa_as_4d`             onnx          torch's ONNX translation of SDPA takes only 4-d
                                              operands; torch (and fuse-attention) allow 3-d
+:func:`near_identity_scalar_as_tensor`  onnx  the exporter's optimizer (onnxscript 0.7.2)
+                                             deletes ``x + c`` for ``|c| <= 1e-8`` and ``x * c``
+                                             for ``c`` within 1e-5 of 1: silent miscompiles
 :func:`add_alpha_as_mul`       tvm,          ``from_exported_program`` ignores the ``alpha`` of
                                torchscript   ``aten.add``/``aten.sub`` (TVM 0.27); TorchScript's
                                              ``optimize_for_inference`` ignores it in
@@ -528,6 +531,43 @@ def adaptive_max_pool_as_max_pool(gm: fx.GraphModule) -> int:
     return _done(gm, "adaptive_max_pool_as_max_pool", n)
 
 
+_SCALAR_OPS = {aten.add.Tensor: "add", aten.sub.Tensor: "add", aten.mul.Tensor: "mul", aten.div.Tensor: "mul",
+               aten.add.Scalar: "add", aten.sub.Scalar: "add", aten.mul.Scalar: "mul", aten.div.Scalar: "mul"}
+
+
+def near_identity_scalar_as_tensor(gm: fx.GraphModule) -> int:
+    """``x + c`` / ``x - c`` with ``0 < |c| <= 1e-7`` and ``x * c`` / ``x / c`` with ``c != 1``
+    within 2e-5 of 1 -> the same with ``c`` as a constant tensor of shape ``[1] * x.dim()``:
+    the ONNX exporter's optimizer (onnxscript 0.7.2) matches scalar constants of its no-op rules
+    with ``abs_tol=1e-8, rel_tol=1e-5``, so it deletes ``x + 1e-12`` (an epsilon: 0 / 0 = NaN
+    behind it; found by optc fuzz) and ``x * 1.000001``. It leaves non-scalar constants alone."""
+    n = 0
+    for node in list(gm.graph.nodes):
+        kind = _SCALAR_OPS.get(node.target) if node.op == "call_function" else None
+        if kind is None or len(node.args) < 2 or node.kwargs.get("alpha", 1) != 1:
+            continue
+        x, c = node.args[:2]
+        xv = _val(x)
+        if not isinstance(c, float) or not isinstance(xv, torch.Tensor) or xv.dim() == 0 \
+                or not xv.is_floating_point():
+            continue
+        near = (c != 0 and abs(c) <= 1e-7) if kind == "add" else (c != 1 and math.isclose(c, 1, rel_tol=2e-5))
+        if not near:
+            continue
+        from optc.ir.rewrite import add_attr
+        target = add_attr(gm, "_optc_scalar", torch.full([1] * xv.dim(), c, dtype=xv.dtype))
+        with gm.graph.inserting_before(node):
+            const = gm.graph.get_attr(target)
+        const.meta["val"] = torch.empty([1] * xv.dim(), dtype=xv.dtype, device="meta")
+        tensor_op = {aten.add.Scalar: aten.add.Tensor, aten.sub.Scalar: aten.sub.Tensor,
+                     aten.mul.Scalar: aten.mul.Tensor, aten.div.Scalar: aten.div.Tensor}.get(node.target, node.target)
+        new = _insert(gm.graph, node, tensor_op, (x, const))
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        n += 1
+    return _done(gm, "near_identity_scalar_as_tensor", n)
+
+
 def apply(gm: fx.GraphModule, rewrites) -> dict[str, int]:
     """Run ``rewrites`` on ``gm`` (in place); the count of rewritten nodes per rewrite."""
     return {fn.__name__: fn(gm) for fn in rewrites}
@@ -535,10 +575,11 @@ def apply(gm: fx.GraphModule, rewrites) -> dict[str, int]:
 
 TORCHSCRIPT = (addmm_as_linear, tanh_gelu_as_formula, clamp_one_sided, batch_norm_as_affine, adaptive_avg_pool_as_matmul,
                add_alpha_as_mul)
-ONNX = (ceil_pool_as_floor, sdpa_as_4d, adaptive_max_pool_as_max_pool)
+ONNX = (ceil_pool_as_floor, sdpa_as_4d, adaptive_max_pool_as_max_pool, near_identity_scalar_as_tensor)
 TVM = (add_alpha_as_mul, cumsum_int64, adaptive_max_pool_as_max_pool, amax_as_max_dim, var_mean_as_two)   # its amax first
 
 __all__ = ["apply", "addmm_as_linear", "tanh_gelu_as_formula", "clamp_one_sided", "batch_norm_as_affine",
            "adaptive_avg_pool_as_matmul", "sdpa_as_4d", "ceil_pool_as_floor", "add_alpha_as_mul",
-           "cumsum_int64", "amax_as_max_dim", "var_mean_as_two", "adaptive_max_pool_as_max_pool", "TORCHSCRIPT",
+           "cumsum_int64", "amax_as_max_dim", "var_mean_as_two", "adaptive_max_pool_as_max_pool",
+           "near_identity_scalar_as_tensor", "TORCHSCRIPT",
            "ONNX", "TVM"]

@@ -282,3 +282,20 @@ def test_known_issue_matching(monkeypatch):
     assert known_issue(m) is issue and m.signature == ("backend:tvm", "numeric", "known:x")
     other = Mismatch("backend:onnx", "numeric", "output 0: error 0.5 > allowed 1e-05", spec)
     assert known_issue(other) is None
+
+
+class NearIdentity(nn.Module):
+    def forward(self, x):
+        n = x - x.mean(-1, keepdim=True)
+        return n / (n.pow(2).mean(-1, keepdim=True).sqrt() + 1e-12), x * 1.000001, x + 0.5, x * 2.0
+
+
+def test_near_identity_scalars_survive_the_onnx_exporters_optimizer():
+    x = torch.randn(2, 1)       # a one-element row: n = 0, and 0 / (0 + 1e-12) must stay 0
+    program, gm = _gm(NearIdentity(), x)
+    assert workarounds.near_identity_scalar_as_tensor(gm) == 2     # the epsilon and the 1.000001; not 0.5, 2.0
+    check_close(program(x), gm(x), rtol=0)
+    compiled = lower(program, "cpu", "onnx")
+    got = compiled(x)
+    assert torch.isfinite(got[0]).all() and torch.equal(got[0], torch.zeros(2, 1))
+    assert torch.equal(got[1], program(x)[1])      # x * 1.000001, not x

@@ -218,3 +218,16 @@ HALF_OVERFLOW = ModelSpec(inputs=((1, 24),), ops=(
 
 def test_to_half_keeps_values_beyond_the_float16_range_in_float32():
     assert _mismatches(HALF_OVERFLOW, "pass:to-half") == []
+
+
+# onnxscript 0.7.2 (the ONNX exporter's optimizer): its no-op rules match scalar constants with
+# abs_tol=1e-8, so `x + 1e-12` was deleted and a layer norm's 0 / (0 + eps) became NaN. Found by
+# the 10,000-model campaign (seed 20261201, models 4099, 5419, 5911, 7894; shrunk to 1 op).
+# Worked around: such scalars become [1]*rank tensors (workarounds.near_identity_scalar_as_tensor).
+TINY_EPS = ModelSpec(inputs=((1, 1, 1, 1),), ops=(
+    Op(kind='layernorm_manual', inputs=(0,), params=(('var', 'pow_mean'), ('norm', 'eps_outside'), ('affine', 'both'),
+                                                     ('eps', 1e-12)), shape=(1, 1, 1, 1)),), outputs=(1,), seed=0)
+
+
+def test_onnx_exporter_optimizer_keeps_a_tiny_epsilon():
+    assert _mismatches(TINY_EPS, "backend:onnx") == []
