@@ -94,7 +94,7 @@ graph(%x : f32[1,4,6,6]):
   %fc_bias_dq : f32[3] = optc.dequantize_per_channel(%fc_bias_q, %fc_bias_scale, %fc_bias_zero_point, 0, -2147483648, 2147483647, i32)
   %linear : f32[1,3] = aten.linear(%mean_dq, %fc_weight_dq, %fc_bias_dq)
   return (%linear)
-""", modified=True, rtol=INT8_RTOL, pm_options=calib_with_checked_inputs(model, (x,)),
+""", modified=True, rtol=INT8_RTOL, pm_options=calib_with_checked_inputs(model, (x,)), golden_digits=6,
         stats={"insert-qdq": {"layers": 3, "qdq": 5, "integer_adds": 1, "calibration": "minmax", "samples": 8}})
     rec = out.report.record("insert-qdq")
     assert not rec.exact and 0 < rec.error.max_rel_error < INT8_RTOL and rec.error.cosine > 0.999
@@ -186,7 +186,7 @@ graph(%x : f32[2,5,8]):
   %add : f32[2,5,8] = aten.add.Tensor(%linear_1, %x)
   %softmax : f32[2,5,8] = aten.softmax.int(%add, -1)
   return (%softmax)
-""", modified=True, rtol=INT8_RTOL, pm_options=calib_with_checked_inputs(model, (x,)),
+""", modified=True, rtol=INT8_RTOL, pm_options=calib_with_checked_inputs(model, (x,)), golden_digits=6,
         stats={"insert-qdq": {"layers": 2, "qdq": 2, "integer_adds": 0}})
 
 
@@ -245,7 +245,7 @@ graph(%x : f32[1,3,5,5]):
   %conv2d_2_q : u8[1,2,5,5] = optc.quantize_per_tensor(%conv2d_2, 0.007647772319614887, 154, 0, 255, u8)
   %conv2d_2_dq : f32[1,2,5,5] = optc.dequantize_per_tensor(%conv2d_2_q, 0.007647772319614887, 154, 0, 255, u8)
   return (%conv2d_2_dq)
-""", modified=True, rtol=INT8_RTOL, pm_options=calib_with_checked_inputs(model, (x,)),
+""", modified=True, rtol=INT8_RTOL, pm_options=calib_with_checked_inputs(model, (x,)), golden_digits=6,
         stats={"insert-qdq": {"layers": 3, "qdq": 5, "integer_adds": 1}})
     q_of = {n.args[0].name: n for n in out.program.graph.nodes if n.target is Q.quantize_per_tensor.default}
     assert set(q_of) == {"x", "relu", "conv2d_1", "cat", "conv2d_2"}   # conv c's output too: QLinearConv
