@@ -148,6 +148,7 @@ class OracleResult:
     notes: dict[str, str] = field(default_factory=dict)      # target -> why refused/unsupported/unavailable
     times: dict[str, float] = field(default_factory=dict)
     discarded: str | None = None                              # why the model was not compared
+    changed: set = field(default_factory=set)                 # targets whose passes changed the graph
 
 
 # ---- known issues --------------------------------------------------------------------------------
@@ -406,8 +407,10 @@ class _Checker:
         fired = getattr(fn, "_fuzz_fired", True)
         self.compare(target, pipeline, backend, fn, exact=exact, lossy_tolerance=lossy_tolerance, plugins=plugins,
                      input_sets=None if fired else 1)
-        if getattr(fn, "_fuzz_fired", False) and self.res.status.get(target) == "ok":
-            self.res.status[target] = "fired"
+        if getattr(fn, "_fuzz_fired", False):
+            self.res.changed.add(target)
+            if self.res.status.get(target) == "ok":
+                self.res.status[target] = "fired"
         return fn
 
     def run_backend(self, target, name, program, input_sets):
@@ -644,6 +647,7 @@ class CampaignReport:
             c = self.per_target.setdefault(target, Counter())
             c[status] += 1
             c["ran"] += status not in ("unavailable", "blocked")
+            c["fired"] += status != "fired" and target in res.changed   # an unchecked or rounding run changed it too
         for target, note in res.notes.items():
             self.notes.setdefault(target, Counter())[note] += 1
         for target, t in res.times.items():
