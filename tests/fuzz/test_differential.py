@@ -278,6 +278,16 @@ def test_lossy_passes_are_held_to_their_declared_tolerance(test_passes):
     assert {m.target for m in res.mismatches} == {"pass:fuzz-test-lossy-too-big", "pass:fuzz-test-exact-but-off"}
 
 
+def test_a_small_wrong_answer_stays_a_mismatch_after_the_float64_recheck(test_passes):
+    # 1e-4 off on every output: below the re-check's 1e-3 threshold, but the float64 run is
+    # 1e-4 off too, so it is a finding, not rounding
+    test_passes.append(_register("fuzz-test-slightly-off", _scale_outputs(1 + 1e-4), exact=True))
+    res = oracle(random_spec(5, kinds=["linear", "act"]), passes=test_passes, pipeline=False)
+    assert res.status["pass:fuzz-test-slightly-off"] == "mismatch"
+    (m,) = res.mismatches
+    assert 5e-5 < m.error < 1e-3
+
+
 def test_rounding_differences_are_not_mismatches():
     # fold-conv-bn changes the rounding (weights folded in float64, rounded once): never a finding
     spec = ModelSpec(inputs=((2, 3, 6, 6),), ops=(

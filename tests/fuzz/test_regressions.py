@@ -231,3 +231,17 @@ TINY_EPS = ModelSpec(inputs=((1, 1, 1, 1),), ops=(
 
 def test_onnx_exporter_optimizer_keeps_a_tiny_epsilon():
     assert _mismatches(TINY_EPS, "backend:onnx") == []
+
+
+# Not a bug: float32 rounding. gelu(x) near x = -3 is 0.5 x (1 + erf(x / sqrt 2)), a cancellation;
+# the manual form and aten.gelu round differently there (1.7e-4 of the output scale, 8x eager's
+# own error). The float64 re-check shows fuse-gelu computes the same function. Found by the
+# 10,000-model campaign (seed 20261201, model 9719).
+GELU_TAIL = ModelSpec(inputs=((1, 1, 2),), ops=(Op(kind='reshape', inputs=(0,), params=(('to', (1, 1, 2)), ('form', 'reshape')), shape=(1, 1, 2)), Op(kind='act', inputs=(1,), params=(('fn', 'relu'),), shape=(1, 1, 2)), Op(kind='scalar', inputs=(2,), params=(('op', 'sub'), ('c', 3.0)), shape=(1, 1, 2)), Op(kind='gelu_manual', inputs=(3,), params=(('form', 'erf_div'),), shape=(1, 1, 2))), outputs=(4,), seed=0)
+
+
+@pytest.mark.parametrize("target", ["pass:fuse-gelu", "pipeline:default"])
+def test_rounding_in_a_gelu_tail_is_not_a_mismatch(target):
+    passes = [target.split(":", 1)[1]] if target.startswith("pass:") else []
+    res = oracle(GELU_TAIL, passes=passes, pipeline=target == "pipeline:default", only=target)
+    assert res.mismatches == [] and res.status[target] in ("rounding", "fired", "ok")
