@@ -319,8 +319,20 @@ class ONNXBackend(Backend):
             onnx.checker.check_model(proto, full_check=True)   # the standard ONNX model, before any contrib op
             if ort_fusions is True or (ort_fusions == "auto" and not quantized and _has_op(proto, "LayerNormalization")):
                 proto, options["ort_fusions"] = ort_transformer_fusions(proto, program, target, threads)
-            return ONNXModel(signature, target, model_bytes=proto.SerializeToString(), threads=threads,
-                             backend_options=options)
+            model_bytes = proto.SerializeToString()
+            try:
+                return ONNXModel(signature, target, model_bytes=model_bytes, threads=threads, backend_options=options)
+            except Exception as e:  # noqa: BLE001 - retried once, re-raised otherwise
+                if "is not a graph input, initializer, or output of a previous node" not in str(e) \
+                        or "FastGeluFusion" in options["ort_disabled_optimizers"]:
+                    raise
+                # onnxruntime 1.32's FastGeluFusion fuses a tanh-GELU formula whose 0.5 * x has
+                # another reader and deletes that node: the optimised graph is invalid (found by
+                # optc fuzz). The model itself is valid: run it without that fusion.
+                log.warning("onnx: ONNX Runtime's FastGeluFusion broke the graph (%s); the session leaves it out",
+                            (str(e).strip().splitlines() or [""])[0][:160])
+                options["ort_disabled_optimizers"] = [*options["ort_disabled_optimizers"], "FastGeluFusion"]
+                return ONNXModel(signature, target, model_bytes=model_bytes, threads=threads, backend_options=options)
         workdir = tempfile.mkdtemp(prefix="optc-onnx-")
         try:
             path = os.path.join(workdir, MODEL_FILE)

@@ -184,6 +184,10 @@ def batch_norm_as_affine(gm: fx.GraphModule) -> int:
     - its input is a linear whose output has other users: ``torch.jit.freeze`` folds the
       BatchNorm into the linear's weights anyway, so the other users read the folded values (a
       silent miscompile; the convolution version is right);
+    - its input is a linear of rank > 2 (``[N, C, L]``): the BatchNorm's channels are dim 1,
+      not the linear's output features, yet ``torch.jit.freeze`` folds it into the linear's
+      weights per output feature (a silent miscompile, 0.36 of the output scale; found by optc
+      fuzz on a ``[1, 2, 2]`` linear output);
     - it has no affine parameters: optimize_for_inference moves it to MKLDNN, which rejects it
       ('mkldnn_batch_norm: currently mkldnn only support affine model').
 
@@ -199,9 +203,10 @@ def batch_norm_as_affine(gm: fx.GraphModule) -> int:
         xv = _val(x)
         if training or mean is None or var is None or not isinstance(xv, torch.Tensor) or xv.dim() < 2:
             continue
-        shared_linear = isinstance(x, fx.Node) and x.op == "call_function" and x.target is aten.linear.default \
-            and len(x.users) > 1
-        if not (shared_linear or w is None):
+        from_linear = isinstance(x, fx.Node) and x.op == "call_function" and x.target is aten.linear.default
+        shared_linear = from_linear and len(x.users) > 1
+        across_linear = from_linear and xv.dim() > 2    # BatchNorm's channels (dim 1) are not the linear's features
+        if not (shared_linear or across_linear or w is None):
             continue
         g = gm.graph
         shape = [1, -1] + [1] * (xv.dim() - 2)

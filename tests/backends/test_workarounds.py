@@ -299,3 +299,22 @@ def test_near_identity_scalars_survive_the_onnx_exporters_optimizer():
     got = compiled(x)
     assert torch.isfinite(got[0]).all() and torch.equal(got[0], torch.zeros(2, 1))
     assert torch.equal(got[1], program(x)[1])      # x * 1.000001, not x
+
+
+class LinearBNRows(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l, self.bn = nn.Linear(3, 2), nn.BatchNorm1d(2)
+        with torch.no_grad():
+            self.bn.running_mean.normal_(), self.bn.running_var.uniform_(0.5, 2), self.bn.weight.uniform_(0.5, 1.5)
+
+    def forward(self, x):
+        return self.bn(self.l(x))      # [N, 2, 2]: BatchNorm over dim 1, the linear's features are dim 2
+
+
+def test_batch_norm_across_a_linears_rows_is_not_frozen_into_it():
+    x = torch.randn(1, 2, 3)
+    program, gm = _gm(LinearBNRows(), x)
+    assert workarounds.batch_norm_as_affine(gm) == 1
+    check_close(program(x), gm(x), rtol=1e-6)
+    check_close(program(x), lower(program, "cpu", "torchscript")(x), rtol=1e-5)

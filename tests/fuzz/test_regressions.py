@@ -13,6 +13,7 @@ accuracy trade-off of a library, not a bug) has a plain test of the bound it is 
 from __future__ import annotations
 
 import pytest
+import torch
 
 from optc.tools.fuzz import KNOWN_ISSUES, oracle
 from optc.tools.fuzzgen import ModelSpec, Op
@@ -245,3 +246,35 @@ def test_rounding_in_a_gelu_tail_is_not_a_mismatch(target):
     passes = [target.split(":", 1)[1]] if target.startswith("pass:") else []
     res = oracle(GELU_TAIL, passes=passes, pipeline=target == "pipeline:default", only=target)
     assert res.mismatches == [] and res.status[target] in ("rounding", "fired", "ok")
+
+
+# torch: torch.jit.freeze folds a BatchNorm1d over dim 1 of a [N, C, L] linear output into the
+# linear's weights per output feature (dim 2) when C equals the feature count: a silent
+# miscompile (0.36 of the output scale). Pure-torch reproducer in docs/fuzzing.md. Found by a
+# 3,000-model confirmation campaign (seed 20261202, model 581; 5 ops). Worked around: that
+# BatchNorm as per-channel arithmetic (workarounds.batch_norm_as_affine).
+LINEAR_BN_ACROSS = ModelSpec(inputs=((1, 1, 1),), ops=(Op(kind='act', inputs=(0,), params=(('fn', 'relu'),), shape=(1, 1, 1)), Op(kind='act', inputs=(1,), params=(('fn', 'relu'),), shape=(1, 1, 1)), Op(kind='concat', inputs=(2, 2), params=(('dim', 1), ('order', 'xy'), ('form', 'cat')), shape=(1, 2, 1)), Op(kind='linear', inputs=(3,), params=(('out', 2), ('bias', True), ('form', 'module')), shape=(1, 2, 2)), Op(kind='batchnorm1d', inputs=(4,), params=(('affine', True), ('eps', 1e-05)), shape=(1, 2, 2))), outputs=(5,), seed=0)
+
+
+def test_torchscript_batchnorm_across_a_linears_rows():
+    assert _mismatches(LINEAR_BN_ACROSS, "backend:torchscript") == []
+
+
+# onnxruntime 1.32: FastGeluFusion fuses a tanh-GELU formula whose `0.5 * x` is also read elsewhere
+# (here by the exporter's translation of add(..., alpha=0.5), merged with it) and deletes that
+# node: session creation fails with "Node input 'mul_1' is not a graph input". Found by a
+# 3,000-model confirmation campaign (seed 20261202, model 2691; 5 ops). Worked around: the
+# session is created again without FastGeluFusion, and the manifest keeps that.
+FAST_GELU_SHARED = ModelSpec(inputs=((1, 1),), ops=(Op(kind='act', inputs=(0,), params=(('fn', 'relu'),), shape=(1, 1)), Op(kind='act', inputs=(1,), params=(('fn', 'relu'),), shape=(1, 1)), Op(kind='parallel_linear', inputs=(2,), params=(('n', 2), ('combine', 'gate'), ('outs', (1, 1)), ('bias', (True, True))), shape=(1, 1)), Op(kind='gelu_manual', inputs=(3,), params=(('form', 'tanh_factored'),), shape=(1, 1)), Op(kind='residual', inputs=(4, 3), params=(('op', 'add_alpha'),), shape=(1, 1))), outputs=(5,), seed=0)
+
+
+def test_onnx_runtime_fast_gelu_fusion_that_breaks_the_graph_is_left_out(tmp_path):
+    assert _mismatches(FAST_GELU_SHARED, "backend:onnx") == []
+    import optc
+    from optc.tools.fuzzgen import build_model, make_inputs
+    model, inputs = build_model(FAST_GELU_SHARED), make_inputs(FAST_GELU_SHARED)
+    compiled, _ = optc.compile(model, inputs, backend="onnx")
+    assert "FastGeluFusion" in compiled.backend_options["ort_disabled_optimizers"]
+    compiled.save(tmp_path / "m")
+    loaded = optc.load(tmp_path / "m")
+    assert torch.allclose(loaded(*inputs), compiled(*inputs))
