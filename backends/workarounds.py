@@ -223,11 +223,15 @@ def batch_norm_as_affine(gm: fx.GraphModule) -> int:
     return _done(gm, "batch_norm_as_affine", n)
 
 
+def _adaptive_windows(n: int, out: int) -> list[tuple[int, int]]:
+    """adaptive pooling's windows along one axis: ``[floor(i*n/out), ceil((i+1)*n/out))``."""
+    return [((i * n) // out, -((-(i + 1) * n) // out)) for i in range(out)]
+
+
 def _pool_matrix(n_in: int, n_out: int) -> torch.Tensor:
     """``[n_out, n_in]``: row i averages the window adaptive pooling uses for output i."""
     m = torch.zeros(n_out, n_in, dtype=torch.float64)
-    for i in range(n_out):
-        lo, hi = (i * n_in) // n_out, -((-(i + 1) * n_in) // n_out)
+    for i, (lo, hi) in enumerate(_adaptive_windows(n_in, n_out)):
         m[i, lo:hi] = 1.0 / (hi - lo)
     return m
 
@@ -481,11 +485,6 @@ def var_mean_as_two(gm: fx.GraphModule) -> int:
     return _done(gm, "var_mean_as_two", n)
 
 
-def _adaptive_windows(n: int, out: int) -> list[tuple[int, int]]:
-    """adaptive pooling's windows along one axis: ``[floor(i*n/out), ceil((i+1)*n/out))``."""
-    return [((i * n) // out, -((-(i + 1) * n) // out)) for i in range(out)]
-
-
 def adaptive_max_pool_as_max_pool(gm: fx.GraphModule) -> int:
     """``adaptive_max_pool2d`` with its indices unused -> ``max_pool2d`` with kernel = stride =
     input / output where the input is a multiple of the output (the same windows), else a
@@ -546,6 +545,7 @@ def near_identity_scalar_as_tensor(gm: fx.GraphModule) -> int:
     the ONNX exporter's optimizer (onnxscript 0.7.2) matches scalar constants of its no-op rules
     with ``abs_tol=1e-8, rel_tol=1e-5``, so it deletes ``x + 1e-12`` (an epsilon: 0 / 0 = NaN
     behind it; found by optc fuzz) and ``x * 1.000001``. It leaves non-scalar constants alone."""
+    from optc.ir.rewrite import add_attr
     n = 0
     for node in list(gm.graph.nodes):
         kind = _SCALAR_OPS.get(node.target) if node.op == "call_function" else None
@@ -559,7 +559,6 @@ def near_identity_scalar_as_tensor(gm: fx.GraphModule) -> int:
         near = (c != 0 and abs(c) <= 1e-7) if kind == "add" else (c != 1 and math.isclose(c, 1, rel_tol=2e-5))
         if not near:
             continue
-        from optc.ir.rewrite import add_attr
         target = add_attr(gm, "_optc_scalar", torch.full([1] * xv.dim(), c, dtype=xv.dtype))
         with gm.graph.inserting_before(node):
             const = gm.graph.get_attr(target)

@@ -16,7 +16,7 @@ import json
 import warnings
 from collections import Counter
 
-from optc.tools.fuzz import known_issue, oracle
+from optc.tools.fuzz import known_issue, run_target
 from optc.tools.fuzzgen import random_spec_choices
 
 
@@ -32,12 +32,10 @@ def main(argv=None) -> int:
     still = 0
     for f in data["findings"]:
         target = f["target"]
-        backends = [target.split(":", 1)[1]] if target.startswith("backend:") else []
-        passes = [target.split(":", 1)[1]] if target.startswith("pass:") else []
         print(f"{target} {f['kind']} x{f['occurrences']}: {f['detail'].splitlines()[0][:110]}")
         for k in f["models"]:
             spec, _ = random_spec_choices(f"{seed}:{k}", args.max_ops, None)
-            res = oracle(spec, passes=passes, backends=backends, pipeline=target == "pipeline:default", only=target)
+            res = run_target(spec, target)
             status = res.status.get(target)
             known = [known_issue(m) for m in res.mismatches]
             if res.mismatches and all(known):

@@ -156,34 +156,23 @@ RANGE_SHARE = 0.25
 
 def _value_ranges(gm: fx.GraphModule, ctx: PassContext) -> dict[str, float]:
     """max |value| of every float tensor the graph computes, over the program's example inputs and
-    its calibration data (when given), in float32, before the rewrite."""
+    up to 8 samples of its calibration data (when given), in float32, before the rewrite: the
+    calibration machinery of insert-qdq (a probe module and min/max observers)."""
+    from optc.passes.calibration import MinMaxObserver, calibration_samples, probe_module, run_probe
     program = ctx.program
     if program is None:
         return {}
     samples = [program.example_flat_inputs()]
-    from optc.passes.calibration import normalise_sample
-    for sample in list(ctx.extra.get("calibration_data") or [])[:8]:
-        try:
-            args, kwargs = normalise_sample(sample)
-            samples.append(program.flatten_inputs(args, kwargs))
-        except Exception:  # noqa: BLE001 - checked by the API already; a range is a heuristic
-            break
-    ranges: dict[str, float] = {}
-
-    class Recorder(fx.Interpreter):
-        def run_node(self, n):
-            out = super().run_node(n)
-            for t in (out if isinstance(out, (tuple, list)) else (out,)):
-                if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel():
-                    finite = t.detach()[torch.isfinite(t.detach())]
-                    m = float(finite.abs().max()) if finite.numel() else 0.0
-                    ranges[n.name] = max(ranges.get(n.name, 0.0), m)
-            return out
-
-    with torch.no_grad():
-        for flat in samples:
-            Recorder(gm).run(*flat)
-    return ranges
+    data = ctx.extra.get("calibration_data")
+    if data:
+        samples += calibration_samples(program, list(data)[:8], samples=1, pass_name=PASS)
+    nodes = [n for n in gm.graph.nodes if n.op != "output" and isinstance(n.meta.get("val"), torch.Tensor)
+             and n.meta["val"].is_floating_point()]
+    observers = [MinMaxObserver() for _ in nodes]
+    for outs in run_probe(probe_module(gm, nodes), samples, desc=f"{PASS}: value ranges"):
+        for obs, t in zip(observers, outs):
+            obs.update(t)
+    return {n.name: max(abs(lo), abs(hi)) for n, obs in zip(nodes, observers) for lo, hi in (obs.range(),)}
 
 
 OPTIONS = {

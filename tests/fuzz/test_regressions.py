@@ -15,14 +15,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from optc.tools.fuzz import KNOWN_ISSUES, oracle
+from optc.tools.fuzz import KNOWN_ISSUES, run_target
 from optc.tools.fuzzgen import ModelSpec, Op
 
 
 def _mismatches(spec: ModelSpec, target: str):
-    backends = [target.split(":", 1)[1]] if target.startswith("backend:") else []
-    passes = [target.split(":", 1)[1]] if target.startswith("pass:") else []
-    res = oracle(spec, passes=passes, pipeline=target == "pipeline:default", backends=backends, only=target)
+    res = run_target(spec, target)
     if res.status.get(target) == "unavailable":
         pytest.skip(res.notes[target])
     return res.mismatches
@@ -243,8 +241,7 @@ GELU_TAIL = ModelSpec(inputs=((1, 1, 2),), ops=(Op(kind='reshape', inputs=(0,), 
 
 @pytest.mark.parametrize("target", ["pass:fuse-gelu", "pipeline:default"])
 def test_rounding_in_a_gelu_tail_is_not_a_mismatch(target):
-    passes = [target.split(":", 1)[1]] if target.startswith("pass:") else []
-    res = oracle(GELU_TAIL, passes=passes, pipeline=target == "pipeline:default", only=target)
+    res = run_target(GELU_TAIL, target)
     assert res.mismatches == [] and res.status[target] in ("rounding", "fired", "ok")
 
 
