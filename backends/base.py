@@ -556,6 +556,7 @@ def lower(program: Program, target: Target | str = "cpu", backend: str | None = 
         raise OptcError(f"backend '{be.name}' has no option '{unknown[0]}' "
                         f"(valid options: {', '.join(be.option_names()) or 'none'})")
     be.check_available(tgt)
+    program = decompose_for(program, be.name)
     be.check_ops(program, tgt)
     try:
         compiled = be.lower(program, tgt, **options)
@@ -565,6 +566,19 @@ def lower(program: Program, target: Target | str = "cpu", backend: str | None = 
         raise lowering_error(e, program, be.name) from e
     compiled.pipeline = pipeline
     return compiled
+
+
+def decompose_for(program: Program, backend: str) -> Program:
+    """``program`` with the ops ``backend`` cannot lower written as ATen ops it can
+    (``decompose{backend=...}``, :mod:`optc.ir.decompositions`); ``program`` itself if it has none."""
+    from optc.ir.decompositions import decomposition_for
+    wanted = [n for n in program.graph.nodes
+              if (d := decomposition_for(n)) is not None and backend in d.needed_by and d.check(n) is None]
+    if not wanted:
+        return program
+    from optc.passes.manager import PassManager
+    out, _report = PassManager(f"decompose{{backend={backend}}},dce").run(program)
+    return out
 
 
 def lowering_error(exc: BaseException, program: Program, backend: str) -> LoweringError:
@@ -709,7 +723,34 @@ def export_program(program: Program, keep: Callable[[Any], bool] = lambda target
     flat, dynamic = export_inputs(program)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return torch.export.export(gm, tuple(flat), dynamic_shapes=dynamic, strict=False)
+        ep = torch.export.export(gm, tuple(flat), dynamic_shapes=dynamic, strict=False)
+        if _rename_clashing_attrs(gm, ep):
+            ep = torch.export.export(gm, tuple(flat), dynamic_shapes=dynamic, strict=False)
+    return ep
+
+
+def _rename_clashing_attrs(gm: fx.GraphModule, ep: torch.export.ExportedProgram) -> int:
+    """Give a new name to each attribute of ``gm`` whose name is also the name of a node of ``ep``
+    (a constant folded from a ``where`` node is the attribute ``where``; the export of an
+    ``aten.where`` call is the node ``where``). torch 2.13's ONNX exporter names an initializer
+    after the attribute and a value after the node, and writes both: "Duplicate definition of
+    name (where)" (docs/fuzzing.md, ``onnx-initializer-name-clash``)."""
+    names = {n.name for n in ep.graph.nodes if n.op != "placeholder"}
+    clash = [n for n in gm.graph.nodes if n.op == "get_attr" and n.target in names]
+    for node in clash:
+        from optc.ir.rewrite import add_attr
+        new = add_attr(gm, f"{node.target}_const", get_attr_value(gm, node.target))
+        node.target = new
+    if clash:
+        gm.recompile()
+    return len(clash)
+
+
+def get_attr_value(gm: fx.GraphModule, target: str):
+    obj = gm
+    for atom in target.split("."):
+        obj = getattr(obj, atom)
+    return obj
 
 
 def _sym_range(d: torch.SymInt) -> tuple[int, int]:

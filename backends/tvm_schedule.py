@@ -213,6 +213,14 @@ def _extent(sch, loop) -> int | None:
     return int(e) if isinstance(e, tirx.IntImm) else None
 
 
+def _reads_bool(sch, block) -> bool:
+    """The block reads a bool buffer. TVM 0.27's LLVM codegen of such a block, vectorised, can
+    combine a loaded bool (``i8`` lanes) with a computed one (``i1`` lanes) in one ``and`` and
+    fails module verification ("Both operands to a binary operator are not of the same type";
+    a histogram's one-hot sum): those blocks stay scalar."""
+    return any(str(r.source.dtype) == "bool" for r in sch.get(block).reads)
+
+
 def _is_reduction(sch, block) -> bool:
     return any(iv.iter_type == tirx.IterVar.CommReduce for iv in sch.get(block).iter_vars)
 
@@ -242,11 +250,15 @@ def _schedule_injective(sch, block, lanes: int) -> None:
     loops = sch.get_loops(block)
     if not loops:
         return
+    if any(_extent(sch, loop) == 0 for loop in loops):
+        # an empty tensor (Phi-3's q[..., rotary_dim:] with rotary_dim = head_dim): nothing to run,
+        # and fusing a zero-extent loop divides by zero in TVM's index arithmetic
+        return
     last = loops[-1]
     ext = _extent(sch, last)
     outer = list(loops[:-1])
     vec = None
-    if ext is not None:
+    if ext is not None and not _reads_bool(sch, block):
         for v in (lanes * 4, lanes * 2, lanes, lanes // 2, 4):
             if v <= ext and ext % v == 0:
                 if v == ext:
@@ -328,7 +340,8 @@ def _tile_main(sch, block, lanes: int, dtype_bytes: int, fallback: bool, layout_
     w = stmt.writes[0].region
     if not w or not _uses_var(w[-1].min, vvar):     # ...must index the output's last dim
         return False
-    vec_friendly = any(r.region and _uses_var(r.region[-1].min, vvar) for r in stmt.reads)
+    vec_friendly = any(r.region and _uses_var(r.region[-1].min, vvar) for r in stmt.reads) \
+        and not _reads_bool(sch, block)
     out_buf = stmt.writes[0].source
     mvar = ivs[n_s - 2].var if n_s >= 2 else None
     prepack_idx = None              # a constant weight read along the vector axis, not the row axis

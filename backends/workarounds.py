@@ -125,6 +125,34 @@ def addmm_as_linear(gm: fx.GraphModule) -> int:
     return _done(gm, "addmm_as_linear", n)
 
 
+def fill_tensor_as_expand(gm: fx.GraphModule) -> int:
+    """``fill.Tensor(x, v)`` (the functional form of ``x.fill_(v)`` for a 0-d tensor ``v``, which
+    torch's functionalization writes for ``ids[:, 0] = start_token``) -> ``v`` cast to ``x``'s
+    dtype and expanded to its shape, then copied: TorchScript traces it as ``aten::full_like(Tensor,
+    Tensor)``, an overload it does not have ("We don't have an op for aten::full_like", torch 2.13).
+    A dynamic shape is ``zeros_like(x) + v``."""
+    n = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not aten.fill.Tensor:
+            continue
+        x, v = node.args[:2]
+        xv = _val(x)
+        if not isinstance(xv, torch.Tensor):
+            continue
+        cast = _insert(gm.graph, node, aten._to_copy.default, (v,), {"dtype": xv.dtype})
+        shape = _static_shape(xv)
+        if shape is not None:
+            wide = _insert(gm.graph, node, aten.expand.default, (cast, list(shape)))
+            new = _insert(gm.graph, node, aten.clone.default, (wide,))
+        else:
+            zeros = _insert(gm.graph, node, aten.zeros_like.default, (x,))
+            new = _insert(gm.graph, node, aten.add.Tensor, (zeros, cast))
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        n += 1
+    return _done(gm, "fill_tensor_as_expand", n)
+
+
 _CONVS = (aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.convolution.default,
           aten.conv_transpose1d.default, aten.conv_transpose2d.input, aten.conv_transpose3d.input)
 
@@ -369,6 +397,105 @@ def sdpa_as_4d(gm: fx.GraphModule) -> int:
 
 
 # ---- TVM ----------------------------------------------------------------------------------------------
+def index_wrap_negative(gm: fx.GraphModule) -> int:
+    """``index(x, [..., i, ...])`` and ``index_put(x, [..., i, ...], v)`` -> the same with ``i``
+    replaced by ``where(i < 0, i + x.size(d), i)`` for every integer index ``i`` (on dim ``d``)
+    that is not a constant without negative entries: TVM 0.27 lowers ``index.Tensor`` to a
+    ``take`` that reads a negative index out of bounds (``x[:, :, [-2]]``, as HF Falcon writes
+    its key slice, returned garbage and NaN: a silent miscompile)."""
+    n = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target not in (aten.index.Tensor, aten.index_put.default):
+            continue
+        x, indices = node.args[0], list(node.args[1])
+        xv = _val(x)
+        if not isinstance(xv, torch.Tensor):
+            continue
+        changed = False
+        for d, i in enumerate(indices):
+            iv = _val(i)
+            if not isinstance(iv, torch.Tensor) or iv.dtype in (torch.bool, torch.uint8) or d >= xv.dim():
+                continue
+            if i.op == "get_attr" and not bool((_attr(gm, i.target) < 0).any()):
+                continue
+            size = xv.shape[d]
+            size = size.node.maybe_as_int() if isinstance(size, torch.SymInt) else int(size)
+            if size is None:
+                size = _insert(gm.graph, node, aten.sym_size.int, (x, d))
+            neg = _insert(gm.graph, node, aten.lt.Scalar, (i, 0))
+            shifted = _insert(gm.graph, node, aten.add.Tensor, (i, size))
+            indices[d] = _insert(gm.graph, node, aten.where.self, (neg, shifted, i))
+            changed = True
+        if changed:
+            node.update_arg(1, indices)
+            n += 1
+    return _done(gm, "index_wrap_negative", n)
+
+
+def _attr(gm: fx.GraphModule, target: str) -> torch.Tensor:
+    obj = gm
+    for atom in target.split("."):
+        obj = getattr(obj, atom)
+    return obj
+
+
+_INT_DIVS = (aten.floor_divide.default, aten.div.Tensor_mode, aten.div.Scalar_mode, aten.floor_divide.Scalar)
+
+
+def int_div_scalar_as_tensor(gm: fx.GraphModule) -> int:
+    """``x // c`` and ``div(x, c, rounding_mode=...)`` of an int64 ``x`` by a Python int ``c`` ->
+    the same with ``c`` a 0-d int64 tensor: TVM 0.27's importer makes ``c`` an int32 constant and
+    then rejects the int64 / int32 division ("Binary operators must have the same datatype";
+    transformers' MoE routing writes ``perm // num_top_k``)."""
+    from optc.ir.rewrite import add_attr
+    n = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target not in _INT_DIVS or len(node.args) < 2:
+            continue
+        x, c = node.args[:2]
+        xv = _val(x)
+        if not isinstance(c, int) or isinstance(c, bool) or not isinstance(xv, torch.Tensor) \
+                or xv.dtype != torch.int64:
+            continue
+        target = add_attr(gm, "_optc_int_scalar", torch.tensor(c, dtype=torch.int64))
+        with gm.graph.inserting_before(node):
+            const = gm.graph.get_attr(target)
+        const.meta["val"] = torch.empty((), dtype=torch.int64, device="meta")
+        tensor_op = aten.div.Tensor_mode if node.target in (aten.div.Tensor_mode, aten.div.Scalar_mode) \
+            else aten.floor_divide.default
+        new = _insert(gm.graph, node, tensor_op, (x, const, *node.args[2:]), dict(node.kwargs))
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        n += 1
+    return _done(gm, "int_div_scalar_as_tensor", n)
+
+
+def cat_drop_empty(gm: fx.GraphModule) -> int:
+    """``cat([e, x, ...], d)`` where ``e`` has shape ``[0]`` and the others more dims -> ``cat`` of
+    the others (``clone`` of the one left): torch skips 1-d empty tensors in ``cat`` (a legacy rule
+    transformers' key/value caches rely on: ``torch.cat([torch.tensor([]), k], dim=-2)``); TVM
+    0.27's importer rejects the call ("Concat expects all input tensors to have same ndim")."""
+    n = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not aten.cat.default:
+            continue
+        tensors = list(node.args[0])
+        vals = [_val(t) for t in tensors]
+        if not all(isinstance(v, torch.Tensor) for v in vals):
+            continue
+        keep = [t for t, v in zip(tensors, vals) if not (v.dim() == 1 and _static_shape(v) == (0,))]
+        if len(keep) == len(tensors) or not keep or max(_val(t).dim() for t in keep) <= 1:
+            continue
+        if len(keep) == 1:
+            new = _insert(gm.graph, node, aten.clone.default, (keep[0],))
+        else:
+            new = _insert(gm.graph, node, aten.cat.default, (keep, *node.args[1:]), dict(node.kwargs))
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        n += 1
+    return _done(gm, "cat_drop_empty", n)
+
+
 _ALPHA_OPS = {aten.add.Tensor: aten.add.Tensor, aten.sub.Tensor: aten.sub.Tensor,
               aten.add.Scalar: aten.add.Tensor, aten.sub.Scalar: aten.sub.Tensor}
 
@@ -577,12 +704,12 @@ def apply(gm: fx.GraphModule, rewrites) -> dict[str, int]:
     return {fn.__name__: fn(gm) for fn in rewrites}
 
 
-TORCHSCRIPT = (addmm_as_linear, tanh_gelu_as_formula, clamp_one_sided, batch_norm_as_affine, adaptive_avg_pool_as_matmul,
+TORCHSCRIPT = (fill_tensor_as_expand, addmm_as_linear, tanh_gelu_as_formula, clamp_one_sided, batch_norm_as_affine, adaptive_avg_pool_as_matmul,
                add_alpha_as_mul)
 ONNX = (ceil_pool_as_floor, sdpa_as_4d, adaptive_max_pool_as_max_pool, near_identity_scalar_as_tensor)
-TVM = (add_alpha_as_mul, cumsum_int64, adaptive_max_pool_as_max_pool, amax_as_max_dim, var_mean_as_two)   # its amax first
+TVM = (cat_drop_empty, int_div_scalar_as_tensor, index_wrap_negative, add_alpha_as_mul, cumsum_int64, adaptive_max_pool_as_max_pool, amax_as_max_dim, var_mean_as_two)   # its amax first
 
-__all__ = ["apply", "addmm_as_linear", "tanh_gelu_as_formula", "clamp_one_sided", "batch_norm_as_affine",
+__all__ = ["apply", "int_div_scalar_as_tensor", "index_wrap_negative", "cat_drop_empty", "fill_tensor_as_expand", "addmm_as_linear", "tanh_gelu_as_formula", "clamp_one_sided", "batch_norm_as_affine",
            "adaptive_avg_pool_as_matmul", "sdpa_as_4d", "ceil_pool_as_floor", "add_alpha_as_mul",
            "cumsum_int64", "amax_as_max_dim", "var_mean_as_two", "adaptive_max_pool_as_max_pool",
            "near_identity_scalar_as_tensor", "TORCHSCRIPT",

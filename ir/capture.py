@@ -72,7 +72,8 @@ def capture(model: nn.Module, example_inputs: Any = (), example_kwargs: dict | N
     program = Program(graph_module=gm, in_spec=ep.call_spec.in_spec, out_spec=ep.call_spec.out_spec,
                       input_leaves=leaves, example_args=args, example_kwargs=kwargs,
                       dynamic_shapes=dynamic_shapes, name=name,
-                      meta={"capture_method": method})
+                      meta={"capture_method": method,
+                            "functionalized": ep.graph_module.meta.get("optc_functionalized", [])})
     _check_normalised(program)
     return program
 
@@ -158,11 +159,46 @@ def _export(model, args, kwargs, dynamic_shapes, method) -> torch.export.Exporte
     try:
         with warnings.catch_warnings(), _quiet_torch_logs():
             warnings.simplefilter("ignore")
-            return torch.export.export(target, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+            ep = torch.export.export(target, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+            return functionalize(ep)
     except CaptureError:
         raise
     except Exception as e:  # torch.export raises many exception types; all become CaptureError
         raise _capture_error(e, method) from e
+
+
+def mutating_ops(gm: fx.GraphModule) -> list[fx.Node]:
+    """The nodes of ``gm`` that write one of their inputs in place (``copy_``, ``index_put_``,
+    ``masked_fill_``, ``div_``, ``detach_`` ...): an op whose schema marks an argument written."""
+    out = []
+    for node in gm.graph.nodes:
+        t = node.target
+        if node.op == "call_function" and isinstance(t, torch._ops.OpOverload) and any(
+                a.alias_info is not None and a.alias_info.is_write for a in t._schema.arguments):
+            out.append(node)
+    return out
+
+
+def functionalize(ep: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
+    """``ep`` with its in-place ops replaced by functional ones, when it has any.
+
+    torch.export's default IR keeps in-place ops (transformers writes ``x[:, 1:] = y``
+    (``copy_`` into a slice), ``inv[perm] = arange`` (``index_put_``), ``scores.div_(s)``).
+    Every backend would have to honour the aliasing they imply; ONNX and TVM do not, and a
+    pass that moves a reader across a write changes the answer. torch's own functionalization
+    (``run_decompositions`` with an empty table) rewrites them exactly: ``copy_`` into a view
+    becomes ``slice_scatter``/``select_scatter`` of the base, ``index_put_`` ``index_put``. It
+    also decomposes the view-returning composites it must see through (``reshape`` into
+    ``view``/``clone`` + ``_unsafe_view``, ``to`` into ``_to_copy``, ``chunk`` into ``split``),
+    which ``canonicalize`` cleans up. Graphs without mutations are returned unchanged."""
+    found = mutating_ops(ep.graph_module)
+    if not found:
+        return ep
+    log.debug("functionalizing %d in-place ops (%s)", len(found),
+              ", ".join(sorted({str(n.target) for n in found})))
+    new = ep.run_decompositions({})
+    new.graph_module.meta["optc_functionalized"] = sorted({f"{n.target}" for n in found})
+    return new
 
 
 @contextlib.contextmanager
@@ -296,6 +332,12 @@ def _normalise(ep: torch.export.ExportedProgram) -> fx.GraphModule:
     new_graph.output(new_out)
     gm = fx.GraphModule(root, new_graph, class_name="GraphModule")
     for node in gm.graph.nodes:
+        if "val" not in node.meta and node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload) \
+                and not node.target._schema.returns:
+            node.meta["val"] = None   # an op that returns nothing (run_decompositions leaves no val on asserts)
+        elif "val" not in node.meta and node.op == "call_function" and node.target is torch.ops.aten.copy_.default:
+            # the write-back of a mutated buffer that ep.module() adds after functionalization
+            node.meta["val"] = node.args[0].meta.get("val")
         src = user_frame_from_stack_trace(node.meta.get("stack_trace"))
         if src:
             node.meta["optc_source"] = src

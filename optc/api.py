@@ -62,10 +62,12 @@ class CompileReport:
     stats_before: "ModelStats | None" = None   # parameters, FLOPs, bytes per layer: the captured model
     stats_after: "ModelStats | None" = None    # ... and the optimized one that was lowered
     quantization: Any = None                   # insert-qdq's per-layer QuantReport (scale, zero point, SQNR)
+    check: Any = None                          # backends.check.CheckReport (None: check=False)
+    check_s: float = 0.0
 
     @property
     def total_s(self) -> float:
-        return self.capture_s + self.optimize_s + self.lowering_s
+        return self.capture_s + self.optimize_s + self.lowering_s + self.check_s
 
     def format(self) -> str:
         return "\n".join([
@@ -73,6 +75,7 @@ class CompileReport:
             f"  capture   {self.capture_s * 1e3:10.1f} ms",
             f"  pipeline  {self.optimize_s * 1e3:10.1f} ms  {self.pipeline.pipeline or '(empty)'}",
             f"  lowering  {self.lowering_s * 1e3:10.1f} ms",
+            *([f"  {self.check.format()}"] if self.check is not None else ["  check     off (check=False)"]),
             f"  total     {self.total_s * 1e3:10.1f} ms",
             f"  artifact  {_human_bytes(self.artifact_bytes):>10}",
             *([f"  model     {self.stats_summary()}"] if self.stats_before and self.stats_after else []),
@@ -111,7 +114,7 @@ def _human_bytes(n: int) -> str:
 def compile(model: Any, example_inputs: Any = (), *, example_kwargs: dict | None = None,
             backend: str | None = None, target: Target | str = "cpu", pipeline: str = "default",
             dynamic_shapes: Any = None, calibration_data: Any = None,
-            progress: "Callable[[str], None] | None" = None,
+            progress: "Callable[[str], None] | None" = None, check: bool = True,
             **backend_options) -> tuple["CompiledModel", CompileReport]:
     """Capture ``model``, run the target's pipeline, lower it with ``backend``.
 
@@ -123,6 +126,12 @@ def compile(model: Any, example_inputs: Any = (), *, example_kwargs: dict | None
     ``calibration_data``: what ``insert-qdq`` calibrates on (see :func:`optimize`); its per-layer
     report is ``report.quantization``. ``progress``: called with a short message as each phase
     starts (``optc compile`` prints them on a terminal).
+
+    ``check`` (default True): before returning, run the compiled model on the example inputs and
+    on a fresh random draw of the same specs and compare it with the optimized Program
+    (:mod:`optc.backends.check`); a mismatch raises :class:`~optc.errors.NumericMismatchError`
+    naming the backend, the output, the error and the tolerance. ``report.check`` holds what it
+    measured.
 
     Returns the :class:`~optc.backends.base.CompiledModel` (called like ``model``; ``save(dir)``)
     and a :class:`CompileReport`. Availability of the backend and device is checked first, before
@@ -160,11 +169,18 @@ def compile(model: Any, example_inputs: Any = (), *, example_kwargs: dict | None
     say(f"lowering with {be.name} for {tgt.device}")
     compiled = lower(program, tgt, pipeline=preport.pipeline, **backend_options)
     t3 = time.perf_counter()
+    check_report = None
+    if check:
+        from optc.backends.check import check_compiled
+        say("checking the compiled model against the program")
+        check_report = check_compiled(compiled, program)
+    t4 = time.perf_counter()
     report = CompileReport(name=program.name, backend=be.name, target=str(tgt), pipeline=preport,
                            capture_s=t1 - t0, optimize_s=t2 - t1, lowering_s=t3 - t2,
                            artifact_bytes=compiled.artifact_size(),
                            stats_before=model_stats(captured), stats_after=model_stats(program),
-                           quantization=program.graph_module.meta.get("optc_quant_report"))
+                           quantization=program.graph_module.meta.get("optc_quant_report"),
+                           check=check_report, check_s=t4 - t3)
     return compiled, report
 
 

@@ -70,10 +70,12 @@ def make_target(device: str = "cpu", backend: str | None = None) -> Target:
     if device not in DEVICES:
         raise OptcError(f"unknown target device '{device}' (valid: {', '.join(DEVICES)})")
     if backend is not None and backend not in BACKENDS:
-        raise OptcError(f"unknown backend '{backend}' (valid: {', '.join(BACKENDS)})")
+        from optc.backends.base import available_backends   # plugins (register_backend) too
+        if backend not in available_backends():
+            raise OptcError(f"unknown backend '{backend}' (valid: {', '.join(available_backends())})")
     return Target(device=device, backend=backend,
                   layout=LAYOUTS.get((device, backend), "NCHW"),
-                  default_pipeline=DEFAULT_PIPELINES[(device, backend)])
+                  default_pipeline=DEFAULT_PIPELINES.get((device, backend), DEFAULT_PIPELINES[(device, None)]))
 
 
 def resolve_target(target: "Target | str", backend: str | None = None) -> Target:

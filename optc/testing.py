@@ -164,3 +164,56 @@ def run_pass(pipeline: str, before: nn.Module, inputs: Any, kwargs: dict | None 
     program = capture(before.eval(), inputs if isinstance(inputs, tuple) else (inputs,), kwargs)
     new, report = PassManager(pipeline, default="", verify_each=True, check_modified=True, **pm_options).run(program)
     return PassOutcome(new, report, format_text(new, with_source=False))
+
+
+# ---- a backend that miscompiles on purpose (tests of the compile-time check) --------------------
+from optc.backends.base import Backend, CompiledModel  # noqa: E402
+
+
+class _PerturbedModel(CompiledModel):
+    backend = "perturbed"
+
+    def __init__(self, inner: CompiledModel, *, output: int, amount: float, static_shapes: list | None, **kw):
+        super().__init__(inner.signature, inner.target, **kw)
+        self.inner, self.output, self.amount, self.static_shapes = inner, output, amount, static_shapes
+
+    def run_flat(self, inputs):
+        if self.static_shapes is not None and [list(t.shape) for t in inputs] != self.static_shapes:
+            raise RuntimeError(f"shapes {[list(t.shape) for t in inputs]} differ from the exported "
+                               f"{self.static_shapes} (the dims were specialised)")
+        outs = list(self.inner.run_flat(inputs))
+        if self.amount and self.output < len(outs):
+            y = outs[self.output].clone()
+            flat = y.view(-1)
+            if y.is_floating_point():
+                flat[0] += self.amount * max(float(y.abs().max()), 1.0)
+            else:
+                flat[0] += 1
+            outs[self.output] = y
+        return outs
+
+    def save_artifacts(self, directory):
+        return self.inner.save_artifacts(directory)
+
+
+class PerturbingBackend(Backend):
+    """Test-only backend ``perturbed`` (``optc.testing.register_perturbing_backend()``): lowers with
+    TorchScript, then adds ``amount`` times the output's scale to the first element of output
+    ``output`` (one more for an integer output) on every call -- a planted miscompile. With
+    ``static_shapes=True`` it also refuses inputs whose shapes differ from the example's, as a
+    backend that specialised the dims it was meant to keep dynamic."""
+
+    name = "perturbed"
+
+    def lower(self, program, target, *, output: int = 0, amount: float = 1e-2, static_shapes: bool = False):
+        from optc.backends.base import get_backend
+        inner = get_backend("torchscript").lower(program, target)
+        shapes = [list(t.shape) for t in program.example_flat_inputs()] if static_shapes else None
+        return _PerturbedModel(inner, output=output, amount=amount, static_shapes=shapes)
+
+
+def register_perturbing_backend() -> str:
+    """Register :class:`PerturbingBackend` as backend ``perturbed``; returns its name."""
+    from optc.backends.base import register_backend
+    register_backend("perturbed", "optc.testing:PerturbingBackend")
+    return "perturbed"

@@ -19,6 +19,7 @@ PASS_MODULES = (
     "insert_qdq",
     "to_half",
     "convert_layout",
+    "decompose",
 )
 
 for _name in PASS_MODULES:

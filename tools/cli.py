@@ -433,6 +433,9 @@ def _add_compile_parser(sub) -> None:
     c.add_argument("--stats", action="store_true",
                    help="also print parameters, FLOPs, weight and activation bytes per layer, before and after the "
                         "pipeline (the report always has the totals)")
+    c.add_argument("--no-check", dest="check", action="store_false",
+                   help="skip the check of the compiled model against the program (example inputs and a fresh "
+                        "random draw; a mismatch is an error, exit status 1)")
     _add_quant_arguments(c)
     c.add_argument("-v", "--verbose", action="store_true", help="debug logging and tracebacks on errors")
     c.set_defaults(func=cmd_compile)
@@ -480,7 +483,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     compiled, report = optc.compile(loaded.model, loaded.args, example_kwargs=loaded.kwargs or None,
                                     target=target, pipeline=args.pipeline, progress=progress,
                                     dynamic_shapes="batch" if args.dynamic_batch else None,
-                                    calibration_data=calibration, **options)
+                                    calibration_data=calibration, check=args.check, **options)
     compiled.save(out)
     print(report.format())
     if args.quant_report:

@@ -48,7 +48,8 @@ def test_compile_reports_progress(structured):
     model, args, kwargs = structured
     msgs = []
     optc.compile(model, args, example_kwargs=kwargs, backend="torchscript", pipeline="dce", progress=msgs.append)
-    assert msgs == ["capturing", "running the pipeline (dce)", "lowering with torchscript for cpu"]
+    assert msgs == ["capturing", "running the pipeline (dce)", "lowering with torchscript for cpu",
+                    "checking the compiled model against the program"]
 
 
 def test_compile_default_pipeline(structured):

@@ -1,0 +1,205 @@
+"""Regression tests for the backend failures found on HF transformers architectures.
+
+Each test is the idiom a real model writes, as a small module (no transformers needed), compiled
+by every backend it failed on and compared with eager. The library bugs behind them have pure
+reproducers in docs/fuzzing.md ("Known issues"); the HF models themselves run in
+``tests/integration/test_hf_backends.py`` (with the ``hf`` extra).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+import optc
+from optc.ir.verifier import compare_outputs
+
+BACKENDS = ["torchscript", "onnx", "tvm"]
+
+
+def _compile_and_compare(model: nn.Module, inputs: tuple, backend: str, pipeline: str = "default"):
+    model.eval()
+    with torch.no_grad():
+        ref = model(*inputs)
+    compiled, report = optc.compile(model, inputs, backend=backend, pipeline=pipeline)
+    got = compiled(*inputs)
+    if isinstance(ref, torch.Tensor) and not ref.is_floating_point():
+        assert torch.equal(got, ref)
+    else:
+        assert compare_outputs(ref, got).max_rel_error <= 1e-5, compare_outputs(ref, got)
+    assert report.check is not None and report.check.ok
+    return compiled, report
+
+
+class NegativeIndexKey(nn.Module):
+    """HF Falcon's multi-query split: ``qkv[..., [-2], :]`` (TVM 0.27 read out of bounds: garbage, NaN)."""
+
+    def forward(self, x):
+        qkv = x.view(1, 4, 6, 8)
+        key = qkv[:, :, [-2]]
+        value = qkv[:, :, [-1]]
+        return key * 2 + value
+
+
+@pytest.mark.parametrize("pipeline", ["", "default"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_negative_list_index(backend, pipeline):
+    _compile_and_compare(NegativeIndexKey(), (torch.randn(1, 4, 48),), backend, pipeline)
+
+
+class EmptyCacheConcat(nn.Module):
+    """transformers' first cache update: ``torch.cat([torch.tensor([]), k], dim=-2)`` (TVM 0.27
+    rejected the call: 'Concat expects all input tensors to have same ndim')."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("cache", torch.tensor([]))
+
+    def forward(self, k):
+        return torch.cat([self.cache, k], dim=-2) * 3
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_concat_with_an_empty_legacy_tensor(backend):
+    _compile_and_compare(EmptyCacheConcat(), (torch.randn(1, 2, 5, 8),), backend, pipeline="")
+
+
+class ZeroWidthRotaryPass(nn.Module):
+    """HF Phi-3 with rotary over the whole head: ``q[..., rotary_dim:]`` is ``[.., 0]`` and is
+    concatenated back (optc's TVM CPU schedule fused a zero-extent loop: 'Divide by zero')."""
+
+    def forward(self, q):
+        rot, passthrough = q[..., :16], q[..., 16:]
+        rotated = torch.cat([-rot[..., 8:], rot[..., :8]], dim=-1)
+        out = torch.cat([rotated * 0.5 + rot, passthrough], dim=-1)
+        return out.unsqueeze(2).expand(1, 2, 2, 4, 16).reshape(1, 4, 4, 16)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_zero_width_slice_concatenated(backend):
+    _compile_and_compare(ZeroWidthRotaryPass(), (torch.randn(1, 2, 4, 16),), backend)
+
+
+class ShiftTokensRight(nn.Module):
+    """HF BART's ``shift_tokens_right``: writes into a slice and an element in place (``copy_``,
+    ``fill_``), then ``masked_fill_``. ONNX had no ``aten.copy_``; once functionalised,
+    TorchScript traced ``fill.Tensor`` as an ``aten::full_like`` overload it lacks."""
+
+    def forward(self, ids):
+        shifted = ids.new_zeros(ids.shape)
+        shifted[:, 1:] = ids[:, :-1].clone()
+        shifted[:, 0] = torch.tensor(2)
+        shifted.masked_fill_(shifted == 7, 1)
+        return shifted
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_in_place_writes_are_functionalised(backend):
+    ids = torch.randint(0, 10, (2, 9), generator=torch.Generator().manual_seed(0))
+    compiled, _ = _compile_and_compare(ShiftTokensRight(), (ids,), backend)
+
+
+def test_capture_functionalises_and_says_so():
+    program = optc.capture(ShiftTokensRight(), (torch.randint(0, 10, (2, 9)),))
+    assert "aten.copy_.default" in program.meta["functionalized"]
+    ops = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+    assert not {op for op in ops if op.endswith("_.default") or op.endswith("_.Tensor") or op.endswith("_.Scalar")}
+    assert "aten.slice_scatter.default" in ops
+
+
+class IntegerRouting(nn.Module):
+    """MoE routing arithmetic: ``perm // top_k`` of an int64 tensor (TVM 0.27: int64 / int32
+    'Binary operators must have the same datatype') and ``histc`` of the expert ids (no TVM
+    translation; decomposed by optc)."""
+
+    def forward(self, scores):
+        weights, experts = torch.topk(scores.softmax(-1), 2, dim=-1)
+        flat = experts.reshape(-1)
+        sorted_ids, perm = torch.sort(flat)
+        tokens = perm // 2
+        counts = torch.histc(sorted_ids.float(), bins=4, min=0, max=3)
+        return tokens, counts, weights
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_moe_routing_arithmetic(backend):
+    scores = torch.randn(6, 4, generator=torch.Generator().manual_seed(0))
+    model = IntegerRouting().eval()
+    ref = model(scores)
+    compiled, _ = optc.compile(model, (scores,), backend=backend)
+    got = compiled(scores)
+    assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+    assert torch.allclose(got[2], ref[2], rtol=1e-6, atol=1e-7)
+
+
+class BufferNamedLikeAnOp(nn.Module):
+    """A constant attribute named ``where`` beside an ``aten.where`` call (constant folding names
+    folded constants after their node): torch 2.13's ONNX exporter wrote the initializer and the
+    node's value under one name ('Duplicate definition of name (where)')."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("where", torch.randn(4))
+
+    def forward(self, x):
+        return torch.where(x > 0, x, 0.0) + self.where
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_attribute_named_like_a_node(backend):
+    _compile_and_compare(BufferNamedLikeAnOp(), (torch.randn(3, 4),), backend, pipeline="")
+
+
+def _grouped_mm_reference(inp, weight, offs):
+    out = torch.zeros(inp.size(0), weight.size(2), dtype=inp.dtype)
+    start = 0
+    for i, end in enumerate(offs.tolist()):
+        if start != end:
+            out[start:end] = inp[start:end] @ weight[i]
+        start = end
+    return out
+
+
+def _grouped_mm_op():
+    """transformers' ``transformers::grouped_mm_fallback`` (registered here with the same schema and
+    reference kernel when transformers is not installed)."""
+    try:
+        return torch.ops.transformers.grouped_mm_fallback.default
+    except (AttributeError, RuntimeError):
+        pass
+    try:
+        import transformers.integrations.moe  # noqa: F401  (registers the op)
+        return torch.ops.transformers.grouped_mm_fallback.default
+    except (ImportError, AttributeError, RuntimeError):
+        pass
+    lib = torch.library.Library("transformers", "FRAGMENT")   # noqa: F841  (kept alive by the registry)
+    torch.library.custom_op("transformers::grouped_mm_fallback", _grouped_mm_reference, mutates_args=())
+    torch.library.register_fake("transformers::grouped_mm_fallback",
+                                lambda i, w, o: i.new_empty(i.size(0), w.size(2)))
+    return torch.ops.transformers.grouped_mm_fallback.default
+
+
+class GroupedExperts(nn.Module):
+    """transformers' grouped experts: rows sorted by expert, ``offs`` the cumulative row counts."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(3, 8, 5))
+        self.op = _grouped_mm_op()
+
+    def forward(self, x, counts):
+        offs = torch.cumsum(counts, 0, dtype=torch.int32)
+        return self.op(x, self.weight, offs) * 2
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_grouped_mm_fallback_is_decomposed(backend):
+    x = torch.randn(7, 8)
+    counts = torch.tensor([2, 0, 4])      # expert 1 gets no rows; row 6 belongs to no expert
+    model = GroupedExperts().eval()
+    ref = model(x, counts)
+    assert torch.equal(ref[6], torch.zeros(5))
+    compiled, _ = optc.compile(model, (x, counts), backend=backend)
+    for c in (counts, torch.tensor([0, 7, 0]), torch.tensor([3, 1, 3]), torch.tensor([5, 5, 5])):
+        assert compare_outputs(model(x, c), compiled(x, c)).max_rel_error <= 1e-6
