@@ -460,7 +460,8 @@ def int_div_scalar_as_tensor(gm: fx.GraphModule) -> int:
         target = add_attr(gm, "_optc_int_scalar", torch.tensor(c, dtype=torch.int64))
         with gm.graph.inserting_before(node):
             const = gm.graph.get_attr(target)
-        const.meta["val"] = torch.empty((), dtype=torch.int64, device="meta")
+        from optc.ir.rewrite import compute_val
+        const.meta["val"] = compute_val(const)     # a fake tensor: the rewrites after this one read shapes
         tensor_op = aten.div.Tensor_mode if node.target in (aten.div.Tensor_mode, aten.div.Scalar_mode) \
             else aten.floor_divide.default
         new = _insert(gm.graph, node, tensor_op, (x, const, *node.args[2:]), dict(node.kwargs))
@@ -470,11 +471,110 @@ def int_div_scalar_as_tensor(gm: fx.GraphModule) -> int:
     return _done(gm, "int_div_scalar_as_tensor", n)
 
 
+def index_put_full_indices(gm: fx.GraphModule) -> int:
+    """``index_put(x, [None, i, ...], v, acc)`` and ``index_add(x, d, i, src)`` -> ``index_put``
+    with one index tensor per dim of ``x`` (``arange`` for each dim not indexed, shaped to broadcast
+    the way torch's advanced indexing does): TVM 0.27's importer rejects an index list shorter than
+    the data's rank ("IndexPut requires the number of index tensors (1) to match the data tensor
+    dimensions (2)"; ``index_add``, ``y[:, i] = v``), and with ``None`` entries and
+    ``accumulate=True`` it adds duplicates wrongly (a silent miscompile). Its IndexPut does not
+    broadcast the values either (a ``[4, 1, 3]`` value written to ``[4, 3, 3]`` positions read past
+    the value: garbage): values are expanded to the indexed shape, for full index lists too. Index
+    tensors that are not adjacent, and bool masks, are left as they are."""
+    n = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target not in (aten.index_put.default, aten.index_add.default):
+            continue
+        if node.target is aten.index_add.default:
+            x, dim, idx, src = node.args[:4]
+            alpha = node.args[4] if len(node.args) > 4 else node.kwargs.get("alpha", 1)
+            xv = _val(x)
+            if not isinstance(xv, torch.Tensor) or alpha != 1:
+                continue
+            indices, values, acc = [None] * (dim % xv.dim()) + [idx], src, True
+        else:
+            x, indices, values = node.args[:3]
+            acc = node.args[3] if len(node.args) > 3 else node.kwargs.get("accumulate", False)
+            indices = list(indices)
+        xv = _val(x)
+        full = _full_indices(gm, node, xv, indices)
+        if full is None:
+            if node.target is aten.index_put.default and isinstance(xv, torch.Tensor) and len(indices) == xv.dim() \
+                    and all(isinstance(_val(i), torch.Tensor) and _val(i).dtype not in (torch.bool, torch.uint8)
+                            for i in indices):
+                full = indices       # one index per dim already: only the values may need expanding
+            else:
+                continue
+        # TVM's IndexPut does not broadcast the values (it read past a [4, 1, 3] value written to
+        # [4, 3, 3] positions): expand them to the indexed shape
+        shape = _static_shape(compute_val_of(aten.index.Tensor, (xv, [_val(i) for i in full])))
+        vv = _val(values)
+        if shape is None or not isinstance(vv, torch.Tensor):
+            continue
+        if full is indices and tuple(vv.shape) == shape:
+            continue             # nothing to change
+        if tuple(vv.shape) != shape:
+            values = _insert(gm.graph, node, aten.expand.default, (values, list(shape)))
+        new = _insert(gm.graph, node, aten.index_put.default, (x, full, values, acc))
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        n += 1
+    return _done(gm, "index_put_full_indices", n)
+
+
+def compute_val_of(target, args):
+    """The fake result of ``target(*args)`` on fake tensors (shape arithmetic for a rewrite)."""
+    from torch._guards import detect_fake_mode
+    mode = detect_fake_mode([a for a in args if isinstance(a, torch.Tensor)])
+    with mode:
+        return target(*args)
+
+
+def _full_indices(gm, node, xv, indices):
+    """One index tensor per dim of ``xv`` for an index list with ``None``/missing dims, or None."""
+    if not isinstance(xv, torch.Tensor):
+        return None
+    rank = xv.dim()
+    indices = list(indices) + [None] * (rank - len(indices))
+    given = [d for d, i in enumerate(indices) if i is not None]
+    if not given or len(given) == rank:
+        return None
+    if given != list(range(given[0], given[-1] + 1)):
+        return None                     # not adjacent: torch moves the broadcast dims first
+    vals = [_val(indices[d]) for d in given]
+    if not all(isinstance(v, torch.Tensor) and v.dtype not in (torch.bool, torch.uint8) for v in vals):
+        return None
+    shape = _static_shape(xv)
+    if shape is None:
+        return None
+    first, last = given[0], given[-1]
+    bdim = max(v.dim() for v in vals)
+    after = rank - last - 1
+    out_rank = first + bdim + after
+    full = []
+    for d in range(rank):
+        if first <= d <= last:
+            i = indices[d]
+            for _ in range(after):
+                i = _insert(gm.graph, node, aten.unsqueeze.default, (i, -1))
+            full.append(i)
+            continue
+        pos = d if d < first else first + bdim + (d - last - 1)
+        view = [1] * out_rank
+        view[pos] = shape[d]
+        r = _insert(gm.graph, node, aten.arange.start_step, (0, shape[d], 1), {"dtype": torch.int64,
+                                                                             "device": xv.device})
+        full.append(_insert(gm.graph, node, aten.view.default, (r, view)))
+    return full
+
+
 def cat_drop_empty(gm: fx.GraphModule) -> int:
-    """``cat([e, x, ...], d)`` where ``e`` has shape ``[0]`` and the others more dims -> ``cat`` of
-    the others (``clone`` of the one left): torch skips 1-d empty tensors in ``cat`` (a legacy rule
-    transformers' key/value caches rely on: ``torch.cat([torch.tensor([]), k], dim=-2)``); TVM
-    0.27's importer rejects the call ("Concat expects all input tensors to have same ndim")."""
+    """``cat([e, x, ...], d)`` where ``e`` has no elements -> ``cat`` of the others (``clone`` of the
+    one left). torch skips 1-d empty tensors in ``cat`` (a legacy rule transformers' key/value
+    caches rely on: ``torch.cat([torch.tensor([]), k], dim=-2)``); TVM 0.27's importer rejects the
+    call ("Concat expects all input tensors to have same ndim"). An empty operand of the same rank
+    (``x.new_zeros((n, 0))``) is folded to a zero-element constant, which the library written by
+    ``export_library`` cannot load back ("Invalid DLTensor file format")."""
     n = 0
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target is not aten.cat.default:
@@ -483,7 +583,8 @@ def cat_drop_empty(gm: fx.GraphModule) -> int:
         vals = [_val(t) for t in tensors]
         if not all(isinstance(v, torch.Tensor) for v in vals):
             continue
-        keep = [t for t, v in zip(tensors, vals) if not (v.dim() == 1 and _static_shape(v) == (0,))]
+        keep = [t for t, v in zip(tensors, vals)
+                if not ((v.dim() == 1 and _static_shape(v) == (0,)) or (_static_shape(v) is not None and v.numel() == 0))]
         if len(keep) == len(tensors) or not keep or max(_val(t).dim() for t in keep) <= 1:
             continue
         if len(keep) == 1:
@@ -707,9 +808,9 @@ def apply(gm: fx.GraphModule, rewrites) -> dict[str, int]:
 TORCHSCRIPT = (fill_tensor_as_expand, addmm_as_linear, tanh_gelu_as_formula, clamp_one_sided, batch_norm_as_affine, adaptive_avg_pool_as_matmul,
                add_alpha_as_mul)
 ONNX = (ceil_pool_as_floor, sdpa_as_4d, adaptive_max_pool_as_max_pool, near_identity_scalar_as_tensor)
-TVM = (cat_drop_empty, int_div_scalar_as_tensor, index_wrap_negative, add_alpha_as_mul, cumsum_int64, adaptive_max_pool_as_max_pool, amax_as_max_dim, var_mean_as_two)   # its amax first
+TVM = (cat_drop_empty, int_div_scalar_as_tensor, index_wrap_negative, index_put_full_indices, add_alpha_as_mul, cumsum_int64, adaptive_max_pool_as_max_pool, amax_as_max_dim, var_mean_as_two)   # its amax first
 
-__all__ = ["apply", "int_div_scalar_as_tensor", "index_wrap_negative", "cat_drop_empty", "fill_tensor_as_expand", "addmm_as_linear", "tanh_gelu_as_formula", "clamp_one_sided", "batch_norm_as_affine",
+__all__ = ["apply", "index_put_full_indices", "int_div_scalar_as_tensor", "index_wrap_negative", "cat_drop_empty", "fill_tensor_as_expand", "addmm_as_linear", "tanh_gelu_as_formula", "clamp_one_sided", "batch_norm_as_affine",
            "adaptive_avg_pool_as_matmul", "sdpa_as_4d", "ceil_pool_as_floor", "add_alpha_as_mul",
            "cumsum_int64", "amax_as_max_dim", "var_mean_as_two", "adaptive_max_pool_as_max_pool",
            "near_identity_scalar_as_tensor", "TORCHSCRIPT",

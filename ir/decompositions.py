@@ -21,6 +21,9 @@ op                                 written as
                                    arithmetic of torch's CPU kernel (``HistogramKernel.cpp``), so
                                    the same bin for every value. ``min == max == 0`` (edges from
                                    the data) is refused.
+``aten.sort.stable``                a 1-d integer or bool input (transformers' MoE sorts expert ids
+                                   with ``stable=True``): ranks by counting pairwise comparisons,
+                                   exact, O(n^2); floats (NaN order) and longer inputs are refused.
 =================================  ==============================================================
 
 Each entry also states which backends lack the op (``needed_by``): the backend stage decomposes
@@ -30,6 +33,7 @@ only there. An entry's ``check`` refuses a node it cannot decompose, with the re
 from __future__ import annotations
 
 import logging
+import operator
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -65,8 +69,10 @@ def register_decomposition(qualname: str, *, needed_by=("torchscript", "onnx", "
 
 
 def qualname(target: Any) -> str | None:
+    """``aten::histc``, ``aten::sort.stable``: the op, and its overload unless ``default``."""
     if isinstance(target, torch._ops.OpOverload):
-        return f"{target.namespace}::{target._opname}"
+        base = f"{target.namespace}::{target._opname}"
+        return base if target._overloadname == "default" else f"{base}.{target._overloadname}"
     return None
 
 
@@ -95,13 +101,23 @@ def inline(node: fx.Node, decomposition: Decomposition, pass_name: str = "decomp
     before = set(graph.nodes)
     with graph.inserting_before(node):
         out = decomposition.fn(Builder(node, tracer), *wrap(node.args), **{k: wrap(v) for k, v in node.kwargs.items()})
-    result = out.node if isinstance(out, fx.Proxy) else out
     for new in graph.nodes:
         if new in before:
             continue
         carry_meta(new, node, pass_name)
         new.meta["optc_rule"] = f"decompose:{decomposition.qualname}"
         infer_val(new)
+    if isinstance(out, (tuple, list)):      # a multi-output op: its users are getitem nodes
+        parts = [o.node if isinstance(o, fx.Proxy) else o for o in out]
+        for user in list(node.users):
+            if user.op == "call_function" and user.target is operator.getitem:
+                user.replace_all_uses_with(parts[user.args[1]])
+                graph.erase_node(user)
+        if node.users:
+            raise ValueError(f"decomposition of {decomposition.qualname}: %{node.name} is used whole")
+        graph.erase_node(node)
+        return parts[0]
+    result = out.node if isinstance(out, fx.Proxy) else out
     node.replace_all_uses_with(result)
     graph.erase_node(node)
     return result
@@ -193,6 +209,44 @@ def _histc(b, x, *_args, **_kwargs):
     hit = aten.logical_and.default(aten.eq.Tensor(aten.unsqueeze.default(pos, 1), aten.unsqueeze.default(edges, 0)),
                                    aten.unsqueeze.default(inside, 1))
     return aten.sum.dim_IntList(hit, [0], dtype=xv.dtype)
+
+
+# ---- aten::sort(stable=True) -------------------------------------------------------------------------
+def _stable_sort_args(node: fx.Node):
+    dim = node.kwargs.get("dim", -1)
+    descending = node.kwargs.get("descending", False)
+    return dim, descending
+
+
+def _stable_sort_check(node: fx.Node) -> str | None:
+    xv = _val(node, 0)
+    if xv.dim() != 1:
+        return f"a {xv.dim()}-d input (decomposed for 1-d inputs only)"
+    if xv.is_floating_point() or xv.is_complex():
+        return "a floating-point input (NaN ordering; decomposed for integer and bool inputs only)"
+    n = xv.shape[0]
+    if isinstance(n, torch.SymInt) or n > 8192:
+        return f"{n} elements (the decomposition compares every pair: at most 8192, static)"
+    return None
+
+
+@register_decomposition("aten::sort.stable", needed_by=("onnx", "tvm"), check=_stable_sort_check)
+def _stable_sort(b, x, *_args, **_kwargs):
+    """Stable sort of a 1-d integer tensor (transformers' MoE sorts expert ids, ``sort(stable=True)``)
+    by counting: the rank of ``x_i`` is the number of ``x_j`` before it in the order (``x_j < x_i``,
+    or ``x_j > x_i`` descending) plus the equal ``x_j`` with ``j < i``; the indices are the inverse
+    of the ranks. Exact for any values (no key arithmetic that could overflow); O(n^2) comparisons."""
+    _dim, descending = _stable_sort_args(b.node)
+    xv = _val(b.node, 0)
+    n = int(xv.shape[0])
+    pos = b.call(aten.arange.start_step, 0, n, 1, dtype=torch.int64, device=xv.device)
+    xi, xj = aten.unsqueeze.default(x, 1), aten.unsqueeze.default(x, 0)
+    before = aten.gt.Tensor(xi, xj) if not descending else aten.lt.Tensor(xi, xj)    # [i, j]: x_j goes first
+    tie = aten.logical_and.default(aten.eq.Tensor(xi, xj),
+                                   aten.gt.Tensor(aten.unsqueeze.default(pos, 1), aten.unsqueeze.default(pos, 0)))
+    rank = aten.sum.dim_IntList(aten.logical_or.default(before, tie), [1])
+    order = aten.index_put.default(aten.zeros_like.default(pos), [rank], pos)
+    return aten.index.Tensor(x, [order]), order
 
 
 __all__ = ["Decomposition", "register_decomposition", "decomposition_for", "inline", "table", "qualname"]

@@ -677,6 +677,16 @@ class CampaignReport:
             lines.append(f"{target:<28}{ran:>8}{fired:>8}{c['mismatch']:>10}{c['rounding']:>10}{c['refused']:>9}{c['unsupported']:>13}"
                          f"{c['unchecked']:>11}{c['unavailable']:>13}{ms:>10.1f}")
         lines.append("")
+        if self.kinds:      # the generator's coverage: how many models had each op kind
+            lines.append("op kinds (models with at least one):")
+            row = " "
+            for name, n in sorted(self.kinds.items(), key=lambda kv: (-kv[1], kv[0])):
+                item = f" {name} {n}"
+                if len(row) + len(item) > 110:
+                    lines.append(row)
+                    row = " "
+                row += item
+            lines += [row, ""]
         if not self.findings:
             lines.append("no mismatches")
         for f in self.findings.values():

@@ -203,3 +203,53 @@ def test_grouped_mm_fallback_is_decomposed(backend):
     compiled, _ = optc.compile(model, (x, counts), backend=backend)
     for c in (counts, torch.tensor([0, 7, 0]), torch.tensor([3, 1, 3]), torch.tensor([5, 5, 5])):
         assert compare_outputs(model(x, c), compiled(x, c)).max_rel_error <= 1e-6
+
+
+class ExpertIndexAdd(nn.Module):
+    """MoE combine as Qwen-MoE and older transformers write it: ``out.index_add_(0, token, ys)`` with
+    repeated tokens, and a column write ``y[:, idx] = v`` (TVM 0.27: "IndexPut requires the number
+    of index tensors (1) to match the data tensor dimensions (2)"; with None entries and
+    accumulate it added duplicates wrongly)."""
+
+    def forward(self, x, tok, ys):
+        out = torch.zeros_like(x).index_add_(0, tok, ys)
+        cols = torch.zeros(x.shape[0], 5, x.shape[1])
+        cols[:, torch.arange(0, 5, 2)] = x[:, None, :] * 2
+        return out, cols
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_index_add_and_partial_index_put(backend):
+    x, tok, ys = torch.randn(4, 3), torch.tensor([1, 1, 3, 0, 1, 3]), torch.randn(6, 3)
+    model = ExpertIndexAdd().eval()
+    compiled, _ = optc.compile(model, (x, tok, ys), backend=backend)
+    for a, b in zip(model(x, tok, ys), compiled(x, tok, ys)):
+        assert compare_outputs(a, b).max_rel_error <= 1e-6
+
+
+class StableExpertSort(nn.Module):
+    """``torch.sort(ids, stable=True)`` of expert ids (no ONNX or TVM translation: decomposed)."""
+
+    def forward(self, ids):
+        values, order = torch.sort(ids, stable=True)
+        desc, dorder = torch.sort(ids, stable=True, descending=True)
+        return values, order, desc, dorder
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_stable_sort_of_expert_ids(backend):
+    ids = torch.tensor([3, 1, 2, 1, 3, 0, 2, 2, 0, 1])
+    model = StableExpertSort().eval()
+    compiled, _ = optc.compile(model, (ids,), backend=backend)
+    for probe in (ids, torch.tensor([0, 0, 0, 0, 0, 0, 0, 0, 0, 0]), torch.arange(10).flip(0)):
+        for a, b in zip(model(probe), compiled(probe)):
+            assert torch.equal(a, b)
+
+
+def test_stable_sort_of_floats_is_refused_by_name():
+    class FloatSort(nn.Module):
+        def forward(self, x):
+            return torch.sort(x, stable=True)[0]
+
+    with pytest.raises(optc.LoweringError, match=r"aten::sort\.stable.*test_real_model_idioms.py:\d+"):
+        optc.compile(FloatSort(), (torch.randn(6),), backend="onnx")
