@@ -158,7 +158,7 @@ def compare_output(ref: torch.Tensor, got: torch.Tensor, tolerance: float, *, qu
 
 def fresh_inputs(program: Program, seed: int = 1) -> tuple[tuple, dict]:
     """A random draw of the program's input specs; dynamic dims at another size where they can be."""
-    from optc.backends.base import symbolic_dims
+    from optc.backends.export import symbolic_dims
     gen = torch.Generator().manual_seed(seed)
     dims = symbolic_dims(program)
     placeholders = [n for n in program.graph.nodes if n.op == "placeholder"]
@@ -187,7 +187,7 @@ def fresh_inputs(program: Program, seed: int = 1) -> tuple[tuple, dict]:
 
 
 def _range(d) -> tuple[int, int]:
-    from optc.backends.base import _sym_range
+    from optc.backends.export import _sym_range
     return _sym_range(d) if isinstance(d, torch.SymInt) else (int(d), int(d))
 
 

@@ -114,7 +114,4 @@ def bfloat16_as_rounded_float32(gm: fx.GraphModule) -> int:
     return n
 
 
-TVM = (tvm_half_in_float32,)
-ONNX = (bfloat16_as_rounded_float32,)
-
-__all__ = ["half_compute_in_float32", "tvm_half_in_float32", "bfloat16_as_rounded_float32", "TVM", "ONNX"]
+__all__ = ["half_compute_in_float32", "tvm_half_in_float32", "bfloat16_as_rounded_float32"]

@@ -28,6 +28,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from optc.backends.registry import register_translations
+
 import optc.ir.ops  # noqa: F401  (registers the optc:: ops)
 from optc.ir.quant_ops import DEQUANT_DTYPES
 
@@ -113,10 +115,6 @@ TRANSLATIONS = {
 }
 
 
-def _register() -> None:
-    from optc.backends.onnx import register_onnx_translation
-    for target, fn in TRANSLATIONS.items():
-        register_onnx_translation(target, fn)
+from optc.backends.onnx import register_onnx_translation  # noqa: E402  (imported once that module defines it)
 
-
-_register()
+register_translations(register_onnx_translation, TRANSLATIONS)

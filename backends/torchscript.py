@@ -30,13 +30,12 @@ import torch
 import torch.fx as fx
 
 from optc.backends.base import (
-    Backend, CompiledModel, Signature, flat_outputs, graph_module_on, inline_decompositions, signature_from_manifest,
+    Backend, CompiledModel, Signature, flat_outputs, graph_module_on, signature_from_manifest,
     target_from_manifest,
 )
-from optc.backends import workarounds
 from optc.errors import ArtifactError, LoweringError
 from optc.backends import torchscript_layout, torchscript_quant
-from optc.ir.program import Program
+from optc.ir.program import Program, copy_graph_module
 from optc.target import Target
 
 ARTIFACT = "model.pt"
@@ -76,6 +75,15 @@ class TorchScriptModel(CompiledModel):
 class TorchScriptBackend(Backend):
     name = "torchscript"
 
+    def stage(self, program: Program, target: Target) -> list[str]:
+        """Decompositions, an NHWC program as channels-last (``torchscript_layout.py``), the optc
+        ops without a TorchScript translation decomposed, then torch's bugs (``legalize``)."""
+        return ["decompose{backend=torchscript}", *torchscript_layout.stage_passes(program.graph_module),
+                "lower-optc-ops", "legalize{backend=torchscript}"]
+
+    def native_ops(self, target: Target) -> frozenset:
+        return frozenset(torchscript_quant.TRANSLATIONS)
+
     def lower(self, program: Program, target: Target, *, method: str = "auto",
               optimize: bool = True) -> TorchScriptModel:
         """``method``: ``auto`` (trace static programs, script dynamic ones), ``trace`` or ``script``.
@@ -91,10 +99,8 @@ class TorchScriptBackend(Backend):
                                 f"{', '.join(dims)}: use method='script' (or 'auto'), or capture without "
                                 "dynamic_shapes", backend=self.name)
         device = torch.device("cuda" if target.device == "cuda" else "cpu")
-        # NHWC programs as channels-last memory format (backends/torchscript_layout.py)
-        gm = inline_decompositions(torchscript_layout.channels_last(program.graph_module), keep=torchscript_quant.keep)
+        gm = copy_graph_module(program.graph_module)    # the stage has run: layout, decompositions, legalization
         torchscript_quant.lower_quant_ops(gm)            # optc Q/DQ -> torch's quantize/dequantize ops
-        workarounds.apply(gm, workarounds.TORCHSCRIPT)   # torch bugs on the way (backends/workarounds.py)
         gm = graph_module_on(gm, device)
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")

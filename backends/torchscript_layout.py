@@ -5,13 +5,13 @@ NCHW shape and stores ``[N, H, W, C]``; ``aten.conv2d`` on one runs oneDNN's NHW
 returns channels-last, pooling and pointwise ops keep it. An NHWC Program (``optc.conv2d_nhwc``,
 logical NHWC shapes) is therefore lowered as
 
-1. ``convert-layout{layout=NCHW}`` on a copy: ATen ops on logical NCHW values again (the
-   conversion cancels the permutes the NHWC conversion added at the boundaries);
-2. every 4-d graph input that a convolution reads is made channels-last once
+1. ``convert-layout{layout=NCHW}``: ATen ops on logical NCHW values again (the conversion
+   cancels the permutes the NHWC conversion added at the boundaries);
+2. ``channels-last`` (:func:`to_channels_last`): every 4-d graph input that a convolution reads is made channels-last once
    (``aten.contiguous(memory_format=channels_last)``: the input permute, as a copy), and every
    convolution weight becomes a channels-last constant (OHWI in memory).
 
-From there the values stay channels-last: that is what ``torch.jit.trace``/``freeze`` see and
+Both run in TorchScript's backend stage (:func:`stage_passes`). From there the values stay channels-last: that is what ``torch.jit.trace``/``freeze`` see and
 ``torch.jit.optimize_for_inference`` gets (which may then move them into oneDNN's blocked
 layout, as it does for NCHW programs). The alternative, the ATen decompositions of the NHWC ops
 (``permute -> conv2d -> permute`` views), computes the same but puts a permute between every
@@ -25,7 +25,6 @@ import torch
 import torch.fx as fx
 
 from optc.ir.layout_ops import is_layout_op
-from optc.ir.program import copy_graph_module
 from optc.ir.rewrite import add_attr, attr_value, call, remove_unused_attrs
 
 aten = torch.ops.aten
@@ -35,18 +34,18 @@ def has_layout_ops(gm: fx.GraphModule) -> bool:
     return any(n.op == "call_function" and is_layout_op(n.target) for n in gm.graph.nodes)
 
 
-def channels_last(gm: fx.GraphModule) -> fx.GraphModule:
-    """A copy of ``gm`` (an NHWC program) as logical NCHW with channels-last tensors; ``gm`` is
-    returned unchanged when it has no NHWC op."""
-    if not has_layout_ops(gm):
-        return gm
-    from optc.passes.base import PassContext
-    from optc.passes.convert_layout import convert_layout
+def stage_passes(gm: fx.GraphModule) -> list[str]:
+    """The TorchScript stage's layout passes: none for an NCHW program."""
+    return ["convert-layout{layout=NCHW}", "channels-last"] if has_layout_ops(gm) else []
 
-    gm = copy_graph_module(gm)
-    convert_layout(gm, PassContext("convert-layout", {"layout": "NCHW"}))
+
+def to_channels_last(gm: fx.GraphModule) -> int:
+    """Step 2 above, in place on a logical-NCHW program: every 4-d graph input a convolution reads
+    made channels-last once, every 4-d convolution weight a channels-last constant. Returns how
+    many convolutions it touched."""
     graph = gm.graph
     converted: dict[fx.Node, fx.Node] = {}
+    n = 0
     for node in list(graph.nodes):
         if node.op != "call_function" or node.target not in (aten.conv2d.default, aten.convolution.default):
             continue
@@ -54,20 +53,25 @@ def channels_last(gm: fx.GraphModule) -> fx.GraphModule:
         if not (isinstance(x, fx.Node) and x.meta["val"].dim() == 4):
             continue
         t = attr_value(w)
-        if t is not None and t.dim() == 4:
+        touched = False
+        if t is not None and t.dim() == 4 and not t.is_contiguous(memory_format=torch.channels_last):
             name = add_attr(gm, f"{w.target}_cl", t.contiguous(memory_format=torch.channels_last))
             with graph.inserting_before(node):
                 new_w = graph.get_attr(name)
                 new_w.meta["val"] = w.meta["val"]
             node.replace_input_with(w, new_w)
+            touched = True
         if x.op == "placeholder":
             if x not in converted:
-                last = [n for n in graph.nodes if n.op == "placeholder"][-1]
+                last = [p for p in graph.nodes if p.op == "placeholder"][-1]
                 with graph.inserting_after(last):
                     converted[x] = call(graph, aten.contiguous.default, (x,), {"memory_format": torch.channels_last},
-                                        like=node, name=f"{x.name}_channels_last")
+                                        like=node, pass_name="channels-last", name=f"{x.name}_channels_last")
             node.replace_input_with(x, converted[x])
-    graph.eliminate_dead_code()
-    remove_unused_attrs(gm)
-    gm.recompile()
-    return gm
+            touched = True
+        n += touched
+    if n:
+        graph.eliminate_dead_code()
+        remove_unused_attrs(gm)
+        gm.recompile()
+    return n

@@ -29,12 +29,12 @@ pay here (docs/quantization.md).
 
 from __future__ import annotations
 
-from typing import Optional
 
 import torch
 import torch.fx as fx
 
 import optc.ir.ops  # noqa: F401  (registers the optc:: ops)
+from optc.ir.quant_ops import linear_dynamic_reference, quantize_dequantize_dynamic_reference
 
 def quantize_per_tensor(x: torch.Tensor, scale: float, zero_point: int, quant_min: int, quant_max: int,
                         dtype: torch.dtype) -> torch.Tensor:
@@ -89,21 +89,9 @@ def dequantize_per_channel_constant(q: torch.Tensor, scales: torch.Tensor, zero_
     return ((t - zero_points.to(torch.float32)) * scales).transpose(d, q.dim() - 1).contiguous()
 
 
-def quantize_dequantize_dynamic(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    xf = x.to(torch.float32)
-    lo = torch.clamp(xf.min(), max=0.0)
-    hi = torch.clamp(xf.max(), min=0.0)
-    scale = (hi - lo) / 255.0
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    zp = torch.clamp(torch.round(-lo / scale), 0, 255)
-    q = torch.clamp(torch.round(xf / scale) + zp, 0, 255)
-    return (q - zp) * scale
-
-
-def linear_dynamic(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor,
-                   bias: Optional[torch.Tensor]) -> torch.Tensor:
-    w = weight.to(torch.float32) * scales.reshape(-1, 1)
-    return torch.nn.functional.linear(quantize_dequantize_dynamic(x, torch.uint8), w, bias)
+# the dynamic-quantization formula has one definition, the op's own (ir/quant_ops.py)
+quantize_dequantize_dynamic = quantize_dequantize_dynamic_reference
+linear_dynamic = linear_dynamic_reference
 
 
 TRANSLATIONS = {
@@ -114,11 +102,6 @@ TRANSLATIONS = {
     torch.ops.optc.dequantize_per_channel.default: dequantize_per_channel,
     torch.ops.optc.quantize_dequantize_dynamic.default: quantize_dequantize_dynamic,
 }
-
-
-def keep(target) -> bool:
-    """For ``inline_decompositions``: leave these ops for :func:`lower_quant_ops`."""
-    return target in TRANSLATIONS
 
 
 #: Dequantize of a constant (weights, biases): plain ATen arithmetic, which ``torch.jit.freeze``
@@ -148,4 +131,4 @@ def lower_quant_ops(gm: fx.GraphModule) -> int:
     return n
 
 
-__all__ = ["TRANSLATIONS", "lower_quant_ops", "keep"]
+__all__ = ["TRANSLATIONS", "lower_quant_ops"]

@@ -48,7 +48,6 @@ from optc.backends.base import (
     Backend, CompiledModel, Signature, export_program, op_name, require, signature_from_manifest,
     target_from_manifest,
 )
-from optc.backends import half_lowering, workarounds
 from optc.errors import ArtifactError, BackendUnavailableError, LoweringError
 from optc.ir.program import Program
 from optc.ir.source import node_source
@@ -80,10 +79,6 @@ def register_tvm_translation(op: torch._ops.OpOverload, fn: Callable, *, replace
         if op in _TRANSLATIONS and not replace and _TRANSLATIONS[op] is not fn:
             raise ValueError(f"{op} already has a TVM translation (pass replace=True to override it)")
         _TRANSLATIONS[op] = fn
-
-
-def tvm_translations() -> dict[torch._ops.OpOverload, Callable]:
-    return dict(_TRANSLATIONS)
 
 
 def _convert_map() -> dict[str, Callable]:
@@ -236,6 +231,17 @@ class TVMBackend(Backend):
                         "and no decomposition")
         return super().unsupported_reason(node, target)
 
+    def stage(self, program: Program, target: Target) -> list[str]:
+        """Decompositions, the optc ops without a Relax translation decomposed, half conv / linear /
+        matmul in float32 (the importer's half ops do not type-check), then TVM's bugs and gaps."""
+        half = any(isinstance(n.meta.get("val"), torch.Tensor) and n.meta["val"].dtype in (torch.float16, torch.bfloat16)
+                   for n in program.graph.nodes)
+        return ["decompose{backend=tvm}", "lower-optc-ops", *(["half-in-float32"] if half else []),
+                "legalize{backend=tvm}"]
+
+    def native_ops(self, target: Target) -> frozenset:
+        return frozenset(_TRANSLATIONS)
+
     def lower(self, program: Program, target: Target, *, threads: int | None = None, tune: int | bool = 0,
               tuning_db: str | None = None, layout: str | None = None) -> TVMModel:
         """``threads``: TVM thread-pool workers and the target's ``num-cores`` (default: every core
@@ -304,8 +310,7 @@ class TVMBackend(Backend):
     def _import(self, program: Program):
         """The Program as a Relax module (weights bound as constants)."""
         from tvm.relax.frontend.torch import from_exported_program
-        ep = export_program(program, keep=lambda t: t in _TRANSLATIONS,
-                            rewrites=workarounds.TVM + half_lowering.TVM)   # half conv/matmul: in f32
+        ep = export_program(program)
         try:
             return from_exported_program(ep, keep_params_as_input=False, custom_convert_map=_convert_map() or None)
         except AssertionError as e:  # "Unsupported function types ['foo.default']"
@@ -339,7 +344,7 @@ class TVMBackend(Backend):
             raise ArtifactError(f"{directory}: TVM cannot load '{LIBRARY}': {first}") from e
 
 
-__all__ = ["TVMBackend", "TVMModel", "LIBRARY", "register_tvm_translation", "tvm_translations",
+__all__ = ["TVMBackend", "TVMModel", "LIBRARY", "register_tvm_translation",
            "default_tuning_root", "model_key", "default_threads"]
 
 from optc.backends import tvm_quant as _tvm_quant  # noqa: E402,F401  (R.quantize / R.dequantize translations)

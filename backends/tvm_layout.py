@@ -104,10 +104,7 @@ TRANSLATIONS = {
 }
 
 
-def _register() -> None:
-    from optc.backends.tvm import register_tvm_translation
-    for op, fn in TRANSLATIONS.items():
-        register_tvm_translation(op, fn)
+from optc.backends.registry import register_translations  # noqa: E402
+from optc.backends.tvm import register_tvm_translation  # noqa: E402  (imported once that module defines it)
 
-
-_register()
+register_translations(register_tvm_translation, TRANSLATIONS)

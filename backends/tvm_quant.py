@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import torch
 
+from optc.backends.registry import register_translations
+
 import optc.ir.ops  # noqa: F401  (registers the optc:: ops)
 from optc.ir.quant_ops import DEQUANT_DTYPES
 
@@ -100,10 +102,6 @@ TRANSLATIONS = {
 }
 
 
-def _register() -> None:
-    from optc.backends.tvm import register_tvm_translation
-    for target, fn in TRANSLATIONS.items():
-        register_tvm_translation(target, fn)
+from optc.backends.tvm import register_tvm_translation  # noqa: E402  (imported once that module defines it)
 
-
-_register()
+register_translations(register_tvm_translation, TRANSLATIONS)

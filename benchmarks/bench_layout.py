@@ -52,12 +52,12 @@ def torchscript_decompositions():
     """Lower NHWC programs through the ATen decompositions of the NHWC ops (permute -> conv2d ->
     permute views) instead of channels-last memory format: the alternative design, for the record."""
     from optc.backends import torchscript_layout
-    saved = torchscript_layout.channels_last
-    torchscript_layout.channels_last = lambda gm: gm
+    saved = torchscript_layout.stage_passes
+    torchscript_layout.stage_passes = lambda gm: []
     try:
         yield
     finally:
-        torchscript_layout.channels_last = saved
+        torchscript_layout.stage_passes = saved
 
 
 def count_permutes(program) -> int:

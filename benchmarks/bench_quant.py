@@ -64,6 +64,7 @@ import torch.utils._pytree as pytree
 import optc
 from optc.ir.verifier import random_inputs_like
 from optc.tools import bench, zoo
+from optc.tools.bench.report import _loadavg
 
 BARS = {"resnet50": 0.33, "bert": 0.40}
 COSINE_BAR = {"mobilenet_v2": 0.99}
@@ -323,7 +324,7 @@ def main(argv=None) -> int:
             print(format_result(res), flush=True)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    machine["loadavg_end"] = bench._loadavg()
+    machine["loadavg_end"] = _loadavg()
     print(f"\nload average at end {machine['loadavg_end']}")
     if args.json:
         def plain(o):

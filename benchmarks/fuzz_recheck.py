@@ -16,8 +16,7 @@ import json
 import warnings
 from collections import Counter
 
-from optc.tools.fuzz import known_issue, run_target
-from optc.tools.fuzzgen import random_spec_choices
+from optc.tools.fuzz import known_issue, random_spec_choices, run_target
 
 
 def main(argv=None) -> int:

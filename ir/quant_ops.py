@@ -191,7 +191,9 @@ def _(q, scales, zero_points, axis, quant_min, quant_max, dtype):
 
 
 # ---- dynamic: scale and zero point computed from each input at run time ---------------------------
-def _quantize_dequantize_dynamic_decomp(x, dtype):
+def quantize_dequantize_dynamic_reference(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The formula of ``optc::quantize_dequantize_dynamic``: its decomposition, and the function
+    TorchScript runs for it (``backends/torchscript_quant.py``) -- one definition."""
     xf = x.to(torch.float32)
     lo = torch.clamp(xf.min(), max=0.0)
     hi = torch.clamp(xf.max(), min=0.0)
@@ -211,7 +213,7 @@ def quantize_dequantize_dynamic(x: torch.Tensor, dtype: torch.dtype) -> torch.Te
                          "as ONNX DynamicQuantizeLinear)")
     if not x.is_floating_point():
         raise ValueError(f"optc::quantize_dequantize_dynamic: input must be floating point, got {x.dtype}")
-    return _quantize_dequantize_dynamic_decomp(x, dtype)
+    return quantize_dequantize_dynamic_reference(x, dtype)
 
 
 @quantize_dequantize_dynamic.register_fake
@@ -220,8 +222,10 @@ def _(x, dtype):
 
 
 # ---- dynamic linear: the activation quantized at run time, the weight at compile time --------------
-def _linear_dynamic_decomp(x, weight, scales, bias):
-    xd = _quantize_dequantize_dynamic_decomp(x, torch.uint8)
+def linear_dynamic_reference(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor,
+                             bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """The formula of ``optc::linear_dynamic`` (its decomposition; TorchScript's translation)."""
+    xd = quantize_dequantize_dynamic_reference(x, torch.uint8)
     w = weight.to(torch.float32) * scales.reshape(-1, 1)
     return torch.nn.functional.linear(xd, w, bias)
 
@@ -243,7 +247,7 @@ def linear_dynamic(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, 
                          f"{list(scales.shape)}")
     if bias is not None and list(bias.shape) != [n]:
         raise ValueError(f"optc::linear_dynamic: bias must have {n} entries, got {list(bias.shape)}")
-    return _linear_dynamic_decomp(x, weight, scales, bias)
+    return linear_dynamic_reference(x, weight, scales, bias)
 
 
 @linear_dynamic.register_fake
@@ -256,8 +260,8 @@ register("quantize_per_tensor", _quantize_per_tensor_decomp)
 register("dequantize_per_tensor", _dequantize_per_tensor_decomp)
 register("quantize_per_channel", _quantize_per_channel_decomp)
 register("dequantize_per_channel", _dequantize_per_channel_decomp)
-register("quantize_dequantize_dynamic", _quantize_dequantize_dynamic_decomp)
-register("linear_dynamic", _linear_dynamic_decomp)
+register("quantize_dequantize_dynamic", quantize_dequantize_dynamic_reference)
+register("linear_dynamic", linear_dynamic_reference)
 
 
 # ---- helpers for passes and backends ----------------------------------------------------------------

@@ -31,6 +31,7 @@ from torch.utils._pytree import tree_flatten
 
 from optc.ir.printer import op_name
 from optc.ir.program import Program, get_attr
+from optc.ir.queries import module_path
 
 aten = torch.ops.aten
 
@@ -151,12 +152,8 @@ def model_stats(program: Program | fx.GraphModule) -> ModelStats:
 
 
 def _layer_name(node: fx.Node) -> str:
-    stack = node.meta.get("nn_module_stack")
-    if stack:
-        path = list(stack.values())[-1][0]
-        if isinstance(path, str) and path:
-            return path
-    return node.name
+    path = module_path(node)
+    return path if isinstance(path, str) and path else node.name
 
 
 # ---- formatting -------------------------------------------------------------------------------
@@ -168,10 +165,12 @@ def human(n: float, unit: str = "") -> str:
     return str(n)
 
 
-def _hb(n: int) -> str:
-    for suffix in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or suffix == "GiB":
-            return f"{n}{suffix}" if suffix == "B" else f"{n:.3g}{suffix}"
+def human_bytes(n: float, sep: str = "") -> str:
+    """``512B``, ``1.5KiB``, ``2.3MiB`` (binary units, 3 significant digits); ``sep`` goes between
+    the number and the unit (``optc compile``'s report uses ``" "``)."""
+    for suffix in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or suffix == "TiB":
+            return f"{n:.0f}{sep}{suffix}" if suffix == "B" else f"{n:.3g}{sep}{suffix}"
         n /= 1024
     return str(n)
 
@@ -180,7 +179,7 @@ def format_stats(stats: ModelStats) -> str:
     lines = [f"{'layer':<34} {'op':<28} {'params':>9} {'FLOPs':>9} {'weights':>10} {'activations':>11}"]
     for r in stats.rows + [stats.total]:
         lines.append(f"{r.name[:34]:<34} {r.op[:28]:<28} {human(r.params):>9} {human(r.flops):>9} "
-                     f"{_hb(r.weight_bytes):>10} {_hb(r.act_bytes):>11}")
+                     f"{human_bytes(r.weight_bytes):>10} {human_bytes(r.act_bytes):>11}")
     return "\n".join(lines)
 
 
@@ -212,8 +211,8 @@ def format_stats_diff(before: ModelStats, after: ModelStats) -> str:
             lines.append(f"{r.name[:30]:<30} {r.op[:22]:<22} (removed)")
             continue
         lines.append(f"{r.name[:30]:<30} {r.op[:22]:<22} {cell(r.params, s.params, human):>19} "
-                     f"{cell(r.flops, s.flops, human):>21} {cell(r.weight_bytes, s.weight_bytes, _hb):>23} "
-                     f"{cell(r.act_bytes, s.act_bytes, _hb):>23}")
+                     f"{cell(r.flops, s.flops, human):>21} {cell(r.weight_bytes, s.weight_bytes, human_bytes):>23} "
+                     f"{cell(r.act_bytes, s.act_bytes, human_bytes):>23}")
     for node, s in after_rows.items():
         if node not in done:
             lines.append(f"{s.name[:30]:<30} {s.op[:22]:<22} (new) params {human(s.params)}, FLOPs {human(s.flops)}")

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from optc.ir.program import Program
-from optc.ir.stats import ModelStats, model_stats
+from optc.ir.stats import ModelStats, human_bytes, model_stats
 from optc.passes.manager import PassManager, PipelineReport
 from optc.target import Target, resolve_target
 
@@ -36,7 +36,7 @@ def optimize(program: Program, pipeline: str = "default", target: Target | str =
     if not isinstance(program, Program):
         raise TypeError(f"optimize() takes a Program (from optc.capture), got {type(program).__name__}")
     if calibration_data is not None:   # checked before any pass runs; a generator is read once, here
-        from optc.passes.calibration import prepare_calibration_data
+        from optc.ir.calibration import prepare_calibration_data
         calibration_data = prepare_calibration_data(program, calibration_data)
     tgt = resolve_target(target)
     pm = PassManager(pipeline, target=tgt, verify_each=verify_each, check_numerics=check_numerics,
@@ -62,6 +62,7 @@ class CompileReport:
     stats_before: "ModelStats | None" = None   # parameters, FLOPs, bytes per layer: the captured model
     stats_after: "ModelStats | None" = None    # ... and the optimized one that was lowered
     quantization: Any = None                   # insert-qdq's per-layer QuantReport (scale, zero point, SQNR)
+    backend_stage: "PipelineReport | None" = None   # the backend's stage (backends/stage.py), run at lowering
     check: Any = None                          # backends.check.CheckReport (None: check=False)
     check_s: float = 0.0
 
@@ -77,9 +78,10 @@ class CompileReport:
             f"  lowering  {self.lowering_s * 1e3:10.1f} ms",
             *([f"  {self.check.format()}"] if self.check is not None else ["  check     off (check=False)"]),
             f"  total     {self.total_s * 1e3:10.1f} ms",
-            f"  artifact  {_human_bytes(self.artifact_bytes):>10}",
+            f"  artifact  {human_bytes(self.artifact_bytes, ' '):>10}",
             *([f"  model     {self.stats_summary()}"] if self.stats_before and self.stats_after else []),
             self.pipeline.format(),
+            *([f"backend stage ({self.backend}):", self.backend_stage.format()] if self.backend_stage else []),
         ])
 
     def stats_summary(self) -> str:
@@ -90,7 +92,7 @@ class CompileReport:
         def cell(label, x, y, fmt):
             return f"{label} {fmt(x)}" + ("" if x == y else f" -> {fmt(y)}" + (f" ({x / y:.2f}x fewer)" if y and x > y else ""))
         return ", ".join([cell("params", a.params, b.params, human), cell("FLOPs", a.flops, b.flops, human),
-                          cell("weights", a.weight_bytes, b.weight_bytes, _human_bytes)])
+                          cell("weights", a.weight_bytes, b.weight_bytes, lambda n: human_bytes(n, " "))])
 
     def format_stats(self) -> str:
         """Per layer and in total, before -> after the pipeline (``optc compile --stats``)."""
@@ -101,14 +103,6 @@ class CompileReport:
 
     def __str__(self) -> str:
         return self.format()
-
-
-def _human_bytes(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"
 
 
 def compile(model: Any, example_inputs: Any = (), *, example_kwargs: dict | None = None,
@@ -137,18 +131,11 @@ def compile(model: Any, example_inputs: Any = (), *, example_kwargs: dict | None
     and a :class:`CompileReport`. Availability of the backend and device is checked first, before
     the (slow) capture.
     """
-    from optc.backends.base import get_backend, lower
+    from optc.backends.lowering import lower, resolve
     from optc.ir.capture import capture
     from optc.errors import OptcError
 
-    tgt = resolve_target(target, backend)
-    if tgt.backend is None:
-        tgt = tgt.with_backend("onnx")
-    be = get_backend(tgt.backend)
-    unknown = [k for k in backend_options if k not in be.option_names()]
-    if unknown:
-        raise OptcError(f"backend '{be.name}' has no option '{unknown[0]}' "
-                        f"(valid options: {', '.join(be.option_names()) or 'none'})")
+    tgt, be = resolve(target, backend, backend_options)
     be.check_available(tgt)
     say = progress or (lambda msg: None)
 
@@ -161,7 +148,7 @@ def compile(model: Any, example_inputs: Any = (), *, example_kwargs: dict | None
     else:
         say("capturing")
         program = capture(model, example_inputs, example_kwargs, dynamic_shapes=dynamic_shapes)
-    t1 = time.perf_counter()
+    t1 = t0 if isinstance(model, Program) else time.perf_counter()   # a Program is not captured again
     captured = program
     say(f"running the pipeline ({'the target default' if pipeline == 'default' else pipeline})")
     program, preport = optimize(program, pipeline, tgt, calibration_data=calibration_data)
@@ -180,7 +167,8 @@ def compile(model: Any, example_inputs: Any = (), *, example_kwargs: dict | None
                            artifact_bytes=compiled.artifact_size(),
                            stats_before=model_stats(captured), stats_after=model_stats(program),
                            quantization=program.graph_module.meta.get("optc_quant_report"),
-                           check=check_report, check_s=t4 - t3)
+                           check=check_report, check_s=t4 - t3,
+                           backend_stage=getattr(compiled, "stage_report", None))
     return compiled, report
 
 

@@ -205,6 +205,14 @@ class PerturbingBackend(Backend):
 
     name = "perturbed"
 
+    def stage(self, program, target):
+        from optc.backends.base import get_backend
+        return get_backend("torchscript").stage(program, target)
+
+    def native_ops(self, target):
+        from optc.backends.base import get_backend
+        return get_backend("torchscript").native_ops(target)
+
     def lower(self, program, target, *, output: int = 0, amount: float = 1e-2, static_shapes: bool = False):
         from optc.backends.base import get_backend
         inner = get_backend("torchscript").lower(program, target)

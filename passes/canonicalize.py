@@ -1,5 +1,10 @@
 """Canonicalization: local rewrites that remove no-ops and pick canonical forms.
 
+It runs first in every default pipeline and is also the export normalisation: what torch.export
+and transformers leave behind that computes nothing (assertions, same-dtype casts, copies, eval
+dropout, a softmax ``dtype=`` equal to its input's) is removed once here, so that the fusions'
+patterns need not see past it.
+
 A rule set run by :func:`optc.ir.rewrite.apply_rules` to a fixed point. Rules, by name
 (``%x`` is the operand; "same layout" means same shape, dtype, device, and strides on
 every dimension longer than 1, all read from ``meta["val"]`` and static):
@@ -25,6 +30,17 @@ every dimension longer than 1, all read from ``meta["val"]`` and static):
     unflatten, squeeze, unsqueeze) that comes back to the layout of a tensor it started
     from: ``aten.squeeze(aten.unsqueeze(%x, 1), 1) ==> %x``,
     ``aten.view(aten.view(%x, [6]), [2, 3]) ==> %x`` (for ``%x: [2, 3]``).
+``recompose-batch-norm``
+    ``getitem(aten._native_batch_norm_legit_no_training(...), 0) ==> aten.batch_norm(..., False, ...)``
+    when the batch statistics are unused: functionalization's form of an eval BatchNorm.
+``drop-assert``
+    ``aten._assert_tensor_metadata``, ``_assert_scalar``, ``sym_constrain_range``... ``==>`` nothing:
+    torch.export's checks of what the graph already says (transformers 5's
+    ``softmax(...).to(dtype)`` leaves one reading the softmax, which fusions then had to see past).
+``drop-empty-cat-operand``
+    ``aten.cat([%e, %x, ...], d)`` with ``%e`` empty ``==> aten.cat([%x, ...], d)`` (or ``%x``).
+``drop-softmax-dtype``
+    ``aten.softmax.int(%x, d, dtype)`` with ``dtype`` the dtype of ``%x`` ``==> aten.softmax.int(%x, d)``.
 ``mm-add-to-addmm``
     ``aten.add.Tensor(aten.mm(%a, %b), %bias) ==> aten.addmm(%bias, %a, %b)``, also for
     ``aten.matmul`` of two 2-D tensors (``x @ w + b``; nn.Linear is captured as
@@ -41,24 +57,21 @@ graph mutates tensors in place (``detach_`` aside). Shapes must be static.
 from __future__ import annotations
 
 import logging
+import operator
 
 import torch
 import torch.fx as fx
 
+from optc.ir.effects import writes_in_place
+from optc.ir.queries import val
 from optc.ir.rewrite import MatchResult, RewriteRule, apply_rules, arg, call, erase_if_unused, is_op
 from optc.passes.base import PassContext, PassResult, register_pass
-from optc.passes.cse import writes_in_place
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
 
 
 # ---- helpers ---------------------------------------------------------------------------
-def _val(node) -> torch.Tensor | None:
-    v = node.meta.get("val") if isinstance(node, fx.Node) else None
-    return v if isinstance(v, torch.Tensor) else None
-
-
 def _static(v: torch.Tensor) -> bool:
     return all(type(d) is int for d in v.shape) and all(type(s) is int for s in v.stride())
 
@@ -106,7 +119,7 @@ class _DropIdentity(_DropRule):
         if not is_op(node, *self.targets):
             return None
         src = node.args[0]
-        sv, ov = _val(src), _val(node)
+        sv, ov = val(src), val(node)
         if sv is None or ov is None or not _same_type(sv, ov):
             return None          # a real conversion or reshape: not a candidate
         why = _stride_mismatch(sv, ov)
@@ -181,7 +194,7 @@ class DropNoopView(_DropIdentity):
     def match(self, node, ctx):
         if not is_op(node, *self.targets):
             return None
-        sv, ov = _val(node.args[0]), _val(node)
+        sv, ov = val(node.args[0]), val(node)
         if sv is None or ov is None or tuple(sv.shape) != tuple(ov.shape):
             return None          # changes the shape: not a candidate
         if not _is_identity_view(node, sv.dim()):
@@ -213,14 +226,14 @@ class CancelViewChain(_DropRule):
     def match(self, node, ctx):
         if not is_op(node, *_ORDER_PRESERVING) or not is_op(node.args[0], *_ORDER_PRESERVING):
             return None
-        out = _val(node)
+        out = val(node)
         if out is None or not _static(out):
             return None
         best, why = None, None
         cur = node.args[0]
         while is_op(cur, *_ORDER_PRESERVING):
             cur = cur.args[0]
-            v = _val(cur)
+            v = val(cur)
             if v is None or not _static(v):
                 break
             if _same_type(v, out):
@@ -257,7 +270,7 @@ class MmAddToAddmm(RewriteRule):
             return None
         bias = rhs if mm is lhs else lhs
         a, b = mm.args[0], mm.args[1]
-        va, vb, vm, vout = _val(a), _val(b), _val(mm), _val(node)
+        va, vb, vm, vout = val(a), val(b), val(mm), val(node)
         if None in (va, vb, vm, vout):
             return MatchResult.fail("missing shape metadata")
         if va.dim() != 2 or vb.dim() != 2:
@@ -266,7 +279,7 @@ class MmAddToAddmm(RewriteRule):
             return MatchResult.fail(f"add has alpha={node.kwargs['alpha']}")
         if len(mm.users) != 1:
             return MatchResult.fail(f"mm has {len(mm.users)} users")
-        vbias = _val(bias)
+        vbias = val(bias)
         if vbias is None:
             return MatchResult.fail(f"add operand is not a bias vector ({bias!r})")
         if not (_static(vm) and _static(vbias)):
@@ -291,11 +304,123 @@ class MmAddToAddmm(RewriteRule):
         erase_if_unused(m["mm"])
 
 
+class RecomposeBatchNorm(RewriteRule):
+    """``getitem(aten._native_batch_norm_legit_no_training(x, w, b, mean, var, momentum, eps), 0)``
+    ``==> aten.batch_norm(x, w, b, mean, var, False, momentum, eps, True)`` when the saved
+    statistics (outputs 1 and 2) are unused: what torch's functionalization writes for an
+    eval-mode BatchNorm in a graph that had in-place ops, back in the form capture gives
+    otherwise (the form layout conversion and the backends' rules know)."""
+
+    name = "recompose-batch-norm"
+
+    def match(self, node, ctx):
+        if not (node.op == "call_function" and node.target is operator.getitem and node.args[1] == 0
+                and is_op(node.args[0], aten._native_batch_norm_legit_no_training.default)):
+            return None
+        bn = node.args[0]
+        if any(not (u.op == "call_function" and u.target is operator.getitem and (u.args[1] == 0 or not u.users))
+               for u in bn.users):
+            return MatchResult.fail("the batch statistics are used")
+        return MatchResult.success(bn=bn)
+
+    def rewrite(self, node, m, ctx):
+        bn = m["bn"]
+        x, w, b, mean, var, momentum, eps = bn.args[:7]
+        with node.graph.inserting_before(node):
+            new = call(node.graph, aten.batch_norm.default, (x, w, b, mean, var, False, momentum, eps, True),
+                       like=bn, pass_name=ctx.pass_name, name="batch_norm")
+        _drop(node, new)
+        for u in list(bn.users):
+            erase_if_unused(u)
+        erase_if_unused(bn)
+
+
+_ASSERTS = tuple(op for op in (
+    getattr(aten, "_assert_tensor_metadata", None), getattr(aten, "_assert_scalar", None),
+    getattr(aten, "_assert_async", None), getattr(aten, "sym_constrain_range", None),
+    getattr(aten, "sym_constrain_range_for_size", None), getattr(aten, "_functional_assert_async", None),
+    getattr(aten, "_functional_assert_scalar", None)) if op is not None)
+
+
+class DropAssert(RewriteRule):
+    """``aten._assert_tensor_metadata(%x, ...)`` (and ``_assert_scalar``, ``sym_constrain_range``...)
+    ``==>`` nothing: torch.export's checks of what the graph already says (the dtype of a value in
+    the graph that computes it); they read a value only to check it."""
+
+    name = "drop-assert"
+
+    def match(self, node, ctx):
+        if not is_op(node, *_ASSERTS):
+            return None
+        if node.users:
+            return MatchResult.fail("the assertion's result is used")
+        return MatchResult.success()
+
+    def rewrite(self, node, m, ctx):
+        node.graph.erase_node(node)
+
+
+class DropSoftmaxDtype(RewriteRule):
+    """``aten.softmax.int(%x, d, dtype)`` with ``dtype`` the dtype of ``%x`` ``==> aten.softmax.int(%x,
+    d)``: transformers writes ``softmax(scores, dim=-1, dtype=torch.float32)`` for float32 scores too."""
+
+    name = "drop-softmax-dtype"
+
+    def match(self, node, ctx):
+        if not is_op(node, aten.softmax.int) or arg(node, 2, "dtype") is None:
+            return None
+        xv = val(node.args[0])
+        if xv is None or xv.dtype != arg(node, 2, "dtype"):
+            return None        # a real upcast: not a candidate
+        return MatchResult.success()
+
+    def rewrite(self, node, m, ctx):
+        node.args = tuple(node.args[:2])
+        node.kwargs = {k: v for k, v in node.kwargs.items() if k != "dtype"}
+        log.debug("%s: %%%s", self.name, node.name)
+
+
+class DropEmptyCatOperand(RewriteRule):
+    """``aten.cat([%e, %x, ...], d)`` where ``%e`` has no elements ``==> aten.cat([%x, ...], d)`` (``%x``
+    itself when one operand is left and it has the result's shape): an empty operand adds nothing
+    (transformers' first cache update, ``torch.cat([torch.tensor([]), k], dim=-2)``; a zero-width
+    rotary pass-through)."""
+
+    name = "drop-empty-cat-operand"
+
+    def match(self, node, ctx):
+        if not is_op(node, aten.cat.default, aten.concat.default):
+            return None
+        tensors = list(node.args[0])
+        vals = [val(t) for t in tensors]
+        out = val(node)
+        if out is None or not all(v is not None and _static(v) for v in vals):
+            return None
+        keep = [t for t, v in zip(tensors, vals) if v.numel() > 0]
+        if len(keep) == len(tensors) or not keep:
+            return None
+        if len(keep) == 1:
+            kv = val(keep[0])
+            if list(kv.shape) != list(out.shape) or kv.dtype != out.dtype:
+                return MatchResult.fail("the operand left is not of the result's shape and dtype")
+            if any(u.op == "output" for u in node.users):
+                return MatchResult.fail("the concatenation is a graph output (it would alias its operand)")
+        return MatchResult.success(keep=keep)
+
+    def rewrite(self, node, m, ctx):
+        keep = m["keep"]
+        if len(keep) == 1:
+            _drop(node, keep[0])
+            return
+        node.update_arg(0, keep)
+
+
 def rules(gm: fx.GraphModule) -> list[RewriteRule]:
     """The rule set, in the order rules are tried on each node."""
     mut = any(writes_in_place(n) for n in gm.graph.nodes)
     return [DropEvalDropout(), DropDetach(mut), DropAlias(mut), DropClone(mut), DropNoopTo(mut),
-            DropNoopView(mut), CancelViewChain(), MmAddToAddmm()]
+            DropNoopView(mut), CancelViewChain(), MmAddToAddmm(), RecomposeBatchNorm(), DropAssert(),
+            DropSoftmaxDtype(), DropEmptyCatOperand()]
 
 
 @register_pass("canonicalize", exact=True,

@@ -19,7 +19,7 @@ point and derives from a parameter (so fine-tuning can still train it), else a b
 Preconditions (else the node stays; refusals are recorded with their reason, rule "fold"):
 - every input node is a constant (a tensor ``get_attr`` or an already-constant node);
   nodes that depend on a placeholder are never folded;
-- the op is pure (:func:`optc.passes.cse.is_pure_call`: no mutable schema, no random ops
+- the op is pure (:func:`optc.ir.effects.is_pure_call`: no mutable schema, no random ops
   such as ``aten.rand`` or ``dropout``, no uninitialised ``empty``);
 - nothing writes into a value of the subgraph in place at run time (then the attributes
   it derives from are not constants at all; ``detach_``, which changes only autograd
@@ -43,9 +43,10 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from optc.ir.effects import arg_key, is_pure_call, mutates
+from optc.ir.queries import constant_nodes
 from optc.ir.rewrite import add_attr, attr_node, attr_value
 from optc.passes.base import Option, PassContext, PassResult, register_pass
-from optc.passes.cse import arg_key, is_pure_call, mutates
 
 log = logging.getLogger(__name__)
 
@@ -72,17 +73,11 @@ def _preserved(node: fx.Node) -> bool:
 
 
 def _constant_nodes(gm: fx.GraphModule, excluded: set[fx.Node]) -> list[fx.Node]:
-    """call_function nodes that depend only on constants, in topological order."""
-    const: set[fx.Node] = set()
-    order: list[fx.Node] = []
-    for node in gm.graph.nodes:
-        if node.op == "get_attr" and attr_value(node) is not None and node not in excluded:
-            const.add(node)
-        elif node.op == "call_function" and node not in excluded and is_pure_call(node) and not _preserved(node) \
-                and all(i in const for i in node.all_input_nodes):
-            const.add(node)
-            order.append(node)
-    return order
+    """call_function nodes that depend only on constants (tensor attributes, through pure calls
+    other than dequantize ops), in topological order."""
+    nodes = constant_nodes(gm, lambda n: is_pure_call(n) and not _preserved(n),
+                           leaf_ok=lambda n: attr_value(n) is not None, exclude=excluded)
+    return [n for n in nodes if n.op == "call_function"]
 
 
 def _ancestors(node: fx.Node, const: set[fx.Node]) -> list[fx.Node]:

@@ -38,9 +38,10 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from optc.ir.affine_fold import fold_affine
 from optc.ir.rewrite import MatchResult, RewriteRule, apply_rules, arg, attr_value, erase_if_unused, is_op
+from optc.ir.views import Layer, as_layer, layer_refusal
 from optc.passes.base import PassContext, PassResult, register_pass
-from optc.passes.fold_conv_bn import Layer, as_layer, fold_affine, layer_refusal
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten

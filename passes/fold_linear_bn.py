@@ -28,25 +28,16 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from optc.ir.rewrite import RewriteRule, apply_rules
+from optc.ir.affine_fold import FoldLayerBN
+from optc.ir.rewrite import apply_rules
 from optc.passes.base import PassContext, PassResult, register_pass
-from optc.passes.fold_conv_bn import match_layer_bn, rewrite_layer_bn
 
-
-class LinearBN(RewriteRule):
-    """``batch_norm(linear(x, W, b)) ==> linear(x, W', b')`` (see the module docstring)."""
-
-    name = "linear-bn"
-
-    def match(self, node, ctx):
-        return match_layer_bn(node, ("linear",))
-
-    def rewrite(self, node, m, ctx):
-        rewrite_layer_bn(node, m, ctx)
+#: ``batch_norm(linear(x, W, b)) ==> linear(x, W', b')`` (see the module docstring)
+LINEAR_BN = FoldLayerBN("linear-bn", ("linear",))
 
 
 @register_pass("fold-linear-bn", exact=True,
                description="fold eval-mode BatchNorm1d into the preceding linear layer's weight and bias")
 def fold_linear_bn(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-    n = apply_rules(gm, [LinearBN()], ctx)
+    n = apply_rules(gm, [LINEAR_BN], ctx)
     return PassResult(gm, n > 0, {"folded": n})

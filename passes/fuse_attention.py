@@ -54,6 +54,7 @@ import math
 import torch
 import torch.fx as fx
 
+from optc.ir.queries import constant_value, scalar, val
 from optc.ir.rewrite import MatchResult, RewriteRule, apply_rules, arg, attr_value, call, erase_if_unused, is_op
 from optc.passes.base import PassContext, PassResult, register_pass
 
@@ -74,24 +75,15 @@ _CONST_EVAL_NUMEL = 1 << 24
 
 
 # ---- helpers ---------------------------------------------------------------------------
-def _val(node) -> torch.Tensor | None:
-    v = node.meta.get("val") if isinstance(node, fx.Node) else None
-    return v if isinstance(v, torch.Tensor) else None
-
-
 def _dims(shape) -> list[str]:
     """Dims as strings: compares symbolic dims without guarding on them."""
     return [str(d) for d in shape]
 
 
 def _scalar(a) -> float | None:
-    """A Python number, or a one-element constant attribute, as a float."""
-    if isinstance(a, (int, float)) and not isinstance(a, bool):
-        return float(a)
+    """A Python number, or a one-element constant attribute, as a float (a complex one is not)."""
     t = attr_value(a) if isinstance(a, fx.Node) else None
-    if t is not None and t.dim() == 0 and t.dtype != torch.bool and not t.dtype.is_complex:
-        return float(t)
-    return None
+    return None if t is not None and t.dtype.is_complex else scalar(a)
 
 
 def _fill_value(a) -> float | None:
@@ -129,7 +121,7 @@ def _strip_scale(node, scale: float, chain: list) -> tuple[fx.Node, float]:
 
 def _perm_of(node: fx.Node) -> list[int] | None:
     """The permutation a ``transpose``/``permute``/``t`` node applies, or None."""
-    v = _val(node.args[0]) if is_op(node, aten.permute.default, aten.transpose.int, aten.t.default) else None
+    v = val(node.args[0]) if is_op(node, aten.permute.default, aten.transpose.int, aten.t.default) else None
     if v is None or v.dim() == 0:
         return None
     rank = v.dim()
@@ -149,40 +141,11 @@ def _op_name(node) -> str:
     return f"%{node.name} ({t})" if node.op == "call_function" else f"%{node.name} ({node.op})"
 
 
-def _constant(node, budget: list[int]):
-    """Evaluate ``node`` if it depends on attributes only (a few pure ops); else None."""
-    t = attr_value(node)
-    if t is not None:
-        return t if t.numel() <= _CONST_EVAL_NUMEL else None
-    if not isinstance(node, fx.Node) or node.op != "call_function" \
-            or not isinstance(node.target, torch._ops.OpOverload):
-        return None
-    schema = node.target._schema
-    if schema.is_mutable or torch.Tag.nondeterministic_seeded in node.target.tags:
-        return None
-    budget[0] -= 1
-    if budget[0] < 0:
-        return None
-
-    def ev(a):
-        if isinstance(a, fx.Node):
-            r = _constant(a, budget)
-            if r is None:
-                raise LookupError
-            return r
-        if isinstance(a, (list, tuple)):
-            return type(a)(ev(x) for x in a)
-        return a
-    try:
-        args, kwargs = ev(node.args), {k: ev(v) for k, v in node.kwargs.items()}
-    except LookupError:
-        return None
-    try:
-        with torch.no_grad():
-            out = node.target(*args, **kwargs)
-    except Exception:        # e.g. a device this machine lacks: just not provably constant
-        return None
-    return out if isinstance(out, torch.Tensor) and out.numel() <= _CONST_EVAL_NUMEL else None
+def _compile_time_op(node: fx.Node) -> bool:
+    """An ATen/custom op the matcher may evaluate on constant masks: not in place, not random."""
+    t = node.target
+    return isinstance(t, torch._ops.OpOverload) and not t._schema.is_mutable \
+        and torch.Tag.nondeterministic_seeded not in t.tags
 
 
 def _keep_rows_ok(keep: torch.Tensor) -> bool:
@@ -232,11 +195,11 @@ class FuseAttention(RewriteRule):
             if is_op(p, *_DROPOUT) and arg(p, 2, "train") and arg(p, 1, "p") != 0:
                 return MatchResult.fail(f"dropout %{p.name} is in training mode (p={arg(p, 1, 'p')})")
             if not is_op(p, *_DROPOUT):
-                pv, sv = _val(p), _val(p.args[0])
+                pv, sv = val(p), val(p.args[0])
                 if pv is None or sv is None or pv.dtype != sv.dtype or pv.device != sv.device:
                     return MatchResult.fail(f"%{p.name} converts the probabilities to another dtype or device")
         sin = softmax.args[0]
-        sv, iv = _val(softmax), _val(sin)
+        sv, iv = val(softmax), val(sin)
         if sv is None or iv is None:
             return MatchResult.fail("missing shape metadata")
         rank = iv.dim()
@@ -305,7 +268,7 @@ class FuseAttention(RewriteRule):
         else:
             k_src, perm = kT, "swap"
         # shapes and dtypes
-        qv, kTv, vv, ov = _val(q), _val(kT), _val(v), _val(node)
+        qv, kTv, vv, ov = val(q), val(kT), val(v), val(node)
         if None in (qv, kTv, vv, ov):
             return MatchResult.fail("missing shape metadata")
         if min(qv.dim(), kTv.dim(), vv.dim()) < 3:
@@ -318,13 +281,13 @@ class FuseAttention(RewriteRule):
                                     f"v {vv.dtype}, scores {iv.dtype})")
         if _dims(ov.shape) != _dims(list(qv.shape[:-1]) + [vv.shape[-1]]):
             return MatchResult.fail(f"output shape {list(ov.shape)} is not q's batch and length with v's width")
-        sc = _val(scores)
+        sc = val(scores)
         L, S = qv.shape[-2], kTv.shape[-1]
 
         # mask semantics
         attn = None
         if mask_kind == "add":
-            mv, av = _val(mask), _val(sin)
+            mv, av = val(mask), val(sin)
             if mv is None:
                 return MatchResult.fail(f"mask {_op_name(mask)} is not a tensor")
             if mv.dtype != iv.dtype or av.dtype != sc.dtype:
@@ -333,14 +296,15 @@ class FuseAttention(RewriteRule):
                 return MatchResult.fail(f"mask {list(mv.shape)} enlarges the scores {list(sc.shape)} when added")
             attn = ("add", mask)
         elif mask_kind is not None:
-            mv, av = _val(mask), _val(mask_op)
+            mv, av = val(mask), val(mask_op)
             if mv is None or mv.dtype != torch.bool:
                 return MatchResult.fail(f"mask {_op_name(mask)} is not a bool tensor")
             if av is None or _dims(av.shape) != _dims(sc.shape) or av.dtype != sc.dtype:
                 return MatchResult.fail(f"masking %{mask_op.name} changes the scores' shape or dtype")
             if math.isnan(fill):
                 return MatchResult.fail("the fill value is NaN")
-            const = _constant(mask, [_CONST_EVAL_NODES])
+            const = constant_value(mask, _compile_time_op, max_nodes=_CONST_EVAL_NODES,
+                                   max_numel=_CONST_EVAL_NUMEL)
             keep_const = None if const is None else (const if mask_kind == "keep" else ~const)
             if keep_const is not None and fill <= _LOW_FILL and _is_causal(keep_const, L, S):
                 attn = ("causal", mask)
@@ -386,7 +350,7 @@ class FuseAttention(RewriteRule):
                 kwargs["attn_mask"] = _keep_node(g, attn[1], attn[2], kw)
             elif attn is not None and attn[0] == "fill":
                 _, cond, kind, fill = attn
-                dt = _val(m["q"]).dtype
+                dt = val(m["q"]).dtype
                 if kind == "masked":
                     zeros = call(g, aten.zeros_like.default, (cond,), {"dtype": dt}, name="zeros_like", **kw)
                     kwargs["attn_mask"] = call(g, aten.masked_fill.Scalar, (zeros, cond, fill),
@@ -421,7 +385,7 @@ def _keep_node(g: fx.Graph, cond: fx.Node, kind: str, kw: dict) -> fx.Node:
     if kind == "keep":
         return cond
     src = cond.args[0] if cond.args else None
-    if _val(src) is not None and _val(src).dtype == torch.bool and (
+    if val(src) is not None and val(src).dtype == torch.bool and (
             is_op(cond, *_NOT) or (is_op(cond, aten.eq.Scalar) and cond.args[1] in (0, False))):
         return src                               # cond = ~keep or keep == 0
     return call(g, aten.logical_not.default, (cond,), name="logical_not", **kw)

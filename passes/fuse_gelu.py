@@ -26,7 +26,8 @@ import math
 import torch
 import torch.fx as fx
 
-from optc.ir.rewrite import MatchResult, RewriteRule, apply_rules, attr_value, call, erase_if_unused, is_op
+from optc.ir.queries import scalar, val
+from optc.ir.rewrite import MatchResult, RewriteRule, apply_rules, call, erase_if_unused, is_op
 from optc.passes.base import PassContext, PassResult, register_pass
 
 log = logging.getLogger(__name__)
@@ -48,20 +49,6 @@ KAPPA = 0.044715
 Poly = dict  # exponent -> coefficient
 
 
-def _val(node) -> torch.Tensor | None:
-    v = node.meta.get("val") if isinstance(node, fx.Node) else None
-    return v if isinstance(v, torch.Tensor) else None
-
-
-def _scalar(a) -> float | None:
-    if isinstance(a, (int, float)) and not isinstance(a, bool):
-        return float(a)
-    t = attr_value(a) if isinstance(a, fx.Node) else None
-    if t is not None and t.dim() == 0 and t.dtype != torch.bool:
-        return float(t)
-    return None
-
-
 def _close(a: float, b: float) -> bool:
     return abs(a - b) <= _RTOL * abs(b)
 
@@ -72,16 +59,16 @@ def _product(node, depth: int = 0) -> tuple[float, list]:
     if depth < _MAX_DEPTH and is_op(node, *_MUL) and len(node.args) == 2:
         coef, factors = 1.0, []
         for a in node.args:
-            s = _scalar(a)
+            s = scalar(a)
             if s is not None:
                 coef *= s
             else:
                 c, f = _product(a, depth + 1)
                 coef, factors = coef * c, factors + f
         return coef, factors
-    if depth < _MAX_DEPTH and is_op(node, *_DIV) and len(node.args) == 2 and _scalar(node.args[1]) not in (None, 0.0):
+    if depth < _MAX_DEPTH and is_op(node, *_DIV) and len(node.args) == 2 and scalar(node.args[1]) not in (None, 0.0):
         c, f = _product(node.args[0], depth + 1)
-        return c / _scalar(node.args[1]), f
+        return c / scalar(node.args[1]), f
     return 1.0, [node]
 
 
@@ -102,7 +89,7 @@ def _atom_in(node, depth: int = 0) -> fx.Node | None:
 # ---- polynomials in one atom -------------------------------------------------------------
 def _poly(node, atom: fx.Node, depth: int = 0) -> Poly | None:
     """``node`` as a polynomial in ``atom`` with scalar-constant coefficients, or None."""
-    s = _scalar(node)
+    s = scalar(node)
     if s is not None:
         return {0: s}
     if node is atom:
@@ -131,12 +118,12 @@ def _poly(node, atom: fx.Node, depth: int = 0) -> Poly | None:
         out = _mul_poly(pa, pb)
         return out if max(out, default=0) <= _MAX_DEGREE else None
     if is_op(node, *_DIV):
-        pa, s = _poly(a, atom, depth + 1), _scalar(b)
+        pa, s = _poly(a, atom, depth + 1), scalar(b)
         if pa is None or s in (None, 0.0):
             return None
         return {e: c / s for e, c in pa.items()}
     if is_op(node, aten.pow.Tensor_Scalar):
-        pa, n = _poly(a, atom, depth + 1), _scalar(b)
+        pa, n = _poly(a, atom, depth + 1), scalar(b)
         if pa is None or n is None or n != int(n) or not 0 <= n <= _MAX_DEGREE:
             return None
         return _pow_poly(pa, int(n))
@@ -215,7 +202,7 @@ class FuseGelu(RewriteRule):
             want, approximate = {1: SQRT_2_PI, 3: SQRT_2_PI * KAPPA}, "tanh"
         if not _matches(inner, want):
             return MatchResult.fail(f"{kind} argument is {_fmt(inner, 'x')}; GELU needs {_fmt(want, 'x')}")
-        xv, yv = _val(x), _val(node)
+        xv, yv = val(x), val(node)
         if xv is None or yv is None:
             return MatchResult.fail("missing shape metadata")
         if not xv.dtype.is_floating_point or xv.dtype != yv.dtype or list(xv.shape) != list(yv.shape):

@@ -32,7 +32,8 @@ import operator
 import torch
 import torch.fx as fx
 
-from optc.ir.rewrite import MatchResult, RewriteRule, apply_rules, arg, attr_value, call, erase_if_unused, is_op
+from optc.ir.queries import scalar, val
+from optc.ir.rewrite import MatchResult, RewriteRule, apply_rules, arg, call, erase_if_unused, is_op
 from optc.passes.base import PassContext, PassResult, register_pass
 
 log = logging.getLogger(__name__)
@@ -41,20 +42,6 @@ aten = torch.ops.aten
 _VAR = (aten.var.dim, aten.var.correction)
 _VAR_MEAN = (aten.var_mean.dim, aten.var_mean.correction)
 _INV_ROOT = (aten.rsqrt.default, aten.pow.Tensor_Scalar, aten.reciprocal.default)   # candidates for 1/sqrt(.)
-
-
-def _val(node) -> torch.Tensor | None:
-    v = node.meta.get("val") if isinstance(node, fx.Node) else None
-    return v if isinstance(v, torch.Tensor) else None
-
-
-def _scalar(a) -> float | None:
-    if isinstance(a, (int, float)) and not isinstance(a, bool):
-        return float(a)
-    t = attr_value(a) if isinstance(a, fx.Node) else None
-    if t is not None and t.dim() == 0 and t.dtype != torch.bool:
-        return float(t)
-    return None
 
 
 def _norm_dims(dims, rank: int) -> list[int] | None:
@@ -133,7 +120,7 @@ class FuseLayerNorm(RewriteRule):
         else:
             return None                                  # not (x - mean(x)) scaled by something
         x, mean, mean_red = _centered(d)
-        xv, dv, yv = _val(x), _val(d), _val(node)
+        xv, dv, yv = val(x), val(d), val(node)
         if None in (xv, dv, yv):
             return MatchResult.fail("missing shape metadata")
         rank = xv.dim()
@@ -143,7 +130,7 @@ class FuseLayerNorm(RewriteRule):
         if kind == "mul":
             if is_op(scale, aten.rsqrt.default):
                 ve = scale.args[0]
-            elif is_op(scale, aten.pow.Tensor_Scalar) and _scalar(scale.args[1]) == -0.5:
+            elif is_op(scale, aten.pow.Tensor_Scalar) and scalar(scale.args[1]) == -0.5:
                 ve = scale.args[0]
             elif is_op(scale, aten.reciprocal.default) and is_op(scale.args[0], aten.sqrt.default):
                 ve = scale.args[0].args[0]
@@ -163,10 +150,10 @@ class FuseLayerNorm(RewriteRule):
         eps, var = 0.0, ve
         if is_op(ve, aten.add.Tensor) and len(ve.args) == 2 and ve.kwargs.get("alpha", 1) == 1:
             a, b = ve.args
-            if _scalar(b) is not None:
-                var, eps = a, _scalar(b)
-            elif _scalar(a) is not None:
-                var, eps = b, _scalar(a)
+            if scalar(b) is not None:
+                var, eps = a, scalar(b)
+            elif scalar(a) is not None:
+                var, eps = b, scalar(a)
             else:
                 return MatchResult.fail(f"%{ve.name} adds a tensor to the variance, not a constant eps")
         if not math.isfinite(eps) or eps < 0:
@@ -176,7 +163,7 @@ class FuseLayerNorm(RewriteRule):
         vm = _getitem(var, 0, _VAR_MEAN)
         if is_op(var, aten.mean.dim):
             sq = var.args[0]
-            if is_op(sq, aten.pow.Tensor_Scalar) and _scalar(sq.args[1]) == 2.0:
+            if is_op(sq, aten.pow.Tensor_Scalar) and scalar(sq.args[1]) == 2.0:
                 ok = _same_centered(sq.args[0], d)
             elif is_op(sq, aten.mul.Tensor) and len(sq.args) == 2:
                 ok = _same_centered(sq.args[0], d) and _same_centered(sq.args[1], d)
@@ -197,7 +184,7 @@ class FuseLayerNorm(RewriteRule):
         if var_red.kwargs.get("dtype") is not None or mean_red.kwargs.get("dtype") is not None:
             return MatchResult.fail("a reduction computes in another dtype")
         mean_dims = _norm_dims(arg(mean_red, 1, "dim"), rank)
-        var_dims = _norm_dims(arg(var_red, 1, "dim"), _val(var_red.args[0]).dim())
+        var_dims = _norm_dims(arg(var_red, 1, "dim"), val(var_red.args[0]).dim())
         if not _keepdim(mean_red) or not _keepdim(var_red):
             return MatchResult.fail("a reduction drops the reduced dims (keepdim=False)")
         if mean_dims != var_dims:
@@ -218,13 +205,13 @@ class FuseLayerNorm(RewriteRule):
         u = _only_user(last)
         if is_op(u, aten.mul.Tensor):
             g = _other(u, last)
-            if _is_param(g, shape, xv.dtype) and _val(u).shape == yv.shape:
+            if _is_param(g, shape, xv.dtype) and val(u).shape == yv.shape:
                 last, gamma = u, g
                 affine.append(u)
                 u = _only_user(last)
         if is_op(u, aten.add.Tensor) and u.kwargs.get("alpha", 1) == 1:
             b = _other(u, last)
-            if _is_param(b, shape, xv.dtype) and _val(u).shape == yv.shape:
+            if _is_param(b, shape, xv.dtype) and val(u).shape == yv.shape:
                 last, beta = u, b
                 affine.append(u)
         # users before operands, so that each erase_if_unused frees the next
@@ -248,8 +235,8 @@ def _sqrt_plus_eps(node) -> bool:
     if not is_op(node, aten.add.Tensor) or len(node.args) != 2:
         return False
     a, b = node.args
-    return (is_op(a, aten.sqrt.default) and _scalar(b) is not None) or \
-        (is_op(b, aten.sqrt.default) and _scalar(a) is not None)
+    return (is_op(a, aten.sqrt.default) and scalar(b) is not None) or \
+        (is_op(b, aten.sqrt.default) and scalar(a) is not None)
 
 
 def _only_user(node: fx.Node) -> fx.Node | None:
@@ -263,7 +250,7 @@ def _other(node: fx.Node, operand: fx.Node):
 
 def _is_param(node, shape: list[int], dtype: torch.dtype) -> bool:
     """A tensor of exactly the normalised shape and x's dtype (a gamma or beta)."""
-    v = _val(node)
+    v = val(node)
     return v is not None and list(v.shape) == shape and v.dtype == dtype
 
 

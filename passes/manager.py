@@ -29,7 +29,7 @@ from typing import Any, Iterable
 
 import torch
 
-from optc.errors import NumericMismatchError, OptcError, PassError, VerificationError
+from optc.errors import NumericMismatchError, OptcError, PassError
 from optc.ir.printer import format_text
 from optc.ir.program import Program
 from optc.ir.rewrite import remove_unused_attrs
@@ -128,11 +128,12 @@ class DumpInstrument(Instrument):
     input graph of the failing pass and the pipeline text to rerun it.
     """
 
-    def __init__(self, directory: str, mode: str = "all"):
+    def __init__(self, directory: str, mode: str = "all", *, continued: bool = False):
         if mode not in ("all", "changed"):
             raise ValueError("dump mode must be 'all' or 'changed'")
         self.dir = directory
         self.mode = mode
+        self.continued = continued   # a later stage (the backend's) of the same dump: numbering goes on
         os.makedirs(directory, exist_ok=True)
 
     def _write(self, name: str, text: str) -> None:
@@ -143,8 +144,14 @@ class DumpInstrument(Instrument):
         os.replace(tmp, path)
 
     def start(self, program, passes):
+        text = ",".join(p.text for p in passes) + "\n"
+        if self.continued:
+            path = os.path.join(self.dir, "pipeline.txt")
+            before = open(path).read() if os.path.exists(path) else ""
+            self._write("pipeline.txt", before + text)
+            return
         self._write("00_input.txt", format_text(program))
-        self._write("pipeline.txt", ",".join(p.text for p in passes) + "\n")
+        self._write("pipeline.txt", text)
 
     def after(self, record, before, after):
         if record.status != "ran":
@@ -182,7 +189,7 @@ class PassManager:
                  check_modified: bool = False, dump_dir: str | None = None, print_after_all: bool = False,
                  print_changed: bool = False, bisect_limit: int | None = None, max_rewrites: int | None = None,
                  disable: Iterable[str] = (), instruments: Iterable[Instrument] = (),
-                 extra: dict | None = None):
+                 extra: dict | None = None, first_index: int = 1):
         from optc.target import resolve_target
         self.target = resolve_target(target) if target is not None else None
         if default is None:
@@ -202,6 +209,7 @@ class PassManager:
             from optc.errors import PipelineError
             raise PipelineError(f"cannot disable unknown pass '{unknown[0]}' (valid passes: {', '.join(sorted(registry()))})")
         self.extra = dict(extra or {})
+        self.first_index = first_index   # a backend stage numbers its passes after the pipeline's
         self.instruments: list[Instrument] = [LogInstrument(), *instruments]
         if dump_dir and (print_after_all or print_changed):
             self.instruments.append(DumpInstrument(dump_dir, "all" if print_after_all else "changed"))
@@ -219,7 +227,7 @@ class PassManager:
             inst.start(current, self.passes)
         numeric_inputs = None
         ran: list[str] = []
-        for idx, rp in enumerate(self.passes, start=1):
+        for idx, rp in enumerate(self.passes, start=self.first_index):
             record = PassRecord(idx, rp.name, rp.text, "ran", exact=rp.info.exact)
             report.records.append(record)
             if rp.name in self.disable:

@@ -31,6 +31,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from optc.ir.queries import val
 from optc.ir.rewrite import (MatchResult, RewriteRule, apply_rules, arg, attr_value, call, erase_if_unused,
                              fake_mode_of, is_op, new_constant)
 from optc.passes.base import Option, PassContext, PassResult, register_pass
@@ -40,11 +41,6 @@ aten = torch.ops.aten
 
 _VIEWS = (aten.view.default, aten._unsafe_view.default)
 _LAYOUT_BOUND = (aten.as_strided.default, aten.as_strided_.default, aten.as_strided_scatter.default)
-
-
-def _val(node) -> torch.Tensor | None:
-    v = node.meta.get("val") if isinstance(node, fx.Node) else None
-    return v if isinstance(v, torch.Tensor) else None
 
 
 def _is_param(node: fx.Node) -> bool:
@@ -100,7 +96,7 @@ class MergeParallelLinear(RewriteRule):
                 return f"bias %{getattr(b, 'name', b)} is not a constant"
             if bt.dtype != wt.dtype or bt.device != wt.device or list(bt.shape) != [wt.shape[0]]:
                 return f"bias {bt.dtype}{list(bt.shape)} does not match weight {wt.dtype}{list(wt.shape)}"
-        ov = _val(lin)
+        ov = val(lin)
         if ov is None:
             return "missing shape metadata"
         return self._layout_refusal(lin, ov)
@@ -113,7 +109,7 @@ class MergeParallelLinear(RewriteRule):
                 return f"%{u.name} depends on the memory layout"
             if not is_op(u, *_VIEWS) or u.args[0] is not lin:
                 continue
-            uv = _val(u)
+            uv = val(u)
             if uv is not None and [str(d) for d in uv.shape[:ov.dim() - 1]] == [str(d) for d in ov.shape[:-1]]:
                 continue              # splits the last dim only (heads): always a valid view
             mode = fake_mode_of(lin.graph.owning_module)

@@ -2,7 +2,7 @@
 
 ``prune-channels{ratio,criterion,round_to,exclude,norm_stats}`` and ``prune-heads{ratio,criterion}``.
 
-For every channel group found by :mod:`optc.passes.prune_deps` (a producer's output
+For every channel group found by :mod:`optc.ir.channel_deps` (a producer's output
 channels and everything tied to them), keep the ``ceil((1 - ratio) * C)`` most important
 channels, rounded *up* to a multiple of ``round_to`` (and of the head size for attention
 groups: heads go whole), never fewer than that multiple; then rewrite::
@@ -44,11 +44,11 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from optc.ir.channel_deps import ChannelGraph, ParamUse, ShapeUse, analyze, get_arg, set_arg
 from optc.ir.program import Program, attr_tensors
 from optc.ir.rewrite import add_attr, attr_value, carry_meta, fake_mode_of, infer_val
 from optc.passes.base import Option, PassContext, PassResult, register_pass
-from optc.passes.prune_deps import (ChannelGraph, LayerFilter, ParamUse, PositiveIntOption, RatioOption, ShapeUse,
-                                    analyze, get_arg, set_arg)
+from optc.passes.options import LayerFilter, PositiveIntOption, RatioOption
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten

@@ -31,10 +31,11 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from optc.ir.queries import layer_name
 from optc.ir.rewrite import add_attr, attr_value, carry_meta, infer_val
+from optc.ir.views import as_layer
 from optc.passes.base import Option, PassContext, PassResult, register_pass
-from optc.passes.fold_conv_bn import as_layer
-from optc.passes.prune_deps import LayerFilter, RatioOption, layer_name
+from optc.passes.options import LayerFilter, RatioOption
 
 log = logging.getLogger(__name__)
 

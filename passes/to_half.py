@@ -55,7 +55,6 @@ import re
 import torch
 import torch.fx as fx
 
-from optc.errors import OptcError
 from optc.ir.rewrite import add_attr, attr_node, attr_value, call, infer_val, is_op
 from optc.passes.base import Option, PassContext, PassResult, register_pass
 
@@ -158,7 +157,7 @@ def _value_ranges(gm: fx.GraphModule, ctx: PassContext) -> dict[str, float]:
     """max |value| of every float tensor the graph computes, over the program's example inputs and
     up to 8 samples of its calibration data (when given), in float32, before the rewrite: the
     calibration machinery of insert-qdq (a probe module and min/max observers)."""
-    from optc.passes.calibration import MinMaxObserver, calibration_samples, probe_module, run_probe
+    from optc.ir.calibration import MinMaxObserver, calibration_samples, probe_module, run_probe
     program = ctx.program
     if program is None:
         return {}

@@ -24,6 +24,8 @@ from contextlib import contextmanager
 from typing import Iterator, Sequence
 
 import optc
+from optc.tools.args import non_negative, positive
+from optc.backends.lowering import resolve
 from optc.errors import OptcError, PassError, VerificationError
 
 log = logging.getLogger("optc.tools.cli")
@@ -60,7 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("passes", help="list the registered passes and the target's default pipeline",
                        description="List every registered pass (name, exact/lossy, options with types and "
-                                   "defaults, description) and the target's default pipeline.")
+                                   "defaults, description) and the target's default pipeline; with NAME, one "
+                                   "pass in full (each option's help, ordering constraints).")
+    p.add_argument("name", nargs="?", metavar="NAME", help="show this pass in full")
     p.add_argument("--target", default="cpu", help="cpu, cuda, or BACKEND:DEVICE such as onnx:cpu (default: cpu)")
     p.set_defaults(func=cmd_passes)
 
@@ -83,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pipeline text, e.g. 'default' or 'dce,cse'; without it the captured graph is printed "
                         "(unless a pipeline option below is given: then 'default')")
     d.add_argument("--target", default="cpu", help="cpu, cuda, or BACKEND:DEVICE (picks 'default'; default cpu)")
+    d.add_argument("--backend", default=None, metavar="B",
+                   help="also run backend B's stage after the pipeline (its decompositions and legalizations, "
+                        "numbered after the pipeline's passes in the dumps); the graph shown is what B lowers")
     d.add_argument("--format", choices=sorted(FORMATS), default="text", help="graph format (default text)")
     d.add_argument("--out", metavar="FILE", help="write the graph to FILE (atomically) instead of stdout")
     d.add_argument("--print-after-all", metavar="DIR",
@@ -93,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--verify-each", action="store_true", help="run the verifier after each pass")
     d.add_argument("--check-numerics", action="store_true", help="check exact passes numerically against the "
                                                                    "previous program")
-    d.add_argument("--bisect-limit", type=_non_negative, metavar="N", help="run only the first N passes")
+    d.add_argument("--bisect-limit", type=non_negative, metavar="N", help="run only the first N passes")
     d.add_argument("--disable-pass", action="append", default=[], metavar="NAME",
                    help="skip pass NAME wherever the pipeline has it (repeatable)")
     d.add_argument("--stats", action="store_true",
@@ -154,14 +161,6 @@ def print_quant_report(rep, file=None) -> None:
                                                        for la in worst), file=file)
 
 
-def _non_negative(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {n}")
-    return n
 
 
 # ---- entry point ---------------------------------------------------------------------------
@@ -270,37 +269,15 @@ def _silence_stdout() -> None:
 
 # ---- optc passes ---------------------------------------------------------------------------
 def cmd_passes(args: argparse.Namespace) -> int:
-    from optc.passes.base import registry
+    from optc.passes.base import get_pass, registry
+    from optc.tools.pass_listing import format_pass, format_table
     target = optc.resolve_target(args.target)
     reg = registry()
-    rows = []
-    for name in sorted(reg):
-        info = reg[name]
-        opts = ",".join(f"{k}:{_type_name(o.type)}={_value_text(o.default)}" for k, o in info.options.items())
-        rows.append((name, "exact" if info.exact else "lossy", "{" + opts + "}" if opts else "-", info.description))
-    widths = [max((len(r[i]) for r in rows), default=0) for i in range(3)]
-    for r in rows:
-        print(f"{r[0]:<{widths[0]}}  {r[1]:<5}  {r[2]:<{widths[2]}}  {r[3]}")
-    default = target.default_pipeline
-    missing = [n for n in _pipeline_names(default) if n not in reg]
-    line = f"default pipeline for {target}: {default}"
-    if missing:
-        line += f"  (not registered yet: {', '.join(missing)})"
-    print(line)
+    if args.name is not None:   # an unknown name: PipelineError, one line listing the valid ones (status 2)
+        print(format_pass(get_pass(args.name), reg, target.default_pipeline, str(target)))
+    else:
+        print(format_table(reg, target.default_pipeline, str(target)))
     return 0
-
-
-def _type_name(t) -> str:
-    return "|".join(t) if isinstance(t, tuple) else t.__name__
-
-
-def _value_text(v) -> str:
-    return str(v).lower() if isinstance(v, bool) else str(v)
-
-
-def _pipeline_names(text: str) -> list[str]:
-    from optc.passes.pipeline import parse
-    return [item.name for item in parse(text)]
 
 
 # ---- optc dump -----------------------------------------------------------------------------
@@ -312,20 +289,20 @@ def cmd_dump(args: argparse.Namespace) -> int:
     from optc.passes.manager import DumpInstrument, PassManager
     from optc.tools.models import load_model, parse_config
 
-    target = optc.resolve_target(args.target)
+    target = resolve(args.target, args.backend)[0] if args.backend else optc.resolve_target(args.target)
     pipeline = args.pipeline
     wants_pipeline = (args.print_after_all or args.print_changed or args.verify_each or args.check_numerics
-                      or args.bisect_limit is not None or args.disable_pass)
+                      or args.bisect_limit is not None or args.disable_pass or args.backend)
     if pipeline is None and wants_pipeline:
         pipeline = "default"
     if args.print_after_all and args.print_changed and \
             os.path.abspath(args.print_after_all) == os.path.abspath(args.print_changed):
         raise OptcError("--print-after-all and --print-changed need different directories")
     pm = None
+    disable = [n.strip() for item in args.disable_pass for n in item.split(",") if n.strip()]
     if pipeline is not None:   # validate the pipeline before the (slow) load and capture
         instruments = [DumpInstrument(_dump_dir(d), mode) for d, mode in
                        ((args.print_after_all, "all"), (args.print_changed, "changed")) if d]
-        disable = [n.strip() for item in args.disable_pass for n in item.split(",") if n.strip()]
         pm = PassManager(pipeline, target=target, verify_each=args.verify_each,
                          check_numerics=args.check_numerics, bisect_limit=args.bisect_limit,
                          disable=disable, instruments=instruments)
@@ -340,12 +317,23 @@ def cmd_dump(args: argparse.Namespace) -> int:
     before = program
     calibration = load_calibration_data(args.calibration_data, loaded.args)
     if calibration is not None:
-        from optc.passes.calibration import prepare_calibration_data
+        from optc.ir.calibration import prepare_calibration_data
         if pm is None:
             raise OptcError("--calibration-data needs a --pipeline with insert-qdq")
         pm.extra["calibration_data"] = prepare_calibration_data(program, calibration)
     if pm is not None:
         program, report = pm.run(program)
+    if args.backend is not None:   # the backend's stage, through the same instruments, numbered on
+        from optc.backends.base import get_backend, run_backend_stage
+        dumps = [DumpInstrument(d, mode, continued=True) for d, mode in
+                 ((args.print_after_all, "all"), (args.print_changed, "changed")) if d]
+        done = len(report.records) if report is not None else 0
+        budget = None if args.bisect_limit is None else max(args.bisect_limit, done)
+        program, stage = run_backend_stage(program, get_backend(target.backend), target, first_index=done + 1,
+                                           instruments=dumps, bisect_limit=budget, disable=disable)
+        if stage is not None:
+            report.records += stage.records
+            report.pipeline += f" | backend stage ({target.backend}): {stage.pipeline}"
 
     text = FORMATS[args.format](program)
     if args.out:
@@ -419,17 +407,17 @@ def _add_compile_parser(sub) -> None:
                    help="torchscript, onnx or tvm (default: the one --target names, else onnx)")
     c.add_argument("--target", default="cpu", metavar="T", help="cpu, cuda, or BACKEND:DEVICE (default cpu)")
     c.add_argument("--pipeline", default="default", metavar="P", help="pipeline text (default: the target's default)")
-    c.add_argument("--tune", type=_non_negative, default=None, metavar="N",
+    c.add_argument("--tune", type=non_negative, default=None, metavar="N",
                    help="tvm only: tuning trials, passed as the backend option tune=N")
-    c.add_argument("--threads", type=_positive, default=None, metavar="N",
+    c.add_argument("--threads", type=positive, default=None, metavar="N",
                    help="threads for torch and, for backends with a 'threads' option (onnx), the runtime "
                         "(default: every core)")
     c.add_argument("--dynamic-batch", action="store_true", help="capture with dim 0 of every input dynamic")
     c.add_argument("--out", required=True, metavar="DIR",
                    help="artifact folder (created; an earlier artifact there is replaced)")
-    c.add_argument("--runs", type=_non_negative, default=20, metavar="N",
+    c.add_argument("--runs", type=non_negative, default=20, metavar="N",
                    help="timed rounds of the latency comparison (default 20; 0 skips it)")
-    c.add_argument("--warmup", type=_non_negative, default=3, metavar="N", help="untimed rounds first (default 3)")
+    c.add_argument("--warmup", type=non_negative, default=3, metavar="N", help="untimed rounds first (default 3)")
     c.add_argument("--stats", action="store_true",
                    help="also print parameters, FLOPs, weight and activation bytes per layer, before and after the "
                         "pipeline (the report always has the totals)")
@@ -441,25 +429,17 @@ def _add_compile_parser(sub) -> None:
     c.set_defaults(func=cmd_compile)
 
 
-def _positive(text: str) -> int:
-    n = _non_negative(text)
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
-    return n
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
     import torch
-    from optc.backends.base import MANIFEST, get_backend
+    from optc.backends.base import MANIFEST
     from optc.passes.manager import PassManager
     from optc.tools.bench import DEFAULT_PAUSE_MS, interleaved, max_rel_error, paired_ratios
     from optc.tools.models import load_model, parse_config
 
     # everything that can be checked is checked before the (slow) load, capture and lowering
-    target = optc.resolve_target(args.target, args.backend)
-    if target.backend is None:
-        target = target.with_backend("onnx")
-    backend = get_backend(target.backend)
+    target, backend = resolve(args.target, args.backend)
     if args.tune is not None and backend.name != "tvm":
         raise OptcError(f"--tune applies to the tvm backend only, not '{backend.name}'")
     backend.check_available(target)

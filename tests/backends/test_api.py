@@ -11,7 +11,7 @@ import torch
 import optc
 from optc.backends import base, get_backend, lower
 from optc.backends.base import CompiledModel, register_backend
-from optc.errors import ArtifactError, BackendUnavailableError, InputSpecError, OptcError, PipelineError
+from optc.errors import ArtifactError, BackendUnavailableError, InputSpecError, OptcError
 from optc.ir.verifier import check_close
 
 
@@ -53,11 +53,6 @@ def test_compile_reports_progress(structured):
 
 
 def test_compile_default_pipeline(structured):
-    from optc.passes.pipeline import resolve
-    try:
-        resolve("default", optc.resolve_target("cpu", "torchscript").default_pipeline)
-    except PipelineError as e:
-        pytest.skip(f"the default pipeline's passes are not all written yet: {e}")
     model, args, kwargs = structured
     compiled, report = optc.compile(model, args, example_kwargs=kwargs, backend="torchscript")
     assert report.pipeline.pipeline == optc.resolve_target("cpu", "torchscript").default_pipeline
@@ -67,7 +62,7 @@ def test_compile_default_pipeline(structured):
 def test_compile_takes_a_program_and_target_string(captured_structured):
     model, program = captured_structured()
     compiled, report = optc.compile(program, target="torchscript:cpu", pipeline="dce")
-    assert compiled.backend == "torchscript" and report.capture_s < 0.1
+    assert compiled.backend == "torchscript" and report.capture_s == 0.0   # nothing was captured
     with pytest.raises(OptcError, match="takes no example inputs"):
         optc.compile(program, (torch.randn(1),), backend="torchscript")
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import collections
 import functools
-import os
 
 import onnx
 import pytest

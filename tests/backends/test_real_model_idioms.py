@@ -173,7 +173,6 @@ def _grouped_mm_op():
         return torch.ops.transformers.grouped_mm_fallback.default
     except (ImportError, AttributeError, RuntimeError):
         pass
-    lib = torch.library.Library("transformers", "FRAGMENT")   # noqa: F841  (kept alive by the registry)
     torch.library.custom_op("transformers::grouped_mm_fallback", _grouped_mm_reference, mutates_args=())
     torch.library.register_fake("transformers::grouped_mm_fallback",
                                 lambda i, w, o: i.new_empty(i.size(0), w.size(2)))

@@ -1,5 +1,6 @@
-"""The backend workarounds (backends/workarounds.py): each rewrites exactly its pattern, keeps the
-function, and leaves everything else alone. End-to-end regressions: tests/fuzz/test_regressions.py."""
+"""The backends' legalization rules (backends/legalize/): each rewrites exactly its pattern, keeps
+the function, and leaves everything else alone. End-to-end regressions: tests/fuzz/test_regressions.py
+and tests/backends/test_real_model_idioms.py."""
 
 from __future__ import annotations
 
@@ -8,11 +9,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import optc
-from optc.backends import lower, workarounds
-from optc.backends.base import inline_decompositions
+from optc.backends import lower
+from optc.backends.legalize import ALL_RULES
+from optc.backends.legalize.common import GraphFacts
+from optc.backends.legalize.torchscript import pool_matrix
+from optc.ir.program import copy_graph_module
+from optc.ir.rewrite import apply_rules
+from optc.passes.base import PassContext
 from optc.ir.verifier import check_close
 from optc.tools.fuzz import KNOWN_ISSUES, KnownIssue, Mismatch, known_issue
-from optc.tools.fuzzgen import ModelSpec, Op
+from optc.tools.fuzz import ModelSpec, Op
 
 aten = torch.ops.aten
 
@@ -20,7 +26,17 @@ aten = torch.ops.aten
 def _gm(model, *inputs):
     """A private copy of the captured graph, as a backend gets it."""
     program = optc.capture(model.eval(), inputs)
-    return program, inline_decompositions(program.graph_module)
+    return program, copy_graph_module(program.graph_module)
+
+
+def rewrite(gm, rule: str) -> int:
+    """Run the legalization rule called ``rule`` alone on ``gm`` (in place); how many nodes it rewrote."""
+    (cls,) = [r for r in ALL_RULES if r.name == rule]
+    ctx = PassContext("legalize", {})
+    apply_rules(gm, [cls(GraphFacts(gm))], ctx)
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    return ctx.stats.get(rule, 0)
 
 
 def _targets(gm):
@@ -45,7 +61,7 @@ def test_addmm_as_linear_keeps_the_function_and_runs_on_torchscript():
     x = torch.randn(5, 4)
     program, gm = _gm(AddmmLinear(), x)
     assert _targets(gm).count(aten.addmm.default) == 2
-    assert workarounds.addmm_as_linear(gm) == 2
+    assert rewrite(gm, "addmm-as-linear") == 2
     t = _targets(gm)
     assert aten.addmm.default not in t and aten.linear.default in t and aten.mm.default in t
     check_close(program(x), gm(x), rtol=1e-6)
@@ -67,7 +83,7 @@ class ConvTanhGelu(nn.Module):
 def test_tanh_gelu_as_formula_only_where_a_convolution_is():
     x = torch.randn(1, 2, 6, 6)
     program, gm = _gm(ConvTanhGelu(), x)
-    assert workarounds.tanh_gelu_as_formula(gm) == 1
+    assert rewrite(gm, "tanh-gelu-as-formula") == 1
     gelus = [n for n in gm.graph.nodes if n.target is aten.gelu.default]
     assert len(gelus) == 1 and gelus[0].kwargs.get("approximate", "none") == "none"
     check_close(program(x), gm(x)[0], rtol=1e-6)
@@ -84,7 +100,7 @@ def test_tanh_gelu_as_formula_only_where_a_convolution_is():
             return F.gelu(self.fc(x), approximate="tanh")
 
     _, gm2 = _gm(LinearGelu(), torch.randn(2, 4))
-    assert workarounds.tanh_gelu_as_formula(gm2) == 0
+    assert rewrite(gm2, "tanh-gelu-as-formula") == 0
 
 
 class Pools(nn.Module):
@@ -98,7 +114,7 @@ class Pools(nn.Module):
 def test_ceil_pool_as_floor_only_where_the_windows_are_the_same():
     x = torch.randn(1, 2, 5, 5)
     program, gm = _gm(Pools(), x)
-    assert workarounds.ceil_pool_as_floor(gm) == 2
+    assert rewrite(gm, "ceil-pool-as-floor") == 2
     ceil = [n for n in gm.graph.nodes if n.op == "call_function" and "pool" in str(n.target)
             and (n.args[5] if n.target is aten.max_pool2d.default and len(n.args) > 5 else
                  n.args[4] if n.target is aten.avg_pool2d.default and len(n.args) > 4 else False)]
@@ -115,7 +131,7 @@ class Alpha(nn.Module):
 def test_add_alpha_as_mul_on_tvm():
     x, y = torch.randn(2, 3), torch.randn(2, 3)
     program, gm = _gm(Alpha(), x, y)
-    assert workarounds.add_alpha_as_mul(gm) == 3
+    assert rewrite(gm, "add-alpha-as-mul") == 3
     assert all(n.kwargs.get("alpha", 1) == 1 for n in gm.graph.nodes if n.op == "call_function")
     check_close(program(x, y), gm(x, y)[0], rtol=1e-6)
     check_close(program(x, y), lower(program, "cpu", "tvm")(x, y), rtol=1e-5)
@@ -130,7 +146,7 @@ class Cumsum(nn.Module):
 def test_cumsum_int64_on_tvm():
     x = torch.randn(3, 8) * 4
     program, gm = _gm(Cumsum(), x)
-    assert workarounds.cumsum_int64(gm) == 2   # bool and int32; the float cumsum is left alone
+    assert rewrite(gm, "cumsum-int64") == 2   # bool and int32; the float cumsum is left alone
     ref = program(x)
     assert [t.dtype for t in ref] == [torch.int64, torch.int64, torch.float32]
     got = lower(program, "cpu", "tvm")(x)
@@ -151,7 +167,7 @@ class ConvClamps(nn.Module):
 def test_clamp_one_sided_on_torchscript():
     x = torch.randn(1, 2, 5, 5)
     program, gm = _gm(ConvClamps(), x)
-    assert workarounds.clamp_one_sided(gm) == 2
+    assert rewrite(gm, "clamp-one-sided") == 2
     t = _targets(gm)
     assert t.count(aten.clamp.default) == 1 and aten.clamp_min.default in t and aten.clamp_max.default in t
     check_close(program(x), gm(x)[0], rtol=0)
@@ -177,7 +193,7 @@ class SharedLinearBN(nn.Module):
 def test_batch_norm_as_affine_where_torchscript_gets_it_wrong():
     x, img = torch.randn(3, 4), torch.randn(1, 2, 3, 3)
     program, gm = _gm(SharedLinearBN(), x, img)
-    assert workarounds.batch_norm_as_affine(gm) == 2
+    assert rewrite(gm, "batch-norm-as-affine") == 2
     assert aten.batch_norm.default not in _targets(gm)
     check_close(program(x, img), gm(x, img), rtol=1e-6)
     check_close(program(x, img), lower(program, "cpu", "torchscript")(x, img), rtol=1e-5)
@@ -192,7 +208,7 @@ def test_batch_norm_as_affine_where_torchscript_gets_it_wrong():
             return self.bn(self.fc(x))
 
     _, gm2 = _gm(SingleUser(), x)
-    assert workarounds.batch_norm_as_affine(gm2) == 0
+    assert rewrite(gm2, "batch-norm-as-affine") == 0
 
 
 class ConvAdaptivePool(nn.Module):
@@ -208,11 +224,11 @@ class ConvAdaptivePool(nn.Module):
 def test_adaptive_avg_pool_as_matmul_on_torchscript():
     x = torch.randn(2, 2, 7, 7)
     program, gm = _gm(ConvAdaptivePool(), x)
-    assert workarounds.adaptive_avg_pool_as_matmul(gm) == 1
+    assert rewrite(gm, "adaptive-avg-pool-as-matmul") == 1
     assert _targets(gm).count(aten.adaptive_avg_pool2d.default) == 1   # the divisible one stays
     check_close(program(x), gm(x), rtol=1e-6)
     check_close(program(x), lower(program, "cpu", "torchscript")(x), rtol=1e-5)
-    assert torch.allclose(workarounds._pool_matrix(5, 3).sum(1), torch.ones(3, dtype=torch.float64))
+    assert torch.allclose(pool_matrix(5, 3).sum(1), torch.ones(3, dtype=torch.float64))
 
 
 class Extremes(nn.Module):
@@ -223,7 +239,7 @@ class Extremes(nn.Module):
 def test_amax_amin_as_max_dim_on_tvm():
     x = torch.randn(2, 3, 4, 5)
     program, gm = _gm(Extremes(), x)
-    assert workarounds.amax_as_max_dim(gm) == 4
+    assert rewrite(gm, "amax-as-max-dim") == 4
     assert not {aten.amax.default, aten.amin.default} & set(_targets(gm))
     check_close(program(x), gm(x), rtol=0)   # the same values, exactly
     check_close(program(x), lower(program, "cpu", "tvm")(x), rtol=0)
@@ -237,7 +253,7 @@ class SingleHead(nn.Module):
 def test_sdpa_as_4d_on_onnx():
     q, k, v, mask = torch.randn(2, 5, 8), torch.randn(2, 6, 8), torch.randn(2, 6, 8), torch.randn(2, 5, 6)
     program, gm = _gm(SingleHead(), q, k, v, mask)
-    assert workarounds.sdpa_as_4d(gm) == 2
+    assert rewrite(gm, "sdpa-as-4d") == 2
     sdpas = [n for n in gm.graph.nodes if n.target is aten.scaled_dot_product_attention.default]
     assert all(n.args[0].meta["val"].dim() == 4 for n in sdpas)
     check_close(program(q, k, v, mask), gm(q, k, v, mask), rtol=1e-6)
@@ -254,7 +270,7 @@ class Stats(nn.Module):
 def test_var_mean_and_adaptive_max_pool():
     x = torch.randn(2, 3, 4, 6)
     program, gm = _gm(Stats(), x)
-    assert workarounds.var_mean_as_two(gm) == 2 and workarounds.adaptive_max_pool_as_max_pool(gm) == 3
+    assert rewrite(gm, "var-mean-as-two") == 2 and rewrite(gm, "adaptive-max-pool-as-max-pool") == 3
     t = _targets(gm)
     assert not {aten.var_mean.correction, aten.var_mean.dim, aten.adaptive_max_pool2d.default} & set(t)
     assert t.count(aten.max_pool2d.default) == 1 and t.count(aten.amax.default) == 3 + 4 + 8 + 5
@@ -293,7 +309,7 @@ class NearIdentity(nn.Module):
 def test_near_identity_scalars_survive_the_onnx_exporters_optimizer():
     x = torch.randn(2, 1)       # a one-element row: n = 0, and 0 / (0 + 1e-12) must stay 0
     program, gm = _gm(NearIdentity(), x)
-    assert workarounds.near_identity_scalar_as_tensor(gm) == 2     # the epsilon and the 1.000001; not 0.5, 2.0
+    assert rewrite(gm, "near-identity-scalar-as-tensor") == 2     # the epsilon and the 1.000001; not 0.5, 2.0
     check_close(program(x), gm(x), rtol=0)
     compiled = lower(program, "cpu", "onnx")
     got = compiled(x)
@@ -315,6 +331,6 @@ class LinearBNRows(nn.Module):
 def test_batch_norm_across_a_linears_rows_is_not_frozen_into_it():
     x = torch.randn(1, 2, 3)
     program, gm = _gm(LinearBNRows(), x)
-    assert workarounds.batch_norm_as_affine(gm) == 1
+    assert rewrite(gm, "batch-norm-as-affine") == 1
     check_close(program(x), gm(x), rtol=1e-6)
     check_close(program(x), lower(program, "cpu", "torchscript")(x), rtol=1e-5)

@@ -1,4 +1,4 @@
-"""Differential testing, fast budget: random valid models (optc.tools.fuzzgen) through capture,
+"""Differential testing, fast budget: random valid models (optc.tools.fuzz) through capture,
 every registered pass alone and the default pipeline, and on a few models through every backend,
 compared with eager PyTorch in float64 (optc.tools.fuzz; rules in docs/fuzzing.md).
 
@@ -23,9 +23,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis.control import current_build_context
 
 from optc.passes import base as passes_base
-from optc.tools import fuzz, fuzzgen
-from optc.tools.fuzz import known_issue, oracle, write_reproducer
-from optc.tools.fuzzgen import KINDS, ModelSpec, Op, build_model, make_inputs, model_specs, random_spec
+from optc.tools import fuzz
+from optc.tools.fuzz import (KINDS, ModelSpec, Op, build_model, known_issue, make_inputs, model_specs, oracle,
+                             random_spec, write_reproducer)
 
 REPRO_DIR = os.environ.get("OPTC_FUZZ_REPRO_DIR", "fuzz-repro")
 EXAMPLES = int(os.environ.get("OPTC_FUZZ_EXAMPLES", "150"))
@@ -128,7 +128,7 @@ def test_generated_models_are_valid_and_deterministic(seed):
     outs = out if isinstance(out, tuple) else (out,)
     assert [tuple(o.shape) for o in outs] == [spec.shape_of(v) for v in spec.outputs]
     assert all(torch.isfinite(o).all() for o in outs)
-    assert all(max(op.shape) >= 1 and torch.Size(op.shape).numel() <= fuzzgen.MAX_NUMEL for op in spec.ops)
+    assert all(max(op.shape) >= 1 and torch.Size(op.shape).numel() <= fuzz.MAX_NUMEL for op in spec.ops)
 
 
 @_settings(60)
@@ -328,6 +328,26 @@ def test_cli_fuzz(tmp_path, capsys):
     assert main(["fuzz", "--backends", "nope"]) == 2
     assert main(["fuzz", "--backend-rate", "2"]) == 2
     assert main(["fuzz", "--workers", "0"]) == 2
+
+
+def test_cli_fuzz_progress_is_plain_lines_when_stderr_is_not_a_terminal(tmp_path, capsys):
+    from optc.tools.cli import main
+    argv = ["fuzz", "--max-models", "3", "--backends", "", "--passes", "cse,dce", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "\r" not in err                                   # no bar redrawn into a log
+    lines = [line for line in err.splitlines() if line.startswith("optc fuzz: ")]
+    assert len(lines) >= 2, err                              # one line each 5% of the budget
+    assert lines[-1].startswith("optc fuzz: 3/3 models (100%), ") and lines[-1].endswith("mismatches=0"), err
+
+
+def test_cli_fuzz_progress_is_a_bar_on_a_terminal(tmp_path, capsys, monkeypatch):
+    from optc.tools.cli import main
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    assert main(["fuzz", "--max-models", "1", "--backends", "", "--passes", "cse", "--out", str(tmp_path)]) == 0
+    err = capsys.readouterr().err
+    assert "\r" in err and "optc fuzz: 1 models [" in err
+
 
 
 def test_reproducer_of_an_agreeing_model_exits_zero(tmp_path):

@@ -1,5 +1,5 @@
 """The generator's idioms of HF transformers models (``rmsnorm``, ``rotary``, ``gqa_attention``,
-``inplace``, ``embed``, ``moe``, ``dtype_roundtrip``, ``empty``; optc.tools.fuzzgen, docs/fuzzing.md)
+``inplace``, ``embed``, ``moe``, ``dtype_roundtrip``, ``empty``; optc.tools.fuzz.kinds.transformer, docs/fuzzing.md)
 through capture, the default pipeline and every backend, compared with eager PyTorch in float64
 by the fuzzer's oracle.
 
@@ -20,8 +20,7 @@ from collections import Counter
 import pytest
 
 from optc.tools import fuzz
-from optc.tools.fuzz import known_issue, oracle, run_target
-from optc.tools.fuzzgen import ModelSpec, Op, random_spec
+from optc.tools.fuzz import ModelSpec, Op, known_issue, oracle, random_spec, run_target
 
 IDIOMS = ("rmsnorm", "rotary", "gqa_attention", "inplace", "embed", "moe", "dtype_roundtrip", "empty")
 TARGETS = ("capture", "pipeline:default") + tuple(f"backend:{b}" for b in fuzz.DEFAULT_BACKENDS)

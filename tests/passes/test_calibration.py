@@ -6,8 +6,8 @@ import torch
 
 import optc
 from optc.errors import InputSpecError, OptcError
-from optc.passes.calibration import (EntropyObserver, MinMaxObserver, PercentileObserver, calibration_samples,
-                                     make_observer, normalise_sample)
+from optc.ir.calibration import (EntropyObserver, MinMaxObserver, PercentileObserver, calibration_samples,
+                                 make_observer, normalise_sample)
 
 
 def test_minmax_is_the_range_over_every_sample():

@@ -8,7 +8,8 @@ from optc.passes import PassManager
 from optc.testing import check_pass, run_pass
 
 NO_RULE_FIRED = {"drop-eval-dropout": 0, "drop-detach": 0, "drop-alias": 0, "drop-clone": 0, "drop-noop-to": 0,
-                 "drop-noop-view": 0, "cancel-view-chain": 0, "mm-add-to-addmm": 0}
+                 "drop-noop-view": 0, "cancel-view-chain": 0, "mm-add-to-addmm": 0, "recompose-batch-norm": 0,
+                 "drop-assert": 0, "drop-softmax-dtype": 0, "drop-empty-cat-operand": 0}
 
 
 class NoOps(nn.Module):
@@ -28,12 +29,51 @@ def test_canonicalize_drops_noops():
     check_pass("canonicalize", NoOps(), (torch.randn(2, 3),), """\
 graph(%x : f32[2,3]):
   %relu : f32[2,3] = aten.relu(%x)
-  %_assert_tensor_metadata_default : none = aten._assert_tensor_metadata(%relu, dtype=f32, device=device(cpu), layout=strided)
   %mul : f32[2,3] = aten.mul.Tensor(%relu, 2)
   return (%mul)
 """, modified=True, stats={"canonicalize": {**NO_RULE_FIRED, "drop-eval-dropout": 2, "drop-clone": 1,
                                             "drop-detach": 1, "drop-noop-view": 1, "drop-noop-to": 1,
-                                            "cancel-view-chain": 1}})
+                                            "cancel-view-chain": 1, "drop-assert": 1}})
+
+
+class ExportLeftovers(nn.Module):
+    """What transformers and torch's functionalization leave: softmax(dtype=float32) of float32
+    scores, an empty cache tensor concatenated, an in-place write (which makes capture
+    functionalise the graph: its BatchNorm becomes _native_batch_norm_legit_no_training)."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm1d(4).eval()
+        self.register_buffer("cache", torch.tensor([]))
+
+    def forward(self, x):
+        y = torch.softmax(x, dim=-1, dtype=torch.float32).to(x.dtype)
+        y = torch.cat([self.cache, y], dim=-2)
+        z = self.bn(y)
+        z[:, 0] = 1.0
+        return z
+
+
+def test_canonicalize_normalises_what_export_and_transformers_leave():
+    out = check_pass("canonicalize", ExportLeftovers(), (torch.randn(2, 4),), """\
+graph(%x : f32[2,4]):
+  %bn_weight : f32[4] = get_attr bn.weight
+  %bn_bias : f32[4] = get_attr bn.bias
+  %cache : f32[0] = get_attr cache
+  %lifted_tensor_0 : f32[] = get_attr lifted_tensor_0
+  %bn_running_mean : f32[4] = get_attr bn.running_mean
+  %bn_running_var : f32[4] = get_attr bn.running_var
+  %bn_num_batches_tracked : i64[] = get_attr bn.num_batches_tracked
+  %softmax : f32[2,4] = aten.softmax.int(%x, -1)
+  %batch_norm : f32[2,4] = aten.batch_norm(%softmax, %bn_weight, %bn_bias, %bn_running_mean, %bn_running_var, False, 0.1, 1e-05, True)
+  %select : f32[2] = aten.select.int(%batch_norm, 1, 0)
+  %fill : f32[2] = aten.fill.Tensor(%select, %lifted_tensor_0)
+  %select_scatter : f32[2,4] = aten.select_scatter(%batch_norm, %fill, 1, 0)
+  return (%select_scatter)
+""", modified=True)
+    stats = out.stats("canonicalize")
+    assert stats["drop-softmax-dtype"] == 1 and stats["drop-empty-cat-operand"] == 1
+    assert stats["recompose-batch-norm"] == 1 and stats["drop-assert"] >= 1
 
 
 class MatmulBias(nn.Module):

@@ -9,7 +9,7 @@ from optc.ir.printer import format_text
 from optc.ir.verifier import compare_outputs, random_inputs_like, verify
 from optc.passes.manager import PassManager
 from optc.passes.prune_channels import zero_removed_channels
-from optc.passes.prune_deps import analyze
+from optc.ir.channel_deps import analyze
 from optc.testing import assert_golden
 
 # The pruned program must equal the original with the consumers' weights for the removed

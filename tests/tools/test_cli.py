@@ -127,7 +127,48 @@ def test_passes_lists_each_pass_and_the_default_pipeline(capsys, monkeypatch):
     prune = next(line for line in lines if line.startswith("test-prune "))
     assert prune.split()[:3] == ["test-prune", "lossy", "{ratio:float=0.5,structured:bool=false}"]
     assert prune.endswith("a lossy test pass")
-    assert lines[-1].startswith(f"default pipeline for cuda: {optc.resolve_target('cuda').default_pipeline}")
+    # the pipeline comes last, wrapped at its commas (continuation lines aligned under it)
+    head = next(i for i, line in enumerate(lines) if line.startswith("default pipeline for cuda: "))
+    shown = "".join(line.strip() for line in lines[head:]).removeprefix("default pipeline for cuda: ")
+    assert shown == optc.resolve_target("cuda").default_pipeline
+
+
+@pytest.mark.parametrize("target", ["cpu", "tvm:cpu"])
+def test_passes_fits_100_columns(capsys, target):
+    status, out, _ = run(capsys, "passes", "--target", target)
+    assert status == 0
+    assert all(len(line) <= 100 for line in out.splitlines()), max(out.splitlines(), key=len)
+    qdq = out[out.index("insert-qdq "):]    # the widest options are wrapped, none dropped
+    assert "report_samples:int=2}" in qdq.split("merge-parallel-linear")[0]
+
+
+def test_passes_name_shows_one_pass_in_full(capsys, monkeypatch):
+    monkeypatch.setitem(passes_base._REGISTRY, "test-prune", PassInfo(
+        "test-prune", lambda gm, ctx: PassResult(gm, False), exact=False, description="a lossy test pass",
+        options={"ratio": Option(float, 0.5, "fraction of the channels to remove"),
+                 "mode": Option(("l1", "l2"), "l1", "how channels are ranked")},
+        after=("fold-conv-bn",), lossy_tolerance=0.01))
+    status, out, err = run(capsys, "passes", "test-prune")
+    assert status == 0 and err == ""
+    lines = out.splitlines()
+    assert lines[0] == "test-prune: a lossy test pass"
+    assert all(len(line) <= 100 for line in lines)
+    text = " ".join(out.split())
+    assert "ratio: float = 0.5 fraction of the channels to remove" in text
+    assert "mode: l1|l2 = l1 how channels are ranked" in text
+    assert "lossy: outputs may differ from the input program's by up to 0.01" in text
+    assert "runs after: fold-conv-bn, where a pipeline has both" in text
+    assert "default pipeline for cpu: not in it" in text
+    status, out, _ = run(capsys, "passes", "fold-conv-bn")     # the reverse constraint, a pipeline position
+    text = " ".join(out.split())
+    assert status == 0 and "runs before: " in text and "insert-qdq" in text.split("runs before: ")[1]
+    assert "options: none" in text and "default pipeline for cpu: position 3 of" in text
+
+
+def test_passes_unknown_name_is_one_line_listing_the_valid_names(capsys):
+    status, out, err = run(capsys, "passes", "fold")
+    assert status == 2 and out == ""
+    assert_one_error_line(err, "unknown pass 'fold'", "fold-conv-bn", "dce", "insert-qdq")
 
 
 # ---- optc dump ---------------------------------------------------------------------------
@@ -245,11 +286,11 @@ def test_pt2_file(capsys, tmp_path):
     ("small_cnn", ["--tiny"], "graph(%x : f32[1,1,8,8]):"),
 ])
 def test_zoo_models(capsys, name, args, shape):
-    pytest.importorskip("optc.tools.zoo")
+    from optc.tools import zoo  # noqa: F401  (optc's own module: if it cannot be imported, fail here, loudly)
     status, out, err = run(capsys, "dump", f"zoo:{name}", *args, "--pipeline", "dce")
     assert status == 0, err
     assert out.startswith(shape)
-    assert "# zoo.py:" in out
+    assert "# cnn.py:" in out     # the source line in optc's zoo (tools/zoo/cnn.py, tools/zoo.py before the split)
 
 
 # ---- errors: one line, status 2 ------------------------------------------------------------

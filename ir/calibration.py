@@ -1,5 +1,5 @@
-"""Calibration for ``insert-qdq``: observers that turn activations seen on calibration data into
-a quantization range ``[lo, hi]``, and the loop that feeds them.
+"""Calibration: observers that turn activations seen on calibration data into a quantization range
+``[lo, hi]``, and the loop that feeds them (``insert-qdq``'s scales, ``to-half``'s value ranges).
 
 Observers (one per quantized value; ``update`` is called once per calibration sample):
 

@@ -1,0 +1,148 @@
+"""Legalizations for ONNX (torch 2.13's dynamo exporter, onnxscript 0.7.2, onnx 1.23).
+
+=================================  ============================================================
+rule                               the bug it avoids
+=================================  ============================================================
+ceil-pool-as-floor                 onnx shape inference counts one ceil-mode window too many where
+                                   torch drops a last window that would start in the right padding
+sdpa-as-4d                         torchlib's SDPA translation takes only 4-d operands
+near-identity-scalar-as-tensor     the exporter's optimizer deletes ``x + 1e-12`` and ``x * 1.000001``
+(shared) adaptive-max-pool-as-...  no translation of adaptive max pooling
+=================================  ============================================================
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from optc.backends.legalize.common import Legalization, MatchResult, aten, arg, static_shape, val
+
+# op -> index of ceil_mode, index of padding, index of dilation (None: no dilation argument)
+_CEIL_POOLS = {
+    aten.max_pool1d.default: (5, 3, 4), aten.max_pool2d.default: (5, 3, 4), aten.max_pool3d.default: (5, 3, 4),
+    aten.max_pool2d_with_indices.default: (5, 3, 4), aten.max_pool3d_with_indices.default: (5, 3, 4),
+    aten.avg_pool1d.default: (4, 3, None), aten.avg_pool2d.default: (4, 3, None), aten.avg_pool3d.default: (4, 3, None),
+}
+_POOL_RANK = {aten.max_pool1d.default: 1, aten.avg_pool1d.default: 1, aten.max_pool2d.default: 2,
+              aten.avg_pool2d.default: 2, aten.max_pool2d_with_indices.default: 2, aten.max_pool3d.default: 3,
+              aten.max_pool3d_with_indices.default: 3, aten.avg_pool3d.default: 3}
+
+
+def _ints(v, n: int, default: int) -> list[int]:
+    if v is None or (isinstance(v, (list, tuple)) and len(v) == 0):
+        return [default] * n
+    if isinstance(v, int):
+        return [v] * n
+    v = [int(a) for a in v]
+    return v * n if len(v) == 1 else v
+
+
+class CeilPoolAsFloor(Legalization):
+    """Ceil-mode pooling whose output has the floor-mode length -> ``ceil_mode=False`` (the same
+    windows: torch drops a last ceil window that would start in the right padding, so both modes
+    produce the same windows). onnx 1.23's shape inference keeps that window and
+    ``check_model(full_check=True)`` rejects the exported model."""
+
+    name = "ceil-pool-as-floor"
+    backends = ("onnx",)
+    targets = tuple(_CEIL_POOLS)
+
+    def check(self, node):
+        ci, pi, di = _CEIL_POOLS[node.target]
+        if not arg(node, ci, "ceil_mode"):
+            return None
+        out = val(node)
+        out = out[0] if isinstance(out, (tuple, list)) else out
+        xs, ys = static_shape(val(node.args[0])), static_shape(out)
+        if xs is None or ys is None:
+            return MatchResult.fail("dynamic shape")
+        spatial = _POOL_RANK[node.target]
+        k = _ints(node.args[1], spatial, 1)
+        s = [kk if ss == 0 else ss for ss, kk in zip(_ints(arg(node, 2, "stride"), spatial, 0), k)]
+        p = _ints(arg(node, pi, "padding"), spatial, 0)
+        d = _ints(arg(node, di, "dilation"), spatial, 1) if di is not None else [1] * spatial
+        floor = [(L + 2 * pp - dd * (kk - 1) - 1) // ss + 1 for L, kk, ss, pp, dd in zip(xs[-spatial:], k, s, p, d)]
+        if list(ys[-spatial:]) != floor:
+            return MatchResult.fail("ceil mode adds a window here: ONNX computes it the same")
+        return MatchResult.success(ci=ci)
+
+    def apply(self, node, m):
+        args = list(node.args)
+        if len(args) > m["ci"]:
+            args[m["ci"]] = False
+            node.args = tuple(args)
+        else:
+            node.update_kwarg("ceil_mode", False)
+        node.meta["optc_rule"] = self.name
+
+
+class SdpaAs4d(Legalization):
+    """``scaled_dot_product_attention`` of 3-d ``[B, L, E]`` operands -> the same on ``[B, 1, L, E]``
+    (a mask of rank 3 too), squeezed back: torch 2.13's ONNX translation of SDPA accepts only 4-d
+    operands ("only 4D query, key, and value are supported"); fuse-attention writes single-head
+    attention as 3-d SDPA, as torch allows."""
+
+    name = "sdpa-as-4d"
+    backends = ("onnx",)
+    targets = (aten.scaled_dot_product_attention.default,)
+
+    def check(self, node):
+        if not all(isinstance(val(a), torch.Tensor) and val(a).dim() == 3 for a in node.args[:3]):
+            return None
+        mask = arg(node, 3, "attn_mask")
+        mv = val(mask)
+        if mask is not None and not (isinstance(mv, torch.Tensor) and mv.dim() in (2, 3)):
+            return MatchResult.fail("mask of another rank")
+        return MatchResult.success(mask=mask)
+
+    def apply(self, node, m):
+        args = [self.emit(node, aten.unsqueeze.default, (a, 1)) for a in node.args[:3]]
+        rest, kwargs = list(node.args[3:]), dict(node.kwargs)
+        mask = m["mask"]
+        if mask is not None and val(mask).dim() == 3:
+            m4 = self.emit(node, aten.unsqueeze.default, (mask, 1))
+            if rest:
+                rest[0] = m4
+            else:
+                kwargs["attn_mask"] = m4
+        out = self.emit(node, aten.scaled_dot_product_attention.default, (*args, *rest), kwargs)
+        self.replace(node, self.emit(node, aten.squeeze.dim, (out, 1)))
+
+
+_SCALAR_OPS = {aten.add.Tensor: "add", aten.sub.Tensor: "add", aten.mul.Tensor: "mul", aten.div.Tensor: "mul",
+               aten.add.Scalar: "add", aten.sub.Scalar: "add", aten.mul.Scalar: "mul", aten.div.Scalar: "mul"}
+_TENSOR_OPS = {aten.add.Scalar: aten.add.Tensor, aten.sub.Scalar: aten.sub.Tensor,
+               aten.mul.Scalar: aten.mul.Tensor, aten.div.Scalar: aten.div.Tensor}
+
+
+class NearIdentityScalarAsTensor(Legalization):
+    """``x + c`` / ``x - c`` with ``0 < |c| <= 1e-7`` and ``x * c`` / ``x / c`` with ``c != 1``
+    within 2e-5 of 1 -> the same with ``c`` as a constant tensor of shape ``[1] * x.dim()``: the
+    ONNX exporter's optimizer (onnxscript 0.7.2) matches scalar constants of its no-op rules with
+    ``abs_tol=1e-8, rel_tol=1e-5``, so it deletes ``x + 1e-12`` (an epsilon: 0 / 0 = NaN behind it;
+    found by optc fuzz) and ``x * 1.000001``. It leaves non-scalar constants alone."""
+
+    name = "near-identity-scalar-as-tensor"
+    backends = ("onnx",)
+    targets = tuple(_SCALAR_OPS)
+
+    def check(self, node):
+        if len(node.args) < 2 or node.kwargs.get("alpha", 1) != 1:
+            return None
+        x, c = node.args[:2]
+        xv = val(x)
+        if not isinstance(c, float) or not isinstance(xv, torch.Tensor) or xv.dim() == 0 or not xv.is_floating_point():
+            return None
+        kind = _SCALAR_OPS[node.target]
+        near = (c != 0 and abs(c) <= 1e-7) if kind == "add" else (c != 1 and math.isclose(c, 1, rel_tol=2e-5))
+        return MatchResult.success(c=c, x=x, xv=xv) if near else None
+
+    def apply(self, node, m):
+        xv = m["xv"]
+        const = self.constant(node, "_optc_scalar", torch.full([1] * xv.dim(), m["c"], dtype=xv.dtype))
+        self.replace(node, self.emit(node, _TENSOR_OPS.get(node.target, node.target), (m["x"], const)))
+
+
+RULES = (CeilPoolAsFloor, SdpaAs4d, NearIdentityScalarAsTensor)

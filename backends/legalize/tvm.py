@@ -1,0 +1,307 @@
+"""Legalizations for TVM (apache-tvm 0.27's ``relax.frontend.torch.from_exported_program`` and
+its compiler).
+
+=============================  ====================================================================
+rule                           the bug or gap it avoids
+=============================  ====================================================================
+cat-drop-empty                 the importer rejects torch's legacy skip of ``[0]``-shaped ``cat``
+                               operands; zero-element constants break the exported library
+int-div-scalar-as-tensor       int64 ``x // 2``: the importer makes 2 an int32 constant
+index-wrap-negative            ``index.Tensor`` reads a negative index out of bounds (silent)
+index-put-full-indices         IndexPut wants one index per dim, adds duplicates wrongly with
+                               ``None`` entries, does not broadcast values (silent)
+cumsum-int64                   a bool/int32 ``cumsum`` keeps its dtype (LLVM aborts on bool)
+amax-as-max-dim                no ``amax``/``amin`` translation
+var-mean-as-two                no ``var_mean`` translation
+(shared) add-alpha-as-mul      ``alpha`` of ``add``/``sub`` dropped (silent)
+(shared) adaptive-max-pool...  no adaptive max pooling translation
+=============================  ====================================================================
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+
+from optc.backends.legalize.common import Legalization, MatchResult, aten, arg, fake_result, static_shape, val
+
+
+class CatDropEmpty(Legalization):
+    """``cat([e, x, ...], d)`` where ``e`` has no elements -> ``cat`` of the others (``clone`` of the
+    one left). torch skips 1-d empty tensors in ``cat`` (a legacy rule transformers' key/value caches
+    rely on: ``torch.cat([torch.tensor([]), k], dim=-2)``); TVM 0.27's importer rejects the call
+    ("Concat expects all input tensors to have same ndim"). An empty operand of the same rank
+    (``x.new_zeros((n, 0))``) is folded to a zero-element constant, which the library written by
+    ``export_library`` cannot load back ("Invalid DLTensor file format")."""
+
+    name = "cat-drop-empty"
+    backends = ("tvm",)
+    targets = (aten.cat.default,)
+
+    def check(self, node):
+        tensors = list(node.args[0])
+        vals = [val(t) for t in tensors]
+        if not all(isinstance(v, torch.Tensor) for v in vals):
+            return None
+        keep = [t for t, v in zip(tensors, vals) if not (static_shape(v) is not None and v.numel() == 0)]
+        if len(keep) == len(tensors):
+            return None
+        if not keep:
+            return MatchResult.fail("every operand is empty")
+        return MatchResult.success(keep=keep)
+
+    def apply(self, node, m):
+        keep = m["keep"]
+        new = self.emit(node, aten.clone.default, (keep[0],)) if len(keep) == 1 else \
+            self.emit(node, aten.cat.default, (keep, *node.args[1:]), dict(node.kwargs))
+        self.replace(node, new)
+
+
+_INT_DIVS = (aten.floor_divide.default, aten.div.Tensor_mode, aten.div.Scalar_mode, aten.floor_divide.Scalar)
+
+
+class IntDivScalarAsTensor(Legalization):
+    """``x // c`` and ``div(x, c, rounding_mode=...)`` of an int64 ``x`` by a Python int ``c`` ->
+    the same with ``c`` a 0-d int64 tensor: TVM 0.27's importer makes ``c`` an int32 constant and
+    then rejects the int64 / int32 division ("Binary operators must have the same datatype";
+    transformers' MoE routing writes ``perm // num_top_k``)."""
+
+    name = "int-div-scalar-as-tensor"
+    backends = ("tvm",)
+    targets = _INT_DIVS
+
+    def check(self, node):
+        if len(node.args) < 2:
+            return None
+        x, c = node.args[:2]
+        xv = val(x)
+        if not isinstance(c, int) or isinstance(c, bool) or not isinstance(xv, torch.Tensor) or xv.dtype != torch.int64:
+            return None
+        return MatchResult.success(x=x, c=c)
+
+    def apply(self, node, m):
+        const = self.constant(node, "_optc_int_scalar", torch.tensor(m["c"], dtype=torch.int64))
+        op = aten.div.Tensor_mode if node.target in (aten.div.Tensor_mode, aten.div.Scalar_mode) else \
+            aten.floor_divide.default
+        self.replace(node, self.emit(node, op, (m["x"], const, *node.args[2:]), dict(node.kwargs)))
+
+
+def _index_dims(indices) -> list[int]:
+    return [d for d, i in enumerate(indices) if i is not None]
+
+
+class IndexWrapNegative(Legalization):
+    """``index(x, [..., i, ...])`` and ``index_put(x, [..., i, ...], v)`` -> the same with ``i``
+    replaced by ``where(i < 0, i + x.size(d), i)`` for every integer index ``i`` (on dim ``d``) that
+    is not a constant without negative entries: TVM 0.27 lowers ``index.Tensor`` to a ``take`` that
+    reads a negative index out of bounds (``x[:, :, [-2]]``, as HF Falcon writes its key slice,
+    returned garbage and NaN: a silent miscompile)."""
+
+    name = "index-wrap-negative"
+    backends = ("tvm",)
+    targets = (aten.index.Tensor, aten.index_put.default)
+
+    def check(self, node):
+        x, indices = node.args[0], list(node.args[1])
+        xv = val(x)
+        if not isinstance(xv, torch.Tensor):
+            return None
+        wrap = []
+        for d, i in enumerate(indices):
+            iv = val(i)
+            if not isinstance(iv, torch.Tensor) or iv.dtype in (torch.bool, torch.uint8) or d >= xv.dim():
+                continue
+            if i.meta.get("optc_rule") == self.name:
+                continue          # wrapped already
+            if i.op == "get_attr":
+                from optc.ir.rewrite import attr_value
+                if not bool((attr_value(i) < 0).any()):
+                    continue
+            wrap.append(d)
+        return MatchResult.success(wrap=wrap) if wrap else None
+
+    def apply(self, node, m):
+        x, indices = node.args[0], list(node.args[1])
+        xv = val(x)
+        for d in m["wrap"]:
+            i = indices[d]
+            size = xv.shape[d]
+            size = size.node.maybe_as_int() if isinstance(size, torch.SymInt) else int(size)
+            if size is None:
+                size = self.emit(node, aten.sym_size.int, (x, d))
+            neg = self.emit(node, aten.lt.Scalar, (i, 0))
+            indices[d] = self.emit(node, aten.where.self, (neg, self.emit(node, aten.add.Tensor, (i, size)), i))
+        node.update_arg(1, indices)
+
+
+class IndexPutFullIndices(Legalization):
+    """``index_put(x, [None, i], v, acc)`` and ``index_add(x, d, i, src)`` -> ``index_put`` with one
+    index tensor per dim of ``x`` (``arange`` views for each dim not indexed, shaped to broadcast the
+    way torch's advanced indexing does) and the values expanded to the indexed shape. TVM 0.27's
+    importer rejects an index list shorter than the data's rank ("IndexPut requires the number of
+    index tensors (1) to match the data tensor dimensions (2)": ``index_add``, ``y[:, i] = v``); with
+    ``None`` entries and ``accumulate=True`` it adds duplicates wrongly, and its IndexPut does not
+    broadcast the values (a ``[4, 1, 3]`` value written to ``[4, 3, 3]`` positions read past the
+    value): silent miscompiles. Index tensors that are not adjacent, and bool masks, are refused."""
+
+    name = "index-put-full-indices"
+    backends = ("tvm",)
+    targets = (aten.index_put.default, aten.index_add.default)
+
+    def check(self, node):
+        if node.target is aten.index_add.default:
+            x, dim, idx, values = node.args[:4]
+            xv = val(x)
+            if not isinstance(xv, torch.Tensor):
+                return None
+            if arg(node, 4, "alpha", 1) != 1:
+                return MatchResult.fail("index_add with alpha")
+            indices, acc = [None] * (dim % xv.dim()) + [idx], True
+        else:
+            x, indices, values = node.args[:3]
+            acc = arg(node, 3, "accumulate", False)
+            indices = list(indices)
+        xv, vv = val(x), val(values)
+        if not isinstance(xv, torch.Tensor) or not isinstance(vv, torch.Tensor):
+            return None
+        rank = xv.dim()
+        indices = indices + [None] * (rank - len(indices))
+        given = _index_dims(indices)
+        ivals = [val(indices[d]) for d in given]
+        if not given or not all(isinstance(v, torch.Tensor) for v in ivals):
+            return None
+        if any(v.dtype in (torch.bool, torch.uint8) for v in ivals):
+            return MatchResult.fail("a bool mask index")
+        if given != list(range(given[0], given[-1] + 1)):
+            return MatchResult.fail("index tensors not adjacent (torch moves their dims first)")
+        shape, vshape = static_shape(xv), static_shape(vv)
+        if shape is None or vshape is None:
+            return MatchResult.fail("dynamic shape")
+        full = len(given) == rank
+        out_shape = static_shape(fake_result(aten.index.Tensor, xv, [val(i) if i is not None else None
+                                                                   for i in indices]))
+        if full and node.target is aten.index_put.default and vshape == out_shape:
+            return None       # one index per dim and values of the indexed shape: nothing to change
+        return MatchResult.success(x=x, indices=indices, values=values, acc=acc, given=given, shape=shape,
+                                   out_shape=out_shape)
+
+    def apply(self, node, m):
+        x, indices, values, given, shape = m["x"], m["indices"], m["values"], m["given"], m["shape"]
+        first, last = given[0], given[-1]
+        bdim = max(val(indices[d]).dim() for d in given)
+        after = len(shape) - last - 1
+        out_rank = first + bdim + after
+        full = []
+        for d in range(len(shape)):
+            if first <= d <= last:
+                i = indices[d]
+                for _ in range(after):
+                    i = self.emit(node, aten.unsqueeze.default, (i, -1))
+                full.append(i)
+                continue
+            pos = d if d < first else first + bdim + (d - last - 1)
+            view = [1] * out_rank
+            view[pos] = shape[d]
+            r = self.emit(node, aten.arange.start_step, (0, shape[d], 1),
+                          {"dtype": torch.int64, "device": val(x).device})
+            full.append(self.emit(node, aten.view.default, (r, view)))
+        if static_shape(val(values)) != m["out_shape"]:
+            values = self.emit(node, aten.expand.default, (values, list(m["out_shape"])))
+        self.replace(node, self.emit(node, aten.index_put.default, (x, full, values, m["acc"])))
+
+
+class CumsumInt64(Legalization):
+    """``cumsum(x)`` of a bool or integer ``x`` with no ``dtype`` -> ``cumsum(x.to(int64))``: torch
+    accumulates integers in int64; TVM 0.27's importer keeps ``x``'s dtype (a bool cumsum then
+    aborts LLVM codegen, an int32 one could overflow where torch does not; HF GPT-2's mask)."""
+
+    name = "cumsum-int64"
+    backends = ("tvm",)
+    targets = (aten.cumsum.default,)
+
+    def check(self, node):
+        if node.kwargs.get("dtype") is not None or len(node.args) > 2:
+            return None
+        xv = val(node.args[0])
+        if not isinstance(xv, torch.Tensor) or xv.is_floating_point() or xv.is_complex() or xv.dtype == torch.int64:
+            return None
+        return MatchResult.success()
+
+    def apply(self, node, m):
+        cast = self.emit(node, aten._to_copy.default, (node.args[0],), {"dtype": torch.int64})
+        node.update_arg(0, cast)
+        node.meta["optc_rule"] = self.name
+
+
+class AmaxAsMaxDim(Legalization):
+    """``amax(x, dims, keepdim)`` -> ``max.dim`` per reduced dim (then ``squeeze``), ``amin(x)`` ->
+    ``-amax(-x)``: TVM 0.27's importer translates ``max.dim`` but neither ``amax`` nor ``amin`` (nor
+    ``min.dim``). The same values: a max over several dims is the max over each in turn."""
+
+    name = "amax-as-max-dim"
+    backends = ("tvm",)
+    targets = (aten.amax.default, aten.amin.default)
+
+    def check(self, node):
+        xv = val(node.args[0])
+        if not isinstance(xv, torch.Tensor) or xv.dim() == 0:
+            return MatchResult.fail("a 0-d input")
+        return MatchResult.success(xv=xv)
+
+    def apply(self, node, m):
+        x, xv = node.args[0], m["xv"]
+        dims = arg(node, 1, "dim", [])
+        keepdim = arg(node, 2, "keepdim", False)
+        dims = sorted({d % xv.dim() for d in (dims if isinstance(dims, (list, tuple)) else [dims])} or range(xv.dim()))
+        y = x if node.target is aten.amax.default else self.emit(node, aten.neg.default, (x,))
+        for d in dims:
+            y = self.emit(node, operator.getitem, (self.emit(node, aten.max.dim, (y, d, True)), 0))
+        if node.target is aten.amin.default:
+            y = self.emit(node, aten.neg.default, (y,))
+        if not keepdim:
+            y = self.emit(node, aten.squeeze.dims, (y, dims))
+        self.replace(node, y)
+
+
+class VarMeanAsTwo(Legalization):
+    """``var_mean(x, dims, correction, keepdim)`` -> ``var(...)`` and ``mean(...)``: TVM 0.27's
+    importer has ``var.correction`` and ``mean.dim`` but not ``var_mean``."""
+
+    name = "var-mean-as-two"
+    backends = ("tvm",)
+    targets = (aten.var_mean.correction, aten.var_mean.dim)
+
+    def check(self, node):
+        xv = val(node.args[0])
+        if not isinstance(xv, torch.Tensor):
+            return None
+        if not all(u.op == "call_function" and u.target is operator.getitem and u.args[1] in (0, 1)
+                   for u in node.users):
+            return MatchResult.fail("used as a tuple")
+        return MatchResult.success(xv=xv)
+
+    def apply(self, node, m):
+        x, xv = node.args[0], m["xv"]
+        dims = arg(node, 1, "dim")
+        if node.target is aten.var_mean.dim:   # (x, dim, unbiased=True, keepdim=False)
+            correction = 1 if arg(node, 2, "unbiased", True) else 0
+            keepdim = arg(node, 3, "keepdim", False)
+        else:
+            correction = node.kwargs.get("correction", 1)
+            keepdim = node.kwargs.get("keepdim", False)
+        correction = 1 if correction is None else correction
+        dims = list(range(xv.dim())) if dims is None else dims
+        parts = {}
+        for user in list(node.users):
+            k = user.args[1]
+            if k not in parts:
+                parts[k] = self.emit(node, aten.var.correction, (x, dims), {"correction": correction, "keepdim": keepdim}) \
+                    if k == 0 else self.emit(node, aten.mean.dim, (x, dims, keepdim))
+            user.replace_all_uses_with(parts[k])
+            self.gm.graph.erase_node(user)
+        self.gm.graph.erase_node(node)
+
+
+RULES = (CatDropEmpty, IntDivScalarAsTensor, IndexWrapNegative, IndexPutFullIndices, CumsumInt64,
+         AmaxAsMaxDim, VarMeanAsTwo)

@@ -1,0 +1,197 @@
+"""The Relax pipelines around the schedule: pre-schedule passes (decompositions, fast math, layout, fusion), scheduling, lowering; TIR function queries."""
+
+from __future__ import annotations
+
+import logging
+
+import tvm
+from tvm import relax, s_tir, tirx
+from tvm.s_tir import dlight as dl
+from tvm.target import Target
+
+from optc.backends.tvm_schedule.common import _SCHEDULE_ERRORS
+from optc.backends.tvm_schedule.cpu_schedule import default_rules
+from optc.backends.tvm_schedule.relax_rewrites import clip_to_min_max, fold_constant_call_tir
+
+log = logging.getLogger("optc.backends.tvm")
+
+
+# ---- pipelines ----------------------------------------------------------------------------------------
+def pre_schedule_passes(target: Target, layout: str = "NHWC") -> list:
+    """Relax -> fused, unscheduled TIR: the IR that MetaSchedule tunes and the default rules schedule."""
+    cpu = target.kind.name == "llvm"
+    passes = [
+        relax.backend.DispatchSampling(),
+        relax.backend.DispatchSortScan(),
+        # FoldBatchnormToConv2D is not used: with ConvertLayout it segfaults in 0.27 (ResNet-50);
+        # optc's fold-conv-bn has folded BN already, and what is left fuses into the epilogue.
+        relax.transform.DecomposeOpsForInference(),
+        relax.transform.FastMathTransform(),      # erf/exp/tanh -> vectorisable polynomials
+        clip_to_min_max,
+        relax.transform.CanonicalizeBindings(),
+    ]
+    if layout is not None:
+        # convolutions the Program has in the other layout (none after optc's convert-layout);
+        # only conv2d: pools and elementwise ops follow by layout inference (listing pools trips
+        # a NoDesiredLayout check in 0.27)
+        kernel = {"NHWC": "HWIO", "NCHW": "OIHW"}[layout]
+        passes.append(_if_calls("relax.nn.conv2d", relax.transform.ConvertLayout({"relax.nn.conv2d": [layout, kernel]})))
+    passes += [
+        relax.transform.Normalize(),
+        relax.transform.LegalizeOps(),
+        fold_constant_call_tir(target),          # weight transposes to HWIO, in one build
+        relax.transform.FoldConstant(),          # what is left (non-call_tir constant expressions)
+        relax.transform.AnnotateTIROpPattern(),
+        relax.transform.FuseOps(),
+        relax.transform.FuseTIR(),
+        relax.transform.DeadCodeElimination(),
+    ]
+    if cpu:
+        passes.append(relax.transform.AttachAttrLayoutFreeBuffers())   # constant weights may be repacked
+        passes.append(_wrap_rootless)
+    passes.append(s_tir.transform.StmtSimplify())   # reshape index math, using block-var ranges
+    return passes
+
+
+def _calls(mod: tvm.IRModule, op_name: str) -> bool:
+    found = []
+
+    def visit(e):
+        if isinstance(e, relax.Call) and isinstance(e.op, tvm.ir.Op) and e.op.name == op_name:
+            found.append(e)
+
+    for func in mod.functions.values():
+        if isinstance(func, relax.Function) and not found:
+            relax.analysis.post_order_visit(func.body, visit)
+    return bool(found)
+
+
+def _if_calls(op_name: str, inner):
+    """``inner`` applied only to modules that call ``op_name``. ConvertLayout on a module without
+    a conv2d (a layer norm and a 1-d average pool, found by optc fuzz) aborts with std::bad_alloc
+    in 0.27; with no conv2d it has nothing to convert anyway."""
+    @tvm.transform.module_pass(opt_level=0, name=f"OptcIfCalls[{op_name}]")
+    def _pass(mod, ctx):
+        return inner(mod) if _calls(mod, op_name) else mod
+    return _pass
+
+
+def _has_root_block(func: tirx.PrimFunc) -> bool:
+    try:
+        s_tir.Schedule(func).get_sblock("root")
+        return True
+    except _SCHEDULE_ERRORS:
+        return False
+
+
+@tvm.transform.module_pass(opt_level=0, name="OptcWrapRootless")
+def _wrap_rootless(mod, _ctx):
+    """Give kernels written already scheduled (a scan from DispatchSortScan: its body is one
+    block with plain loops inside, no ``root``) an empty root block around that body, and drop
+    their ``layout_free_buffers``. SplitLayoutRewritePreproc visits every PrimFunc and fails
+    on them in 0.27 ("There should be a compute block if there is only one subtree under the
+    root", HF GPT-2's cumsum); the outer block changes nothing in the generated code."""
+    for gv, func in list(mod.functions.items()):
+        if not isinstance(func, tirx.PrimFunc) or _has_root_block(func):
+            continue
+        body = s_tir.SBlockRealize([], tirx.const(True, "bool"), s_tir.SBlock([], [], [], "root", func.body))
+        func = func.with_body(body)
+        if func.attrs is not None and "layout_free_buffers" in func.attrs:
+            func = func.without_attr("layout_free_buffers")
+        mod[gv] = func
+    return mod
+
+
+def schedule_passes(target: Target, database=None) -> list:
+    """Tuned records first (functions they schedule are marked ``tirx.is_scheduled`` and skipped
+    by dlight), then the default rules; on CPU, weight repacking folded into constants."""
+    passes = []
+    if database is not None:
+        with target:  # MetaScheduleApplyDatabase reads Target.current() when constructed
+            passes.append(relax.transform.MetaScheduleApplyDatabase(database))
+    passes.append(dl.ApplyDefaultSchedule(*default_rules(target)))
+    if target.kind.name == "llvm":
+        passes += [
+            relax.transform.SplitLayoutRewritePreproc(),   # weight-repacking blocks -> own call_tir
+            fold_constant_call_tir(target),                # ...evaluated now, on the constants
+            relax.transform.DeadCodeElimination(),
+        ]
+    return passes
+
+
+def lower_passes(target: Target) -> list:
+    """TVM's default_build_pipeline after LegalizeOps (which the pre-schedule passes ran)."""
+    passes = [
+        relax.transform.RewriteDataflowReshape(),
+        relax.transform.ToNonDataflow(),
+        relax.transform.RemovePurityChecking(),
+        relax.transform.CallTIRRewrite(),
+        relax.transform.StaticPlanBlockMemory(),
+    ]
+    if target.kind.name == "cuda":
+        passes.append(relax.transform.RewriteCUDAGraph())
+    return passes + [
+        relax.transform.LowerAllocTensor(),
+        relax.transform.KillAfterLastUse(),
+        relax.transform.LowerRuntimeBuiltin(),
+        relax.transform.ComputePrimValue(),
+        relax.transform.VMShapeLower(),
+        relax.transform.AttachGlobalSymbol(),
+    ]
+
+
+def _in_target(target: Target, passes: list, name: str):
+    @tvm.transform.module_pass(opt_level=0, name=name)
+    def _pipeline(mod, _ctx):
+        with target:
+            return tvm.transform.Sequential(passes)(mod)
+
+    return _pipeline
+
+
+def pre_schedule_pipeline(target: Target, layout: str = "NHWC"):
+    """A pass: the module MetaSchedule should tune (identical to what :func:`build_pipeline` schedules)."""
+    return _in_target(target, pre_schedule_passes(target, layout), "OptcPreSchedule")
+
+
+def build_pipeline(target: Target, layout: str = "NHWC", database=None, *, pre_scheduled: bool = False):
+    """A pass for ``tvm.compile(relax_pipeline=...)``: Relax -> scheduled TIR -> VM-ready module.
+    ``pre_scheduled``: the module already went through :func:`pre_schedule_pipeline`."""
+    passes = [] if pre_scheduled else pre_schedule_passes(target, layout)
+    passes += schedule_passes(target, database) + lower_passes(target)
+    return _in_target(target, passes, "OptcBuild")
+
+
+def apply_default_schedule(mod: tvm.IRModule, target: Target) -> tvm.IRModule:
+    """The default rules applied to every PrimFunc of ``mod`` (a copy)."""
+    with target:
+        return dl.ApplyDefaultSchedule(*default_rules(target))(mod)
+
+
+def tir_functions(mod: tvm.IRModule) -> dict[str, tirx.PrimFunc]:
+    return {gv.name_hint: f for gv, f in mod.functions.items() if isinstance(f, tirx.PrimFunc)}
+
+
+def _all_blocks(func: tirx.PrimFunc) -> list:
+    """Every block of ``func`` (nested ones too), as SBlock statements."""
+    sch = s_tir.Schedule(func)
+    out, todo = [], list(sch.get_child_blocks(sch.get_sblock("root")))
+    while todo:
+        b = todo.pop()
+        out.append(sch.get(b))
+        todo.extend(sch.get_child_blocks(b))
+    return out
+
+
+def has_reduction(func: tirx.PrimFunc) -> bool:
+    """Whether ``func`` has a reduction block (the kernels worth tuning: matmul, conv, pooling)."""
+    return any(iv.iter_type == tirx.IterVar.CommReduce for b in _all_blocks(func) for iv in b.iter_vars)
+
+
+def _buffers(func: tirx.PrimFunc) -> list:
+    """The parameter buffers of ``func`` (in TVM 0.27 the parameters are the buffers)."""
+    return list(func.params)
+
+
+def is_static(func: tirx.PrimFunc) -> bool:
+    return all(isinstance(d, tirx.IntImm) for buf in _buffers(func) for d in buf.shape)

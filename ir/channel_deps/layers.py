@@ -1,0 +1,201 @@
+"""Op handlers of the channel-dependency analysis for the ops that own or read channels: convolutions
+and linear layers (producers of a space, consumers of their input's), BatchNorm and LayerNorm,
+matmuls and attention (which tie heads and batch dims together).
+
+A handler takes the analysis and a node whose inputs' layouts are known and returns the layout of
+its result, records the members the surgery must touch, or raises :class:`Refused`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.fx as fx
+
+from optc.ir.channel_deps.model import Layout, ParamUse, Piece, Refused, ShapeUse
+from optc.ir.channel_deps.nodes import arg_key, conv_groups, is_const, rank_of, shape_of, static
+from optc.ir.rewrite import arg
+
+if TYPE_CHECKING:
+    from optc.ir.channel_deps.graph import ChannelGraph
+
+aten = torch.ops.aten
+
+
+def on_layer(cg: ChannelGraph, node: fx.Node, layer) -> Layout | None:
+    x = node.args[0]
+    lin = cg.layouts.get(x) if isinstance(x, fx.Node) else None
+    others = [l for l in cg.input_layouts(node) if l is not lin]
+    if others:
+        cg.refuse(others, node, "channels flow into a layer's weight or bias")
+    w, b = layer.weight, layer.bias
+    wkey, bkey = arg_key(node, 1, "weight"), arg_key(node, 2, "bias")
+    consts = is_const(w) and w.meta["val"].is_floating_point() and (b is None or is_const(b))
+    rank = rank_of(node)
+    if layer.kind == "linear":
+        if lin is not None:
+            if lin.axis == rank_of(x) - 1 and consts:
+                cg.params.append(ParamUse(node, wkey, 1, lin, "consumer"))
+            else:
+                cg.refuse([lin], node, "a linear layer with non-constant weights reads the channels"
+                          if lin.axis == rank_of(x) - 1 else "a linear layer runs over another axis")
+        if not consts:
+            return None
+        out = Layout(rank - 1, (Piece(cg.new_space(node, layer.out_channels), 0, layer.out_channels),))
+        cg.params.append(ParamUse(node, wkey, 0, out, "producer"))
+        if b is not None:
+            cg.params.append(ParamUse(node, bkey, 0, out, "producer"))
+        return out
+    groups = conv_groups(node)
+    ch = layer.channel_axis
+    cin = static(shape_of(x)[ch]) if isinstance(x, fx.Node) else None
+    if not isinstance(groups, int) or cin is None:
+        cg.refuse([lin], node, "convolution groups or channels are not constants")
+        return None
+    if layer.kind == "conv" and groups == cin and groups > 1:
+        # depthwise (channel multiplier m): output channel c*m + j reads input channel c only
+        if lin is None:
+            return None
+        if lin.axis != ch or lin.sub_axis is not None or any(p.per != 1 for p in lin.pieces) or not consts:
+            raise Refused("a depthwise convolution reads channels in an unsupported layout")
+        mult = layer.out_channels // cin
+        out = Layout(ch, tuple(Piece(p.space, p.start, p.stop, 1, p.rep * mult) if p.space is not None
+                               else Piece(None, 0, p.stop * mult) for p in lin.pieces))
+        cg.params.append(ParamUse(node, wkey, 0, out, "depthwise"))
+        if b is not None:
+            cg.params.append(ParamUse(node, bkey, 0, out, "depthwise"))
+        gkey = arg_key(node, 8 if node.target in (aten.convolution.default, aten._convolution.default) else 6,
+                       "groups")
+        cg.shapes.append(ShapeUse(node, "groups", lin, key=gkey))
+        return out
+    w_in, w_out = (0, 1) if layer.kind == "conv_transpose" else (1, 0)
+    if lin is not None:
+        if lin.axis != ch:
+            cg.refuse([lin], node, "a convolution runs over the channel axis")
+        elif groups != 1:
+            cg.refuse([lin], node, f"a grouped convolution (groups={groups}) reads the channels")
+        elif not consts:
+            cg.refuse([lin], node, "a convolution with non-constant weights reads the channels")
+        else:
+            cg.params.append(ParamUse(node, wkey, w_in, lin, "consumer"))
+    if groups != 1 or not consts:
+        return None
+    out = Layout(ch, (Piece(cg.new_space(node, layer.out_channels), 0, layer.out_channels),))
+    cg.params.append(ParamUse(node, wkey, w_out, out, "producer"))
+    if b is not None:
+        cg.params.append(ParamUse(node, bkey, 0, out, "producer"))
+    return out
+
+
+def on_batch_norm(cg: ChannelGraph, node: fx.Node, bn) -> Any:
+    lay = cg.layouts.get(bn.input) if isinstance(bn.input, fx.Node) else None
+    others = [l for l in cg.input_layouts(node) if l is not lay]
+    if lay is None or others:
+        raise Refused("channels flow into a BatchNorm's statistics or parameters")
+    if lay.axis == 1:
+        for i, name, n in ((1, "weight", bn.weight), (2, "bias", bn.bias), (3, "running_mean", bn.mean),
+                           (4, "running_var", bn.var)):
+            if n is None:
+                continue
+            if not is_const(n):
+                raise Refused(f"BatchNorm {name} is not a constant")
+            cg.params.append(ParamUse(node, arg_key(node, i, name), 0, lay, "bn"))
+    if isinstance(node.meta["val"], (tuple, list)):
+        return (lay,) + (None,) * (len(node.meta["val"]) - 1)
+    return lay
+
+
+def on_layer_norm(cg: ChannelGraph, node: fx.Node) -> Layout:
+    lay = cg.only_input(node)
+    rank = rank_of(node)
+    shape = list(node.args[1])
+    if lay.axis < rank - len(shape) and (lay.sub_axis is None or lay.sub_axis < rank - len(shape)):
+        return lay
+    if len(shape) != 1 or lay.axis != rank - 1:
+        raise Refused("a LayerNorm normalises over the channels together with other dims")
+    for i, name in ((2, "weight"), (3, "bias")):
+        n = arg(node, i, name)
+        if n is None:
+            continue
+        if not is_const(n):
+            raise Refused(f"LayerNorm {name} is not a constant")
+        cg.params.append(ParamUse(node, arg_key(node, i, name), 0, lay, "ln"))
+    cg.shapes.append(ShapeUse(node, "normalized_shape", lay, key=1))
+    note = f"LayerNorm %{node.name} normalises over the channels: pruning changes its statistics"
+    for p in lay.pieces:
+        if p.space is not None and note not in cg.root(p.space).inexact:
+            cg.root(p.space).inexact.append(note)
+    return lay
+
+
+def on_matmul(cg: ChannelGraph, node: fx.Node) -> Layout | None:
+    a, b = node.args[0], node.args[1]
+    la, lb = cg.layouts.get(a), cg.layouts.get(b)
+    ra, rb, ro = rank_of(a), rank_of(b), rank_of(node)
+    if ra < 2 or rb < 2:
+        raise Refused("a matrix-vector product reads the channels")
+    cands: list[Layout] = []
+    sub = None
+    if la is not None:
+        if la.axis == ra - 1:
+            if is_const(b):
+                cg.params.append(ParamUse(node, 1, rb - 2, la, "consumer"))
+            else:
+                raise Refused("a matmul contracts the channels of two activations")
+        else:
+            cands.append(la.moved(la.axis + ro - ra, None))
+            if la.sub_axis is not None and la.sub_axis != ra - 1:
+                sub = la.sub_axis + ro - ra
+    if lb is not None:
+        if lb.axis == rb - 2:
+            if is_const(a):
+                cg.params.append(ParamUse(node, 0, ra - 1, lb, "consumer"))
+            else:
+                raise Refused("a matmul contracts the channels of two activations")
+        else:
+            cands.append(lb.moved(lb.axis + ro - rb, None))
+            if lb.sub_axis is not None and lb.sub_axis != rb - 2:
+                s = lb.sub_axis + ro - rb
+                if sub is not None and sub != s:
+                    raise Refused("head dims of a matmul do not line up")
+                sub = s
+    if not cands:
+        return None
+    if len({c.axis for c in cands}) > 1:
+        raise Refused("a matmul combines channels on different axes")
+    merged = cands[0]
+    for c in cands[1:]:
+        merged = cg.unify(merged, c, node)
+    if merged.axis < ro - 2:           # a batch dim: the other operand must broadcast or carry it
+        for t, lt, rt in ((a, la, ra), (b, lb, rb)):
+            if lt is None or lt.axis >= rt - 2:
+                d = merged.axis - (ro - rt)
+                if d >= 0 and static(shape_of(t)[d]) != 1:
+                    raise Refused(f"a matmul batches channels with %{t.name}, whose channels no producer owns")
+    return Layout(merged.axis, merged.pieces, sub)
+
+
+def on_sdpa(cg: ChannelGraph, node: fx.Node) -> Layout:
+    q, k, v = node.args[:3]
+    mask = arg(node, 3, "attn_mask", None)
+    lays = []
+    for t in (q, k, v):
+        lt = cg.layouts.get(t)
+        r = rank_of(t)
+        if lt is None:
+            raise Refused(f"attention mixes heads with %{t.name}, whose heads no producer owns")
+        if lt.axis >= r - 2:
+            raise Refused("attention reads channels on its sequence or feature axis")
+        lays.append(lt)
+    merged = lays[0]
+    for other in lays[1:]:
+        merged = cg.unify(merged, other, node)
+    if isinstance(mask, fx.Node):
+        if cg.layouts.get(mask) is not None:
+            raise Refused("channels flow into an attention mask")
+        d = merged.axis - (rank_of(q) - rank_of(mask))
+        if d >= 0 and static(shape_of(mask)[d]) != 1:
+            raise Refused(f"an attention mask %{mask.name} is per head")
+    sub = lays[2].sub_axis if lays[2].sub_axis == rank_of(v) - 1 else None
+    return Layout(merged.axis, merged.pieces, None if sub is None else rank_of(node) - 1)
