@@ -173,7 +173,10 @@ def _grouped_mm_op():
         return torch.ops.transformers.grouped_mm_fallback.default
     except (ImportError, AttributeError, RuntimeError):
         pass
-    torch.library.custom_op("transformers::grouped_mm_fallback", _grouped_mm_reference, mutates_args=())
+    torch.library.define("transformers::grouped_mm_fallback",
+                         "(Tensor input, Tensor weight, Tensor offs) -> Tensor")
+    torch.library.impl("transformers::grouped_mm_fallback", "CompositeExplicitAutograd",
+                       _grouped_mm_reference)
     torch.library.register_fake("transformers::grouped_mm_fallback",
                                 lambda i, w, o: i.new_empty(i.size(0), w.size(2)))
     return torch.ops.transformers.grouped_mm_fallback.default
