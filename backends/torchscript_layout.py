@@ -45,6 +45,7 @@ def to_channels_last(gm: fx.GraphModule) -> int:
     many convolutions it touched."""
     graph = gm.graph
     converted: dict[fx.Node, fx.Node] = {}
+    strided: set[fx.Node] = set()
     n = 0
     for node in list(graph.nodes):
         if node.op != "call_function" or node.target not in (aten.conv2d.default, aten.convolution.default):
@@ -70,7 +71,19 @@ def to_channels_last(gm: fx.GraphModule) -> int:
             node.replace_input_with(x, converted[x])
             touched = True
         n += touched
+        if touched:
+            strided.add(node)
     if n:
+        # an eager kernel keeps its input's memory format, so everything computed from a
+        # channels-last convolution may have channels-last strides, on which a ``view`` fails ("view
+        # size is not compatible with input tensor's size and stride"; found by optc fuzz: a conv, a
+        # relu and a functionalised ``index_put_`` that flattens with ``view(-1)``): such views
+        # become reshapes (the same values; a copy only where the strides need one)
+        for node in graph.nodes:
+            if node.op == "call_function" and any(a in strided for a in node.all_input_nodes):
+                strided.add(node)
+                if node.target in (aten.view.default, aten._unsafe_view.default):
+                    node.target = aten.reshape.default
         graph.eliminate_dead_code()
         remove_unused_attrs(gm)
         gm.recompile()

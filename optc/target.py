@@ -13,14 +13,15 @@ BACKENDS = ("torchscript", "onnx", "tvm")
 
 # Exact cleanups every target runs first.
 _BASE = "canonicalize,constant-fold,cse,dce"
-# Exact fusions: fold BatchNorm and constant scales into conv/linear weights, recognise
+# Exact fusions (after dce, so that a value nobody reads -- an attention-weights output the
+# caller drops -- does not count as a user of what the fusions rewrite): fold BatchNorm and constant scales into conv/linear weights, recognise
 # hand-written layer norm / GELU / attention, merge q/k/v projections; then clean up.
 # docs/benchmarks.md (fusion section) has the measurements behind this choice.
-_FUSED = ("canonicalize,constant-fold,fold-conv-bn,fold-linear-bn,fold-binary,"
-          "fuse-layer-norm,fuse-gelu,fuse-attention,merge-parallel-linear,cse,dce")
+_FUSED = ("canonicalize,dce,constant-fold,fold-conv-bn,fold-linear-bn,fold-binary,"
+          "fuse-layer-norm,fuse-rms-norm,fuse-gelu,fuse-attention,merge-parallel-linear,cse,dce")
 # The same, with convolutions, pooling and resampling in NHWC (after the folds, before the cleanups).
-_FUSED_NHWC = ("canonicalize,constant-fold,fold-conv-bn,fold-linear-bn,fold-binary,"
-               "fuse-layer-norm,fuse-gelu,fuse-attention,merge-parallel-linear,convert-layout{layout=NHWC},cse,dce")
+_FUSED_NHWC = ("canonicalize,dce,constant-fold,fold-conv-bn,fold-linear-bn,fold-binary,"
+               "fuse-layer-norm,fuse-rms-norm,fuse-gelu,fuse-attention,merge-parallel-linear,convert-layout{layout=NHWC},cse,dce")
 
 DEFAULT_PIPELINES: dict[tuple[str, str | None], str] = {
     ("cpu", None): _FUSED,

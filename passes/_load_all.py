@@ -27,6 +27,7 @@ PASS_MODULES = (
     "to_half",
     "convert_layout",
     "decompose",
+    "fuse_rms_norm",
 )
 
 #: passes registered by the module of a related pass: pass name -> module

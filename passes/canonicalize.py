@@ -41,6 +41,12 @@ every dimension longer than 1, all read from ``meta["val"]`` and static):
     ``aten.cat([%e, %x, ...], d)`` with ``%e`` empty ``==> aten.cat([%x, ...], d)`` (or ``%x``).
 ``drop-softmax-dtype``
     ``aten.softmax.int(%x, d, dtype)`` with ``dtype`` the dtype of ``%x`` ``==> aten.softmax.int(%x, d)``.
+``drop-arith-identity``
+    ``aten.add|sub(%x, 0)``, ``aten.mul|div(%x, 1)`` (Python scalars) ``==> %x`` when the result has
+    the layout of ``%x`` (DeBERTa's ``scores + 0`` when relative attention is off).
+``expand-as-to-expand``
+    ``aten.expand_as(%x, %y) ==> aten.expand(%x, shape(%y))`` for a static shape: ``%y``'s shape is
+    all it reads.
 ``mm-add-to-addmm``
     ``aten.add.Tensor(aten.mm(%a, %b), %bias) ==> aten.addmm(%bias, %a, %b)``, also for
     ``aten.matmul`` of two 2-D tensors (``x @ w + b``; nn.Linear is captured as
@@ -415,12 +421,60 @@ class DropEmptyCatOperand(RewriteRule):
         node.update_arg(0, keep)
 
 
+class DropArithIdentity(_DropIdentity):
+    """``aten.add|sub(%x, 0)``, ``aten.mul(%x, 1)``, ``aten.div(%x, 1)`` ``==> %x`` when the result has
+    ``%x``'s layout (so no broadcast and no type promotion): DeBERTa adds a relative-position term
+    that is the Python ``0`` when relative attention is off. (``-0.0 + 0`` is ``+0.0``: equal.)"""
+
+    name = "drop-arith-identity"
+    targets = (aten.add.Tensor, aten.add.Scalar, aten.sub.Tensor, aten.sub.Scalar, aten.mul.Tensor,
+               aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar)
+
+    def copies(self, node):
+        return True        # the op returns a new tensor, as a clone does
+
+    def match(self, node, ctx):
+        if not is_op(node, *self.targets) or len(node.args) != 2 or isinstance(node.args[1], fx.Node):
+            return None
+        c = node.args[1]
+        if isinstance(c, bool) or not isinstance(c, (int, float)):
+            return None
+        neutral = 0 if is_op(node, aten.add.Tensor, aten.add.Scalar, aten.sub.Tensor, aten.sub.Scalar) else 1
+        if c != neutral or node.kwargs.get("rounding_mode") is not None:
+            return None
+        return super().match(node, ctx)
+
+
+class ExpandAsToExpand(RewriteRule):
+    """``aten.expand_as(%x, %y) ==> aten.expand(%x, shape(%y))`` for a static shape: ``expand_as`` reads
+    only ``%y``'s shape, yet counts as a user of its value (DistilBERT's ``mask.expand_as(scores)``
+    kept the scores alive beside the fused attention)."""
+
+    name = "expand-as-to-expand"
+
+    def match(self, node, ctx):
+        if not is_op(node, aten.expand_as.default):
+            return None
+        yv = val(node.args[1])
+        if yv is None or not all(isinstance(d, int) for d in yv.shape):
+            return MatchResult.fail("the target shape is dynamic")
+        return MatchResult.success(shape=list(yv.shape))
+
+    def rewrite(self, node, m, ctx):
+        g = node.graph
+        with g.inserting_before(node):
+            new = call(g, aten.expand.default, (node.args[0], m["shape"]), like=node, pass_name=ctx.pass_name,
+                       name="expand")
+        node.replace_all_uses_with(new)
+        g.erase_node(node)
+
+
 def rules(gm: fx.GraphModule) -> list[RewriteRule]:
     """The rule set, in the order rules are tried on each node."""
     mut = any(writes_in_place(n) for n in gm.graph.nodes)
     return [DropEvalDropout(), DropDetach(mut), DropAlias(mut), DropClone(mut), DropNoopTo(mut),
             DropNoopView(mut), CancelViewChain(), MmAddToAddmm(), RecomposeBatchNorm(), DropAssert(),
-            DropSoftmaxDtype(), DropEmptyCatOperand()]
+            DropSoftmaxDtype(), DropEmptyCatOperand(), DropArithIdentity(mut), ExpandAsToExpand()]
 
 
 @register_pass("canonicalize", exact=True,

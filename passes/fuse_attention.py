@@ -50,10 +50,13 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.fx as fx
 
+from optc.ir.pattern import value_users
 from optc.ir.queries import constant_value, scalar, val
 from optc.ir.rewrite import MatchResult, RewriteRule, apply_rules, arg, attr_value, call, erase_if_unused, is_op
 from optc.passes.base import PassContext, PassResult, register_pass
@@ -62,7 +65,7 @@ log = logging.getLogger(__name__)
 aten = torch.ops.aten
 
 _MATMUL = (aten.matmul.default, aten.bmm.default)
-_SOFTMAX = (aten.softmax.int, aten._softmax.default)
+_SOFTMAX = (aten.softmax.int, aten._softmax.default, aten._safe_softmax.default)
 _DROPOUT = (aten.dropout.default, aten.feature_dropout.default)
 _SAME_DTYPE_COPY = (aten.to.dtype, aten._to_copy.default, aten.clone.default, aten.contiguous.default)
 _MUL = (aten.mul.Tensor, aten.mul.Scalar)
@@ -174,162 +177,380 @@ def _absorbs(fill: float, dtype: torch.dtype) -> bool:
     return bool(((probe + f) == f).all())
 
 
-# ---- the rule ------------------------------------------------------------------------
+# ---- the chain between the scores and the softmax ------------------------------------------------
+_VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.unsqueeze.default,
+          aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default, aten.flatten.using_ints,
+          aten.unflatten.int)
+_CASTS = (aten.to.dtype, aten._to_copy.default, aten.type_as.default)
+_SCORES = (*_MATMUL, aten.baddbmm.default)
+_CHAIN_DEPTH = 24
+
+
+def _fill_const(a) -> float | None:
+    return _fill_value(a)
+
+
+@dataclass
+class _Step:
+    """One step applied to the scores on their way to the softmax, in application order."""
+
+    kind: str                 # "add" | "fill" | "scale" | "view" | "cast"
+    node: fx.Node
+    frame: list               # shape of the tensor the step is applied to
+    mask: Any = None          # add: the additive term; fill: the bool condition
+    fill: float | None = None
+    fill_kind: str = ""       # fill: "masked" (True = masked out) | "keep" (True = kept)
+    factor: float = 1.0       # scale
+
+
+def _is_view_step(n: fx.Node) -> bool:
+    """A reshape that keeps the last two dims (only splits or merges batch dims)."""
+    if not is_op(n, *_VIEWS) or not isinstance(n.args[0], fx.Node):
+        return False
+    iv, ov = val(n.args[0]), val(n)
+    return iv is not None and ov is not None and iv.dim() >= 2 and ov.dim() >= 2 and \
+        _dims(iv.shape[-2:]) == _dims(ov.shape[-2:]) and iv.numel() == ov.numel()
+
+
+def _reaches_scores(n: Any, depth: int = 0) -> bool:
+    """``n`` is computed from ``q @ k^T`` through steps this pass understands."""
+    if not isinstance(n, fx.Node) or depth > _CHAIN_DEPTH:
+        return False
+    if is_op(n, *_SCORES):
+        return True
+    if is_op(n, aten.add.Tensor) and len(n.args) == 2:
+        return any(_reaches_scores(a, depth + 1) for a in n.args)
+    if is_op(n, aten.masked_fill.Scalar, aten.masked_fill.Tensor, *_CASTS, *_VIEWS, *_MUL, *_DIV,
+             aten.clone.default, aten.contiguous.default, aten.tanh.default):
+        return _reaches_scores(n.args[0], depth + 1)
+    if is_op(n, aten.where.self, aten.where.ScalarOther, aten.where.ScalarSelf) and len(n.args) == 3:
+        return _reaches_scores(n.args[1], depth + 1) or _reaches_scores(n.args[2], depth + 1)
+    return False
+
+
+def _scale_factor(n: fx.Node) -> tuple[fx.Node, float] | None:
+    """``n`` multiplies or divides one tensor by a scalar constant: (the tensor, the factor)."""
+    if is_op(n, *_MUL) and len(n.args) == 2:
+        a, b = n.args
+        if isinstance(a, fx.Node) and _scalar(b) is not None:
+            return a, _scalar(b)
+        if isinstance(b, fx.Node) and _scalar(a) is not None:
+            return b, _scalar(a)
+    if is_op(n, *_DIV) and len(n.args) == 2 and isinstance(n.args[0], fx.Node) \
+            and _scalar(n.args[1]) not in (None, 0.0) and not n.kwargs.get("rounding_mode"):
+        return n.args[0], 1.0 / _scalar(n.args[1])
+    return None
+
+
+def _walk_to_scores(x: fx.Node) -> tuple[list[_Step], fx.Node] | str:
+    """From the softmax input down to ``q @ k^T``: the steps (in application order) and the scores
+    node, or the reason this is not attention SDPA can express."""
+    steps: list[_Step] = []
+    seen_scale = None
+    for _ in range(_CHAIN_DEPTH):
+        if is_op(x, *_SCORES):
+            return steps[::-1], x
+        if not isinstance(x, fx.Node) or x.op != "call_function":
+            return f"softmax input does not come from q @ k^T (found {_op_name(x)})"
+        src = x.args[0] if x.args else None
+        if steps and len(value_users(x)) != 1:
+            return f"the attention scores {_op_name(x)} have other users " \
+                   f"({', '.join('%' + u.name for u in value_users(x))})"
+        frame = list(val(src).shape) if isinstance(src, fx.Node) and val(src) is not None else None
+        sf = _scale_factor(x)
+        if sf is not None and _reaches_scores(sf[0]):
+            seen_scale = seen_scale or x
+            steps.append(_Step("scale", x, list(val(sf[0]).shape), factor=sf[1]))
+            x = sf[0]
+            continue
+        if is_op(x, aten.clone.default, aten.contiguous.default, aten.alias.default):
+            steps.append(_Step("view", x, frame))
+            x = src
+            continue
+        if _is_view_step(x):
+            steps.append(_Step("view", x, frame))
+            x = src
+            continue
+        if is_op(x, *_CASTS):
+            steps.append(_Step("cast", x, frame))
+            x = src
+            continue
+        if is_op(x, aten.tanh.default):
+            return f"{_op_name(x)} soft-caps the scores (tanh) before the softmax: SDPA has no soft-capping"
+        mask_step = None
+        if is_op(x, aten.add.Tensor) and len(x.args) == 2:
+            if x.kwargs.get("alpha", 1) != 1:
+                return f"mask add {_op_name(x)} has alpha={x.kwargs['alpha']}"
+            a, b = x.args
+            sides = [t for t in (a, b) if _reaches_scores(t)]
+            if not sides:
+                return f"softmax input {_op_name(x)} is an add of which no operand comes from q @ k^T"
+            if len(sides) == 2:
+                return f"both operands of {_op_name(x)} come from matmuls: not a mask added to the scores"
+            nxt = sides[0]
+            mask_step = _Step("add", x, list(val(nxt).shape), mask=b if nxt is a else a)
+        elif is_op(x, aten.masked_fill.Scalar, aten.masked_fill.Tensor):
+            fill = _fill_const(x.args[2])
+            if fill is None:
+                return f"masked_fill value {_op_name(x.args[2])} is not a constant scalar"
+            nxt = x.args[0]
+            mask_step = _Step("fill", x, frame, mask=x.args[1], fill=fill, fill_kind="masked")
+        elif is_op(x, aten.where.self, aten.where.ScalarOther, aten.where.ScalarSelf) and len(x.args) == 3:
+            cond, a, b = x.args
+            fa, fb = _fill_const(a), _fill_const(b)
+            if fb is not None and fa is None and _reaches_scores(a):
+                nxt, fill, kind = a, fb, "keep"
+            elif fa is not None and fb is None and _reaches_scores(b):
+                nxt, fill, kind = b, fa, "masked"
+            else:
+                return f"where {_op_name(x)} does not select between the scores and a constant"
+            mask_step = _Step("fill", x, list(val(nxt).shape), mask=cond, fill=fill, fill_kind=kind)
+        else:
+            return f"between the scores and the softmax, {_op_name(x)} is not a scale, mask, cast or reshape " \
+                   f"SDPA can express"
+        if seen_scale is not None:
+            return f"the scores are scaled ({_op_name(seen_scale)}) after the mask {_op_name(x)}"
+        steps.append(mask_step)
+        x = nxt
+    return "the chain from the scores to the softmax is longer than this pass follows"
+
+
+def _walk_to_matmul(softmax: fx.Node) -> tuple[list[fx.Node], fx.Node] | str:
+    """From the softmax down to ``probs @ v``: the nodes passed through and the matmul."""
+    chain: list[fx.Node] = []
+    cur = softmax
+    for _ in range(_CHAIN_DEPTH):
+        users = value_users(cur)
+        if len(users) != 1:
+            return f"the attention probabilities {_op_name(cur)} have " + (
+                f"other users ({', '.join('%' + u.name for u in users)})" if users else "no users")
+        u = users[0]
+        if is_op(u, *_MATMUL) and len(u.args) == 2:
+            if u.args[0] is not cur:
+                return f"the probabilities are the right operand of {_op_name(u)}, not probs @ v"
+            return chain, u
+        if is_op(u, *_DROPOUT):
+            if arg(u, 2, "train") and arg(u, 1, "p") != 0:
+                return f"dropout {_op_name(u)} is in training mode (p={arg(u, 1, 'p')})"
+        elif not (is_op(u, *_CASTS, aten.clone.default, aten.contiguous.default, aten.alias.default)
+                  or _is_view_step(u)) or u.args[0] is not cur:
+            return f"the softmax output feeds {_op_name(u)}, not a matmul with the values"
+        chain.append(u)
+        cur = u
+    return "the chain from the softmax to the matmul is longer than this pass follows"
+
+
+def _reframe(g: fx.Graph, t: fx.Node, frame: list, target: list, kw: dict) -> fx.Node | str:
+    """``t``, which broadcasts against a tensor of shape ``frame``, as a tensor that broadcasts
+    the same way against that tensor reshaped to ``target`` (same last two dims, same numel).
+    Returns the reason where this cannot be done."""
+    if _dims(frame) == _dims(target):
+        return t
+    tv = val(t)
+    shape = list(tv.shape)
+    if len(shape) > len(frame):
+        return f"{_op_name(t)} has more dims than the scores"
+    shape = [1] * (len(frame) - len(shape)) + shape
+    fb, tb = frame[:-2], target[:-2]
+    if not all(isinstance(d, int) for d in [*frame, *target, *shape]):
+        return "the batch dims are reshaped and some shapes are dynamic"
+    if all(d == 1 for d in shape[:-2]):
+        new = [1] * len(tb) + shape[-2:]
+    else:
+        if shape[:-2] != fb:
+            t = call(g, aten.expand.default, (t, fb + shape[-2:]), name="expand", **kw)
+        new = tb + shape[-2:]
+    if is_op(t, aten.reshape.default, aten.view.default, aten._unsafe_view.default) and list(val(t).shape) == shape:
+        t = t.args[0]                  # a reshape of a reshape: reshape the source
+    return call(g, aten.reshape.default, (t, new), name="reshape", **kw)
+
+
+def _expand_to(g: fx.Graph, t: fx.Node, batch: list, kw: dict) -> fx.Node | str:
+    """``t`` (``..., X, Y``) broadcast over the batch dims ``batch`` (k/v shared by query heads)."""
+    tv = val(t)
+    tb = list(tv.shape[:-2])
+    if _dims(tb) == _dims(batch):
+        return t
+    if len(tb) > len(batch):
+        return f"{_op_name(t)} has more batch dims than the scores"
+    tb = [None] * (len(batch) - len(tb)) + tb
+    sizes = []
+    for have, want in zip(tb, batch):
+        if have is not None and str(have) == str(want):
+            sizes.append(-1)
+        elif (have is None or have == 1) and isinstance(want, int):
+            sizes.append(want)
+        else:
+            return f"batch dims of {_op_name(t)} {list(tv.shape[:-2])} do not broadcast to {list(batch)}"
+    return call(g, aten.expand.default, (t, sizes + [-1, -1]), name="expand", **kw)
+
+
+# ---- the rule ------------------------------------------------------------------------------------
 class FuseAttention(RewriteRule):
+    """Anchored at every softmax: a softmax that is not attention says why (``optc dump -v``)."""
+
     name = "fuse-attention"
 
-    def match(self, node: fx.Node, ctx: PassContext) -> MatchResult | None:
-        if not is_op(node, *_MATMUL) or len(node.args) != 2:
+    def match(self, softmax: fx.Node, ctx: PassContext) -> MatchResult | None:
+        if not is_op(softmax, *_SOFTMAX):
             return None
-        probs_out, v = node.args
-        # probabilities: softmax, then eval dropout / same-dtype copies
-        passthrough: list[fx.Node] = []
-        cur = probs_out
-        while is_op(cur, *_DROPOUT, *_SAME_DTYPE_COPY):
-            passthrough.append(cur)
-            cur = cur.args[0]
-        if not is_op(cur, *_SOFTMAX):
-            return None                                   # not attention: no softmax feeding it
-        softmax = cur
-        for p in passthrough:
-            if is_op(p, *_DROPOUT) and arg(p, 2, "train") and arg(p, 1, "p") != 0:
-                return MatchResult.fail(f"dropout %{p.name} is in training mode (p={arg(p, 1, 'p')})")
-            if not is_op(p, *_DROPOUT):
-                pv, sv = val(p), val(p.args[0])
-                if pv is None or sv is None or pv.dtype != sv.dtype or pv.device != sv.device:
-                    return MatchResult.fail(f"%{p.name} converts the probabilities to another dtype or device")
         sin = softmax.args[0]
         sv, iv = val(softmax), val(sin)
         if sv is None or iv is None:
             return MatchResult.fail("missing shape metadata")
         rank = iv.dim()
         dim = arg(softmax, 1, "dim")
-        if dim % rank != rank - 1:
+        if rank == 0 or dim % rank != rank - 1:
             return MatchResult.fail(f"softmax over dim {dim}, attention needs the last dim ({rank - 1})")
-        if is_op(softmax, aten._softmax.default) and arg(softmax, 2, "half_to_float"):
+        down = _walk_to_matmul(softmax)
+        if isinstance(down, str):
+            return MatchResult.fail(down)
+        probs_chain, node = down
+        v = node.args[1]
+        up = _walk_to_scores(sin)
+        if isinstance(up, str):
+            return MatchResult.fail(up)
+        steps, scores = up
+        if len(value_users(scores)) != 1:
+            return MatchResult.fail(f"the attention scores {_op_name(scores)} have other users")
+
+        # dtypes: scores, softmax and probabilities in one dtype, or an upcast softmax cast back
+        sc = val(scores)
+        if sc is None or not sc.dtype.is_floating_point:
+            return MatchResult.fail("the scores are not floating point")
+        casts_up = [s for s in steps if s.kind == "cast"]
+        casts_down = [p for p in probs_chain if is_op(p, *_CASTS)]
+        pv = val(node.args[0])
+        if is_op(softmax, aten._softmax.default) and arg(softmax, 2, "half_to_float") and pv.dtype != iv.dtype:
             return MatchResult.fail("softmax computes in float32 for half inputs (half_to_float)")
-        if sv.dtype != iv.dtype:
-            return MatchResult.fail(f"softmax computes in {sv.dtype}, its input is {iv.dtype}")
-        for n in [softmax, *passthrough]:
-            if len(n.users) != 1:
-                return MatchResult.fail(f"the attention probabilities %{n.name} have other users")
+        upcast = sv.dtype != sc.dtype
+        if pv.dtype != sc.dtype:
+            return MatchResult.fail(
+                f"the probabilities are {pv.dtype} at the matmul with v, the scores {sc.dtype}: the program "
+                f"rounds them (SDPA computes in one dtype)")
+        if upcast and not (sv.dtype == torch.float32 and sc.dtype in (torch.float16, torch.bfloat16)):
+            return MatchResult.fail(f"softmax computes in {sv.dtype}, the scores are {sc.dtype}")
+        for s in casts_up:
+            if val(s.node).dtype not in (sc.dtype, sv.dtype):
+                return MatchResult.fail(f"{_op_name(s.node)} casts the scores to {val(s.node).dtype}")
+        if any(val(s.node).dtype != sc.dtype for s in steps if s.kind in ("add", "fill")):
+            return MatchResult.fail("a mask is applied to the scores in float32 after an upcast; SDPA adds it "
+                                    f"in {sc.dtype}")
+        del casts_down
 
-        # mask
-        mask_kind, mask_op, mask, fill = None, None, None, None
-        scaled = sin
-        if is_op(sin, aten.add.Tensor) and len(sin.args) == 2:
-            if sin.kwargs.get("alpha", 1) != 1:
-                return MatchResult.fail(f"mask add %{sin.name} has alpha={sin.kwargs['alpha']}")
-            a, b = sin.args
-            side = [x for x in (a, b) if isinstance(x, fx.Node) and is_op(_strip_scale(x, 1.0, [])[0], *_MATMUL)]
-            if not side:
-                return MatchResult.fail(f"softmax input %{sin.name} is an add of which no operand is q @ k^T")
-            scaled = side[0]
-            mask = b if scaled is a else a
-            mask_kind, mask_op = "add", sin
-        elif is_op(sin, aten.masked_fill.Scalar, aten.masked_fill.Tensor):
-            scaled, mask, fill = sin.args[0], sin.args[1], _fill_value(sin.args[2])
-            mask_kind, mask_op = "masked", sin
-            if fill is None:
-                return MatchResult.fail(f"masked_fill value {_op_name(sin.args[2])} is not a constant scalar")
-        elif is_op(sin, aten.where.self, aten.where.ScalarOther, aten.where.ScalarSelf) and len(sin.args) == 3:
-            cond, a, b = sin.args
-            fa, fb = _fill_value(a), _fill_value(b)
-            if fb is not None and isinstance(a, fx.Node) and fa is None:
-                scaled, mask, fill, mask_kind = a, cond, fb, "keep"
-            elif fa is not None and isinstance(b, fx.Node) and fb is None:
-                scaled, mask, fill, mask_kind = b, cond, fa, "masked"
-            else:
-                return MatchResult.fail(f"where %{sin.name} does not select between the scores and a constant")
-            mask_op = sin
-        if mask_op is not None and len(mask_op.users) != 1:
-            return MatchResult.fail(f"the masked scores %{mask_op.name} have other users")
-
-        # scale, then q @ kT
-        scale_chain: list[fx.Node] = []
-        scores, scale = _strip_scale(scaled, 1.0, scale_chain)
-        if not is_op(scores, *_MATMUL):
-            if is_op(scores, aten.add.Tensor, aten.masked_fill.Scalar, aten.masked_fill.Tensor, aten.where.self):
-                return MatchResult.fail(f"the scores are scaled after the mask %{scores.name}")
-            return MatchResult.fail(f"softmax input does not come from q @ k^T (found {_op_name(scores)})")
-        for n in [*scale_chain, scores]:
-            if len(n.users) != 1:
-                return MatchResult.fail(f"the attention scores %{n.name} have other users")
+        # q, k, v
+        scale = 1.0
+        for s in steps:
+            if s.kind == "scale":
+                scale *= s.factor
+        extra_add = None
+        if is_op(scores, aten.baddbmm.default):
+            beta, alpha = arg(scores, 3, "beta", 1), arg(scores, 4, "alpha", 1)
+            if beta != 1:
+                return MatchResult.fail(f"baddbmm {_op_name(scores)} has beta={beta}")
+            scale *= alpha
+            extra_add = scores.args[0]
+            qk = scores.args[1:3]
+        else:
+            qk = scores.args
         q_chain: list[fx.Node] = []
         k_chain: list[fx.Node] = []
-        q, scale = _strip_scale(scores.args[0], scale, q_chain)
-        kT, scale = _strip_scale(scores.args[1], scale, k_chain)
+        q, scale = _strip_scale(qk[0], scale, q_chain)
+        kT, scale = _strip_scale(qk[1], scale, k_chain)
+        for n in [*q_chain, *k_chain]:
+            if len(value_users(n)) != 1:
+                return MatchResult.fail(f"the scaled q or k {_op_name(n)} has other users")
         perm = _perm_of(kT)
-        if perm is not None:                   # kT = permute(k_src): k = permute(k_src, perm with last two swapped)
+        if perm is not None:
             k_chain.append(kT)
             perm = perm[:-2] + [perm[-1], perm[-2]]
             perm = None if perm == list(range(len(perm))) else perm
             k_src, scale = _strip_scale(kT.args[0], scale, k_chain)
         else:
             k_src, perm = kT, "swap"
-        # shapes and dtypes
         qv, kTv, vv, ov = val(q), val(kT), val(v), val(node)
         if None in (qv, kTv, vv, ov):
             return MatchResult.fail("missing shape metadata")
-        if min(qv.dim(), kTv.dim(), vv.dim()) < 3:
-            return MatchResult.fail(f"q, k, v have ranks {qv.dim()}, {kTv.dim()}, {vv.dim()}; SDPA needs rank >= 3")
-        if not (_dims(qv.shape[:-2]) == _dims(kTv.shape[:-2]) == _dims(vv.shape[:-2])):
-            return MatchResult.fail(f"batch dims of q {list(qv.shape[:-2])}, k {list(kTv.shape[:-2])} and "
-                                    f"v {list(vv.shape[:-2])} differ (SDPA does not broadcast them)")
-        if not qv.dtype.is_floating_point or len({qv.dtype, kTv.dtype, vv.dtype, iv.dtype}) != 1:
+        if min(qv.dim(), kTv.dim(), vv.dim()) < 2:
+            return MatchResult.fail(f"q, k, v have ranks {qv.dim()}, {kTv.dim()}, {vv.dim()}")
+        if not qv.dtype.is_floating_point or len({qv.dtype, kTv.dtype, vv.dtype, sc.dtype}) != 1:
             return MatchResult.fail(f"dtypes differ or are not floating point (q {qv.dtype}, k {kTv.dtype}, "
-                                    f"v {vv.dtype}, scores {iv.dtype})")
-        if _dims(ov.shape) != _dims(list(qv.shape[:-1]) + [vv.shape[-1]]):
-            return MatchResult.fail(f"output shape {list(ov.shape)} is not q's batch and length with v's width")
-        sc = val(scores)
-        L, S = qv.shape[-2], kTv.shape[-1]
+                                    f"v {vv.dtype}, scores {sc.dtype})")
+        s0 = list(sc.shape)
+        s2 = list(pv.shape)
+        # where SDPA runs: of the shapes the scores take on the way (bmm's folded heads, the
+        # masks' 4-d view), the one with most dims, so that no mask has to be expanded to fit
+        frame = max([list(iv.shape), s0, s2] + [s.frame for s in steps if s.frame is not None], key=len)
+        if len(frame) < 3:
+            return MatchResult.fail(f"the scores {frame} have no batch dim; SDPA needs rank >= 3")
+        if _dims(qv.shape[:-2]) != _dims(s0[:-2]):
+            return MatchResult.fail(f"batch dims of q {list(qv.shape[:-2])} are not those of the scores "
+                                    f"{s0[:-2]} (q broadcast against k)")
+        frames = [s0, list(iv.shape), s2] + [s.frame for s in steps if s.frame is not None]
+        reframed = any(_dims(f) != _dims(frame) for f in frames)
+        if reframed:
+            if not all(isinstance(d, int) for f in frames for d in f):
+                return MatchResult.fail("the scores are reshaped between q @ k^T and the softmax, with dynamic shapes")
+            if len({math.prod(f[:-2]) for f in frames}) != 1:
+                return MatchResult.fail("a reshape between the scores and the softmax changes the batch size")
+            if any(_dims(f[-2:]) != _dims(frame[-2:]) for f in frames):
+                return MatchResult.fail("a reshape between the scores and the softmax changes the last two dims")
+        if _dims(ov.shape) != _dims(s2[:-1] + [vv.shape[-1]]):
+            return MatchResult.fail(f"output shape {list(ov.shape)} is not the probabilities' batch and length "
+                                    f"with v's width (v broadcast against the probabilities)")
 
-        # mask semantics
-        attn = None
-        if mask_kind == "add":
-            mv, av = val(mask), val(sin)
+        # masks, in application order, each in the frame it is applied to
+        masks = ([_Step("add", scores, s0, mask=extra_add)] if extra_add is not None else []) + \
+            [s for s in steps if s.kind in ("add", "fill")]
+        for s in masks:
+            mv, outv = val(s.mask), val(s.node)
             if mv is None:
-                return MatchResult.fail(f"mask {_op_name(mask)} is not a tensor")
-            if mv.dtype != iv.dtype or av.dtype != sc.dtype:
-                return MatchResult.fail(f"additive mask is {mv.dtype}, the scores are {sc.dtype}")
-            if _dims(av.shape) != _dims(sc.shape) or mv.dim() > sc.dim():
-                return MatchResult.fail(f"mask {list(mv.shape)} enlarges the scores {list(sc.shape)} when added")
-            attn = ("add", mask)
-        elif mask_kind is not None:
-            mv, av = val(mask), val(mask_op)
-            if mv is None or mv.dtype != torch.bool:
-                return MatchResult.fail(f"mask {_op_name(mask)} is not a bool tensor")
-            if av is None or _dims(av.shape) != _dims(sc.shape) or av.dtype != sc.dtype:
-                return MatchResult.fail(f"masking %{mask_op.name} changes the scores' shape or dtype")
-            if math.isnan(fill):
-                return MatchResult.fail("the fill value is NaN")
-            const = constant_value(mask, _compile_time_op, max_nodes=_CONST_EVAL_NODES,
+                return MatchResult.fail(f"mask {_op_name(s.mask)} is not a tensor")
+            if s.node is not scores and _dims(outv.shape) != _dims(s.frame):
+                return MatchResult.fail(f"mask {list(mv.shape)} enlarges the scores {s.frame} in {_op_name(s.node)}")
+            if mv.dim() > len(s.frame):
+                return MatchResult.fail(f"mask {_op_name(s.mask)} has more dims than the scores")
+            if s.kind == "add" and mv.dtype != sc.dtype:
+                return MatchResult.fail(f"additive mask {_op_name(s.mask)} is {mv.dtype}, the scores are {sc.dtype}")
+            if s.kind == "fill":
+                if mv.dtype != torch.bool:
+                    return MatchResult.fail(f"mask {_op_name(s.mask)} is not a bool tensor")
+                if math.isnan(s.fill):
+                    return MatchResult.fail("the fill value is NaN")
+        L, S = frame[-2], frame[-1]
+        attn = None
+        if len(masks) == 1 and masks[0].kind == "fill" and _dims(masks[0].frame) == _dims(frame):
+            s = masks[0]
+            fill, kind = s.fill, s.fill_kind
+            const = constant_value(s.mask, _compile_time_op, max_nodes=_CONST_EVAL_NODES,
                                    max_numel=_CONST_EVAL_NUMEL)
-            keep_const = None if const is None else (const if mask_kind == "keep" else ~const)
+            keep_const = None if const is None else (const if kind == "keep" else ~const)
             if keep_const is not None and fill <= _LOW_FILL and _is_causal(keep_const, L, S):
-                attn = ("causal", mask)
+                attn = ("causal", s.mask)
             elif keep_const is not None and fill <= _LOW_FILL and _keep_rows_ok(keep_const):
-                attn = ("bool", mask, mask_kind)
+                attn = ("bool", s.mask, kind)
             elif fill == -math.inf:
-                attn = ("bool", mask, mask_kind)
-            elif _absorbs(fill, sc.dtype):
-                attn = ("fill", mask, mask_kind, fill)
-            else:
-                return MatchResult.fail(
-                    f"masked_fill with {fill!r} cannot be written as an SDPA mask: a fully-masked row gives "
-                    f"uniform weights here, and {fill!r} + score is not {fill!r} in {sc.dtype} "
-                    f"(use -inf or finfo.min, or a constant mask whose every row keeps a position)")
+                attn = ("bool", s.mask, kind)
+        if attn is None and masks:
+            for s in masks:
+                if s.kind == "fill" and s.fill != -math.inf and not _absorbs(s.fill, sc.dtype):
+                    return MatchResult.fail(
+                        f"masked_fill with {s.fill!r} cannot be written as an SDPA mask: a fully-masked row gives "
+                        f"uniform weights here, and {s.fill!r} + score is not {s.fill!r} in {sc.dtype} "
+                        f"(use -inf or finfo.min, or a constant mask whose every row keeps a position)")
+            attn = ("combined", masks)
 
-        # users before operands, so that erase_if_unused frees each chain top-down
-        fill_nodes = [x for x in (mask_op.args[1:] if mask_op is not None and mask_kind != "add" else ())
-                      if isinstance(x, fx.Node) and x is not scaled and x is not mask]
-        erase = [node, *passthrough, softmax] + ([mask_op] if mask_op is not None else []) + fill_nodes \
-            + scale_chain + [scores] + q_chain + k_chain
-        return MatchResult.success(q=q, k_src=k_src, perm=perm, v=v, attn=attn, scale=scale, erase=erase)
+        fills = [a for s in steps if s.kind == "fill" for a in s.node.args
+                 if isinstance(a, fx.Node) and a is not s.mask and not _reaches_scores(a)]
+        erase = [node, *probs_chain[::-1], softmax] + [s.node for s in steps[::-1]] + fills + [scores] + q_chain + k_chain
+        return MatchResult.success(q=q, k_src=k_src, perm=perm, v=v, attn=attn, scale=scale, erase=erase,
+                                   node=node, s0=s0, frame=frame, s2=s2, dtype=sc.dtype)
 
-    def rewrite(self, node: fx.Node, m: MatchResult, ctx: PassContext) -> None:
+    def rewrite(self, softmax: fx.Node, m: MatchResult, ctx: PassContext) -> None:
+        node = m["node"]
         g = node.graph
         kw = dict(like=node, pass_name=ctx.pass_name)
+        s0, frame, s2 = m["s0"], m["frame"], m["s2"]
         with g.inserting_before(node):
             k, perm = m["k_src"], m["perm"]
             if perm == "swap":
@@ -340,33 +561,52 @@ class FuseAttention(RewriteRule):
                     k = call(g, aten.transpose.int, (k, moved[0], moved[1]), name="transpose", **kw)
                 else:
                     k = call(g, aten.permute.default, (k, perm), name="permute", **kw)
+            q, v = m["q"], m["v"]
+            k = _expand_to(g, k, s0[:-2], kw)
+            v = _expand_to(g, v, s2[:-2], kw)
+            q, k, v = (_reframe(g, t, base[:-2] + list(val(t).shape[-2:]), frame[:-2] + list(val(t).shape[-2:]), kw)
+                       for t, base in ((q, s0), (k, s0), (v, s2)))
             kwargs: dict = {}
             attn = m["attn"]
-            if attn is not None and attn[0] == "add":
-                kwargs["attn_mask"] = attn[1]
-            elif attn is not None and attn[0] == "causal":
+            if attn is not None and attn[0] == "causal":
                 kwargs["is_causal"] = True
             elif attn is not None and attn[0] == "bool":
                 kwargs["attn_mask"] = _keep_node(g, attn[1], attn[2], kw)
-            elif attn is not None and attn[0] == "fill":
-                _, cond, kind, fill = attn
-                dt = val(m["q"]).dtype
-                if kind == "masked":
-                    zeros = call(g, aten.zeros_like.default, (cond,), {"dtype": dt}, name="zeros_like", **kw)
-                    kwargs["attn_mask"] = call(g, aten.masked_fill.Scalar, (zeros, cond, fill),
-                                               name="masked_fill", **kw)
-                else:
-                    full = call(g, aten.full_like.default, (cond, fill), {"dtype": dt}, name="full_like", **kw)
-                    kwargs["attn_mask"] = call(g, aten.masked_fill.Scalar, (full, cond, 0.0), name="masked_fill", **kw)
+            elif attn is not None:
+                kwargs["attn_mask"] = _combined_mask(g, attn[1], frame, m["dtype"], kw)
             kwargs["scale"] = float(m["scale"])
-            sdpa = call(g, aten.scaled_dot_product_attention.default, (m["q"], k, m["v"]), kwargs,
-                        name="scaled_dot_product_attention", **kw)
-        log.debug("fuse-attention: %%%s -> %%%s (scale %g, mask %s)", node.name, sdpa.name, m["scale"],
+            out = call(g, aten.scaled_dot_product_attention.default, (q, k, v), kwargs,
+                       name="scaled_dot_product_attention", **kw)
+            if _dims(val(out).shape) != _dims(val(node).shape):
+                out = call(g, aten.reshape.default, (out, list(val(node).shape)), name="reshape", **kw)
+        log.debug("fuse-attention: %%%s -> %%%s (scale %g, mask %s)", node.name, out.name, m["scale"],
                   None if attn is None else attn[0])
-        node.replace_all_uses_with(sdpa)
+        node.replace_all_uses_with(out)
         erase_if_unused(*m["erase"])
         if attn is not None and attn[0] in ("causal", "bool"):
             _erase_dead_inputs(attn[1])
+
+
+def _combined_mask(g: fx.Graph, masks: list[_Step], frame: list, dtype: torch.dtype, kw: dict) -> fx.Node:
+    """One additive mask equal to applying ``masks`` in order to zero scores: ``add`` terms are
+    summed, a fill (``-inf``, or a finite fill that absorbs every score) overwrites what came before.
+    Each term is first brought to the frame SDPA runs in."""
+    acc = None
+    for s in masks:
+        t = _reframe(g, s.mask, s.frame, frame[:-2] + list(s.frame[-2:]), kw)
+        if s.kind == "add":
+            acc = t if acc is None else call(g, aten.add.Tensor, (acc, t), name="add", **kw)
+            continue
+        if s.fill_kind == "keep":
+            cond = call(g, aten.logical_not.default, (t,), name="logical_not", **kw)
+        else:
+            cond = t
+        if acc is None:
+            zeros = call(g, aten.zeros_like.default, (cond,), {"dtype": dtype}, name="zeros_like", **kw)
+            acc = call(g, aten.masked_fill.Scalar, (zeros, cond, s.fill), name="masked_fill", **kw)
+        else:
+            acc = call(g, aten.where.ScalarSelf, (cond, s.fill, acc), name="where", **kw)
+    return acc
 
 
 def _erase_dead_inputs(node) -> None:

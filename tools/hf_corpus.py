@@ -40,6 +40,9 @@ class Entry:
     softmax_attention: bool = True    # has hand-written softmax attention (eager)
     rms_norm: bool = False            # normalises with RMSNorm
     idioms: tuple[str, ...] = ()      # what it exercises, for test names and docs
+    #: why fuse-attention must refuse this architecture's attention, a phrase of the refusal
+    #: (Gemma-2's logit soft-capping has no SDPA form); None: every softmax attention fuses
+    attention_refusal: str | None = None
 
 
 class _Out(nn.Module):
@@ -235,7 +238,8 @@ ENTRIES: dict[str, Entry] = {e.name: e for e in [
     Entry("gemma", "decoder", _decoder("GemmaModel", "GemmaConfig", **_LLAMA, head_dim=16), rms_norm=True,
           idioms=("(1 + w) RMSNorm", "GeGLU", "embedding scale")),
     Entry("gemma2", "decoder", _decoder("Gemma2Model", "Gemma2Config", **_LLAMA, head_dim=16, sliding_window=8),
-          rms_norm=True, idioms=("logit soft-capping", "alternating sliding window")),
+          rms_norm=True, idioms=("logit soft-capping", "alternating sliding window"),
+          attention_refusal="soft-caps the scores"),
     Entry("phi", "decoder", _decoder("PhiModel", "PhiConfig", num_key_value_heads=4, rope_parameters=_rope(0.5)),
           idioms=("partial rotary", "parallel attention/MLP")),
     Entry("phi3", "decoder", _decoder("Phi3Model", "Phi3Config", **_LLAMA), rms_norm=True,

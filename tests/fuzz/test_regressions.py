@@ -325,3 +325,15 @@ PRUNE_EMPTY_CAT = ModelSpec(inputs=((1, 1, 1),), ops=(Op(kind='linear', inputs=(
 @pytest.mark.parametrize("target", ["pass:prune-channels", "pass:prune-heads"])
 def test_pruning_analysis_skips_an_empty_legacy_cat_operand(target):
     assert _mismatches(PRUNE_EMPTY_CAT, target) == []
+
+
+# optc: TorchScript's channels-last stage made a convolution's output channels-last, and a
+# functionalised ``index_put_`` downstream flattened it with ``view(-1)``: "view size is not
+# compatible with input tensor's size and stride". Found by the campaign on fef0308 (model 1170;
+# 3 ops). Fixed: views of values computed from a channels-last convolution become reshapes.
+CHANNELS_LAST_VIEW = ModelSpec(inputs=((1, 2, 2, 1),), ops=(Op(kind='conv2d', inputs=(0,), params=(('groups_mode', 'plain'), ('out', 2), ('k', (1, 1)), ('stride', 1), ('padding', (0, 0)), ('dilation', 1), ('groups', 1), ('bias', True), ('padding_mode', 'zeros')), shape=(1, 2, 2, 1)), Op(kind='act', inputs=(1,), params=(('fn', 'relu'),), shape=(1, 2, 2, 1)), Op(kind='inplace', inputs=(2,), params=(('form', 'index_put_method'), ('c', 2.0), ('t', 0.5), ('step', 2)), shape=(1, 2, 2, 1))), outputs=(3,), seed=0)
+
+
+@pytest.mark.parametrize("target", ["pass:channels-last", "backend:torchscript"])
+def test_channels_last_stage_leaves_no_view_of_a_channels_last_value(target):
+    assert _mismatches(CHANNELS_LAST_VIEW, target) == []

@@ -9,7 +9,8 @@ from optc.testing import check_pass, run_pass
 
 NO_RULE_FIRED = {"drop-eval-dropout": 0, "drop-detach": 0, "drop-alias": 0, "drop-clone": 0, "drop-noop-to": 0,
                  "drop-noop-view": 0, "cancel-view-chain": 0, "mm-add-to-addmm": 0, "recompose-batch-norm": 0,
-                 "drop-assert": 0, "drop-softmax-dtype": 0, "drop-empty-cat-operand": 0}
+                 "drop-assert": 0, "drop-softmax-dtype": 0, "drop-empty-cat-operand": 0,
+                 "drop-arith-identity": 0, "expand-as-to-expand": 0}
 
 
 class NoOps(nn.Module):
@@ -131,3 +132,39 @@ def test_canonicalize_does_not_modify_the_original_tensors():
     PassManager("canonicalize", default="").run(program)
     for t, version, copy in before.values():
         assert t._version == version and torch.equal(t, copy)
+
+
+class ArithIdentities(nn.Module):
+    """DeBERTa's ``scores + 0`` (relative attention off), ``x * 1``; and look-alikes that must stay:
+    an int ``* 1.0`` (promotes the dtype), ``+ 1``, and ``- 0`` as a graph output (would alias ``x``)."""
+
+    def forward(self, x, n):
+        a = torch.relu((x + 0) * 1 / 1)
+        return a, n * 1.0, x + 1, x - 0
+
+
+def test_canonicalize_drops_arithmetic_identities_only():
+    out = check_pass("canonicalize", ArithIdentities(), (torch.randn(2, 4), torch.arange(4)), """\
+graph(%x : f32[2,4], %n : i64[4]):
+  %relu : f32[2,4] = aten.relu(%x)
+  %mul_1 : f32[4] = aten.mul.Tensor(%n, 1.0)
+  %add_1 : f32[2,4] = aten.add.Tensor(%x, 1)
+  %sub : f32[2,4] = aten.sub.Tensor(%x, 0)
+  return (%relu, %mul_1, %add_1, %sub)
+""", modified=True)
+    assert out.stats("canonicalize")["drop-arith-identity"] == 3
+
+
+class ExpandAs(nn.Module):
+    def forward(self, scores, keep):
+        return scores.masked_fill(keep.expand_as(scores), 0.0)
+
+
+def test_canonicalize_expand_as_reads_only_the_shape():
+    out = check_pass("canonicalize", ExpandAs(), (torch.randn(2, 3, 4), torch.rand(1, 1, 4) > 0.5), """\
+graph(%scores : f32[2,3,4], %keep : bool[1,1,4]):
+  %expand : bool[2,3,4] = aten.expand(%keep, [2, 3, 4])
+  %masked_fill : f32[2,3,4] = aten.masked_fill.Scalar(%scores, %expand, 0.0)
+  return (%masked_fill)
+""", modified=True)
+    assert out.stats("canonicalize")["expand-as-to-expand"] == 1

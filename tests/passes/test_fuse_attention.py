@@ -211,8 +211,8 @@ def test_fuse_attention_must_not_fire_on_lookalikes():
     assert not out.report.record("fuse-attention").modified
     assert out.stats("fuse-attention") == {"fused": 0, "not-fired": 2}
     assert out.rejections("fuse-attention") == [
-        ("fuse-attention", "matmul_1", "softmax over dim 2, attention needs the last dim (3)"),
-        ("fuse-attention", "matmul_3",
+        ("fuse-attention", "softmax", "softmax over dim 2, attention needs the last dim (3)"),
+        ("fuse-attention", "softmax_1",
          "masked_fill with -1000000000.0 cannot be written as an SDPA mask: a fully-masked row gives uniform "
          "weights here, and -1000000000.0 + score is not -1000000000.0 in torch.float32 (use -inf or finfo.min, "
          "or a constant mask whose every row keeps a position)"),
