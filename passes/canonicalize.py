@@ -19,7 +19,7 @@ every dimension longer than 1, all read from ``meta["val"]`` and static):
     ``aten.clone(%x, memory_format=f)``, ``aten.contiguous(%x, f)`` ``==> %x`` when the
     result has the same layout as ``%x`` (a later ``view`` may rely on the strides).
 ``drop-noop-to``
-    ``aten._to_copy``, ``aten.to.{dtype,device,dtype_layout,other}`` ``==> %x`` when the
+    ``aten._to_copy``, ``aten.to.{dtype,device,dtype_layout,other}``, ``aten.type_as`` ``==> %x`` when the
     result has the same layout (so the same dtype, device and memory format).
 ``drop-noop-view``
     ``aten.view|reshape|_unsafe_view|expand|flatten|squeeze|slice|narrow(%x, ...)`` with
@@ -174,7 +174,8 @@ class DropClone(_DropIdentity):
 
 class DropNoopTo(_DropIdentity):
     name = "drop-noop-to"
-    targets = (aten._to_copy.default, aten.to.dtype, aten.to.device, aten.to.dtype_layout, aten.to.other)
+    targets = (aten._to_copy.default, aten.to.dtype, aten.to.device, aten.to.dtype_layout, aten.to.other,
+               aten.type_as.default)
 
     def copies(self, node):
         return is_op(node, aten._to_copy.default) or bool(_schema_arg(node, "copy", False))

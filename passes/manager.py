@@ -54,6 +54,7 @@ class PassRecord:
     rejections: list = field(default_factory=list)
     exact: bool = True
     error: Any = None            # NumericReport vs the previous program (lossy passes; exact when checked)
+    note: str = ""               # why the pipeline moved this pass (ResolvedPass.moved)
 
 
 @dataclass
@@ -94,6 +95,7 @@ class PipelineReport:
             lines.append(f"{r.index:>3}  {r.text[:28]:<28}{r.time_s * 1e3:>9.1f}  {'yes' if r.modified else 'no':<8}"
                          f"{f'{r.nodes_before}->{r.nodes_after}':>13}  {stats}")
         lines.append(f"total pass time: {self.passes_time_s * 1e3:.1f} ms")
+        lines += [f"note: pass {r.index} {r.text} {r.note}" for r in self.records if r.note]
         return "\n".join(lines)
 
     def to_json(self) -> dict:
@@ -101,7 +103,7 @@ class PipelineReport:
             {"index": r.index, "pass": r.text, "status": r.status, "modified": r.modified, "time_s": r.time_s,
              "nodes_before": r.nodes_before, "nodes_after": r.nodes_after,
              "stats": {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in r.stats.items()},
-             "error": None if r.error is None else str(r.error)} for r in self.records]}
+             "error": None if r.error is None else str(r.error), "note": r.note} for r in self.records]}
 
     def __str__(self) -> str:
         return self.format()
@@ -228,7 +230,9 @@ class PassManager:
         numeric_inputs = None
         ran: list[str] = []
         for idx, rp in enumerate(self.passes, start=self.first_index):
-            record = PassRecord(idx, rp.name, rp.text, "ran", exact=rp.info.exact)
+            record = PassRecord(idx, rp.name, rp.text, "ran", exact=rp.info.exact, note=rp.moved)
+            if rp.moved:
+                log.info("pass %d %s %s", idx, rp.text, rp.moved)
             report.records.append(record)
             if rp.name in self.disable:
                 record.status = "disabled"

@@ -155,7 +155,8 @@ class MergeParallelLinear(RewriteRule):
 
 @register_pass("merge-parallel-linear", exact=True,
                description="merge linears that read the same input (q/k/v, gate/up) into one linear and a split",
-               options={"min_group": Option(int, 2, "merge groups of at least this many linears")})
+               options={"min_group": Option(int, 2, "merge groups of at least this many linears")},
+               after=("prune-channels", "prune-heads"))
 def merge_parallel_linear(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     ctx.stats.update(merged_groups=0, merged_linears=0)
     n = apply_rules(gm, [MergeParallelLinear(ctx.options["min_group"])], ctx)

@@ -135,6 +135,8 @@ class ResolvedPass:
     info: "object"       # PassInfo
     options: dict
     text: str            # the item as written, e.g. prune-channels{ratio=0.5}
+    from_default: bool = False    # came from the expansion of ``default``
+    moved: str = ""               # why resolve() moved it (empty: where the user wrote it)
 
     @property
     def name(self) -> str:
@@ -156,11 +158,43 @@ def resolve(pipeline: str | Pipeline, default: str | Pipeline = "") -> list[Reso
                 if sub.name == DEFAULT:
                     raise PipelineError("the default pipeline cannot contain 'default'")
                 info = get_pass(sub.name)
-                out.append(ResolvedPass(info, info.parse_options(sub.option_dict), str(sub)))
+                out.append(ResolvedPass(info, info.parse_options(sub.option_dict), str(sub), from_default=True))
             continue
         info = get_pass(item.name)
         out.append(ResolvedPass(info, info.parse_options(item.option_dict), str(item)))
+    out = _hoist_into_default(out)
     _check_order(out)
+    return out
+
+
+def _hoist_into_default(passes: list[ResolvedPass]) -> list[ResolvedPass]:
+    """``default,prune-channels{...}``: a pass of the default pipeline (``merge-parallel-linear``,
+    ``convert-layout``) declares that it must run after the user's pass, which the user wrote after
+    ``default``. The user's pass is moved to just before the first default pass that needs it, when
+    only default passes lie between (never past another pass the user wrote); the move is recorded
+    in ``ResolvedPass.moved`` and reported by the PassManager. Any other order is left for
+    :func:`_check_order` to refuse."""
+    out = list(passes)
+    for _ in range(len(out)):
+        moved = False
+        for i, rp in enumerate(out):
+            if not rp.from_default:
+                continue
+            for j in range(i + 1, len(out)):
+                q = out[j]
+                if q.from_default or q.name not in rp.info.after:
+                    continue
+                if any(not x.from_default for x in out[i:j]):
+                    continue
+                out.pop(j)
+                why = (f"moved before '{rp.name}' of the default pipeline, which must run after it")
+                out.insert(i, ResolvedPass(q.info, q.options, q.text, False, why))
+                moved = True
+                break
+            if moved:
+                break
+        if not moved:
+            break
     return out
 
 

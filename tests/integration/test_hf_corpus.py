@@ -109,3 +109,19 @@ def test_corpus_subset_on_every_backend(name, backend):
 @pytest.mark.parametrize("name", [n for n in NAMES if n not in FAST_BACKEND_SUBSET])
 def test_corpus_on_every_backend(name, backend):
     _backend_case(name, backend)
+
+
+@pytest.mark.parametrize("pipeline, stat", [("default,prune-heads", "pruned"),
+                                            ("default,prune-channels{ratio=0.5}", "pruned")])
+def test_pruning_after_default_prunes_bert_heads(pipeline, stat):
+    # the pipeline moves the pruning before merge-parallel-linear (which would tie q, k and v
+    # into one linear first) and says so in the report
+    model, inputs = hf_corpus.build("bert")
+    program = optc.capture(model, inputs)
+    optimized, report = optc.optimize(program, pipeline, "cpu")
+    record = next(r for r in report.records if r.name.startswith("prune"))
+    assert "moved before 'merge-parallel-linear'" in record.note and record.note in report.format()
+    heads = [g for g in record.rejections if "head" in g[2]]
+    assert record.stats[stat] >= 2 and not heads, record.rejections     # both layers' attention pruned
+    assert record.stats["params_after"] < record.stats["params_before"]
+    assert sum(is_op(n, aten.scaled_dot_product_attention.default) for n in optimized.graph.nodes) == 2

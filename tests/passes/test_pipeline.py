@@ -72,3 +72,19 @@ def test_ordering_constraints_are_checked(monkeypatch):
     assert [p.name for p in resolve("canonicalize,cse")] == ["canonicalize", "cse"]
     with pytest.raises(PipelineError, match="'cse' must run after 'canonicalize'"):
         resolve("cse,canonicalize")
+
+
+def test_pruning_written_after_default_moves_before_the_merge_that_needs_it():
+    # ``default,prune-heads``: merge-parallel-linear (and convert-layout) of the default pipeline
+    # must run after pruning, so the user's pass moves to just before the first of them, with a note
+    default = "canonicalize,fuse-attention,merge-parallel-linear,convert-layout{layout=NHWC},cse,dce"
+    passes = resolve("default,prune-heads,cse", default)
+    assert [p.name for p in passes] == ["canonicalize", "fuse-attention", "prune-heads", "merge-parallel-linear",
+                                        "convert-layout", "cse", "dce", "cse"]
+    assert passes[2].moved == "moved before 'merge-parallel-linear' of the default pipeline, which must run after it"
+    assert not any(p.moved for i, p in enumerate(passes) if i != 2)
+    # never moved past a pass the user wrote: then the order is refused, with the reason
+    with pytest.raises(PipelineError, match="'merge-parallel-linear' must run after 'prune-channels'"):
+        resolve("merge-parallel-linear,prune-channels", default)
+    with pytest.raises(PipelineError, match="must run after 'prune-channels'"):
+        resolve("default,cse,prune-channels", default)
