@@ -103,7 +103,27 @@ def _load_default_translations() -> None:
         b = op.Reshape(op.CastLike(shift, x), target_shape)
         return op.Add(op.Mul(x, s), b)
 
+    def rms_norm(x, normalized_shape, weight=None, eps=None):
+        """``aten.rms_norm`` as ONNX Runtime's SimplifiedLayerNormFusion expects it (``Pow(x, 2)``,
+        ``ReduceMean``, ``Add(eps)``, ``Sqrt``, ``Div``, ``Mul(weight)``), so that the session runs
+        one SimplifiedLayerNormalization kernel; torchlib's form (``Reciprocal`` and ``Mul``) is
+        left unfused. ``eps`` None is ``finfo(x.dtype).eps``, as in eager."""
+        if x.shape is None:
+            raise ValueError("aten.rms_norm: the rank of x is unknown at export time")
+        rank = len(x.shape)
+        axes = op.Constant(value_ints=list(range(rank - len(normalized_shape), rank)))
+        if eps is None:
+            kind = str(getattr(x, "dtype", "")).upper()
+            dt = torch.bfloat16 if "BFLOAT16" in kind else torch.float16 if "FLOAT16" in kind else \
+                torch.float64 if "DOUBLE" in kind else torch.float32
+            eps = float(torch.finfo(dt).eps)
+        two = op.CastLike(op.Constant(value_float=2.0), x)
+        ms = op.ReduceMean(op.Pow(x, two), axes, keepdims=1)
+        y = op.Div(x, op.Sqrt(op.Add(ms, op.CastLike(op.Constant(value_float=float(eps)), x))))
+        return y if weight is None else op.Mul(y, weight)
+
     with _LOCK:
+        _TRANSLATIONS.setdefault(torch.ops.aten.rms_norm.default, rms_norm)
         _TRANSLATIONS.setdefault(torch.ops.optc.channel_affine.default, channel_affine)
         _TABLE_VERSION[0] += 1
         _DEFAULTS_LOADED[0] = True

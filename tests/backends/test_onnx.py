@@ -253,3 +253,25 @@ def test_a_crashing_ort_optimizer_leaves_the_plain_model(captured_zoo, monkeypat
     assert compiled.backend_options["ort_fusions"] == {} and "IndexError" in caplog.text
     with torch.no_grad():
         check_close(model(*inputs), compiled(*inputs), rtol=1e-4)
+
+
+class _RMSNorm(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(1 + 0.2 * torch.randn(16))
+
+    def forward(self, x):
+        return torch.nn.functional.rms_norm(x, [16], self.w, 1e-6) @ torch.ones(16, 4)
+
+
+def test_rms_norm_runs_as_one_simplified_layer_norm_kernel(tmp_path):
+    # aten.rms_norm is translated in the form ONNX Runtime's SimplifiedLayerNormFusion takes
+    import onnxruntime as ort
+    model, x = _RMSNorm().eval(), torch.randn(2, 5, 16) * 3
+    compiled, _ = optc.compile(model, (x,), backend="onnx")
+    check_close(model(x), compiled(x), rtol=1e-5)
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    ort.InferenceSession(compiled.model_bytes, so, providers=["CPUExecutionProvider"])
+    ops = [n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node]
+    assert ops.count("SimplifiedLayerNormalization") == 1 and "Sqrt" not in ops, ops
