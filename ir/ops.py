@@ -75,5 +75,37 @@ def _(x, scale, shift, dim):
 
 
 register("channel_affine", _channel_affine_decomp)
+# --- optc::rotary_embedding ------------------------------------------------------------------
+def _rotate(x: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    if interleaved:        # GPT-J's rotate_every_two: (x0, x1, x2, x3, ...) -> (-x1, x0, -x3, x2, ...)
+        return torch.stack((-x[..., 1::2], x[..., 0::2]), dim=-1).flatten(-2)
+    h = x.shape[-1] // 2   # Llama's rotate_half: (x1, x2) -> (-x2, x1)
+    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+
+
+def _rotary_embedding_decomp(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                             interleaved: bool = False) -> torch.Tensor:
+    return x * cos + _rotate(x, interleaved) * sin
+
+
+@torch.library.custom_op("optc::rotary_embedding", mutates_args=())
+def rotary_embedding(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = False) -> torch.Tensor:
+    """Reference kernel: rotary position embedding ``x * cos + rotate(x) * sin`` over the last dim
+    (even width ``d``), ``cos``/``sin`` broadcast to ``x`` and holding each angle twice (as
+    transformers computes them: ``cat((freqs, freqs))``, or repeated element-wise for
+    ``interleaved``). ``rotate`` is ``rotate_half`` -- ``cat(-x[d/2:], x[:d/2])`` -- or, with
+    ``interleaved``, the pairwise ``(-x1, x0, -x3, x2, ...)``."""
+    if x.shape[-1] % 2:
+        raise ValueError(f"optc::rotary_embedding: the last dim of x ({x.shape[-1]}) is odd")
+    return _rotary_embedding_decomp(x, cos, sin, interleaved)
+
+
+@rotary_embedding.register_fake
+def _(x, cos, sin, interleaved=False):
+    shape = torch.broadcast_shapes(x.shape, cos.shape, sin.shape)
+    return x.new_empty(shape)
+
+
+register("rotary_embedding", _rotary_embedding_decomp)
 from optc.ir import quant_ops as _quant_ops  # noqa: E402,F401  (registers optc::quantize_* / dequantize_*)
 from optc.ir import layout_ops as _layout_ops  # noqa: E402,F401  (registers optc::conv2d_nhwc and the other NHWC ops)

@@ -90,7 +90,7 @@ class Match:
         return self.bindings.get(key, default)
 
     def fail(self, reason: str, node: Any = None) -> bool:
-        if self.failure is None or self.depth >= self.failure.depth:
+        if self.failure is None or self.depth > self.failure.depth:   # the first of the deepest
             self.failure = Failure(reason, node, self.depth)
         return False
 

@@ -18,10 +18,10 @@ _BASE = "canonicalize,constant-fold,cse,dce"
 # hand-written layer norm / GELU / attention, merge q/k/v projections; then clean up.
 # docs/benchmarks.md (fusion section) has the measurements behind this choice.
 _FUSED = ("canonicalize,dce,constant-fold,fold-conv-bn,fold-linear-bn,fold-binary,"
-          "fuse-layer-norm,fuse-rms-norm,fuse-gelu,fuse-attention,merge-parallel-linear,cse,dce")
+          "fuse-layer-norm,fuse-rms-norm,fuse-rotary,fuse-gelu,fuse-attention,merge-parallel-linear,cse,dce")
 # The same, with convolutions, pooling and resampling in NHWC (after the folds, before the cleanups).
 _FUSED_NHWC = ("canonicalize,dce,constant-fold,fold-conv-bn,fold-linear-bn,fold-binary,"
-               "fuse-layer-norm,fuse-rms-norm,fuse-gelu,fuse-attention,merge-parallel-linear,convert-layout{layout=NHWC},cse,dce")
+               "fuse-layer-norm,fuse-rms-norm,fuse-rotary,fuse-gelu,fuse-attention,merge-parallel-linear,convert-layout{layout=NHWC},cse,dce")
 
 DEFAULT_PIPELINES: dict[tuple[str, str | None], str] = {
     ("cpu", None): _FUSED,

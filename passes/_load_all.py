@@ -28,6 +28,7 @@ PASS_MODULES = (
     "convert_layout",
     "decompose",
     "fuse_rms_norm",
+    "fuse_rotary",
 )
 
 #: passes registered by the module of a related pass: pass name -> module

@@ -1,4 +1,4 @@
-"""The real-model corpus: every HF transformers architecture of ``optc.tools.hf_corpus`` (40,
+"""The real-model corpus: every HF transformers architecture of ``optc.tools.hf_corpus`` (41,
 from small configs: encoders, decoder LLM families, encoder-decoders, vision and audio models)
 through capture and the default pipeline, with the fusions counted and the numerics checked.
 
@@ -7,6 +7,8 @@ through capture and the default pipeline, with the fusions counted and the numer
   soft-capping), and then the refusal is recorded with that reason. Every softmax left (MoE
   routers too) has a recorded reason: no silent miss.
 - Every RMSNorm is recognised: no ``mean(x^2)`` is left in a model that normalises with RMSNorm.
+- Every rotary embedding is recognised (``optc::rotary_embedding``; rotate_half and GPT-J's
+  interleaved form): no ``cat(-x2, x1)`` rotation is left.
 - The optimized Program matches eager (max abs error <= 1e-4 of the output scale) on the example
   inputs and on a fresh draw.
 - Backends: a fast subset on every backend by default; every architecture on every backend
@@ -88,6 +90,13 @@ def test_default_pipeline_fuses_attention_and_rms_norm(name):
         assert rms > 0 and not mean_squares, f"{name}: {rms} rms_norm, left: {[n.name for n in mean_squares]}"
     else:
         assert rms == 0
+    rotary = sum(is_op(n, torch.ops.optc.rotary_embedding.default) for n in nodes)
+    rotations_left = [n for n in nodes if is_op(n, aten.cat.default, aten.stack.default)
+                      and any(is_op(a, aten.neg.default) for a in n.args[0])]
+    if entry.rotary:
+        assert rotary >= 2 and not rotations_left, f"{name}: {rotary} rotary, left: {[n.name for n in rotations_left]}"
+    else:
+        assert rotary == 0
     _check_numerics(name, model, inputs, optimized, program)
 
 
