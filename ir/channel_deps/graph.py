@@ -15,6 +15,7 @@ import torch
 import torch.fx as fx
 from torch.utils._pytree import tree_flatten
 
+import optc.ir.ops  # noqa: F401  (registers the optc:: ops the table names)
 from optc.ir.channel_deps import flow, layers
 from optc.ir.channel_deps.layers import on_batch_norm, on_layer
 from optc.ir.channel_deps.model import (Group, Layout, ParamUse, Piece, Refused, ShapeUse, Space, flat_layouts,
@@ -50,7 +51,8 @@ def _op_handlers() -> dict[Any, Callable]:
             (SPATIAL, flow.on_window),
             (PADS, flow.on_window),
             (MATMULS, layers.on_matmul),
-            ((aten.scaled_dot_product_attention,), layers.on_sdpa)):
+            ((aten.scaled_dot_product_attention,), layers.on_sdpa),
+            ((torch.ops.optc.rotary_embedding,), layers.on_rotary)):
         for op in ops:
             table.setdefault(op, handler)
     return table

@@ -199,3 +199,21 @@ def on_sdpa(cg: ChannelGraph, node: fx.Node) -> Layout:
             raise Refused(f"an attention mask %{mask.name} is per head")
     sub = lays[2].sub_axis if lays[2].sub_axis == rank_of(v) - 1 else None
     return Layout(merged.axis, merged.pieces, None if sub is None else rank_of(node) - 1)
+
+
+def on_rotary(cg: ChannelGraph, node: fx.Node) -> Layout:
+    """``optc::rotary_embedding(x, cos, sin)`` mixes positions only along the last (within-head)
+    dim: channels on a head axis pass unchanged; channels on the last dim, or cos/sin that vary
+    along the channel axis, are refused."""
+    x, cos, sin = node.args[:3]
+    lay = cg.layouts.get(x)
+    if lay is None or any(cg.layouts.get(t) is not None for t in (cos, sin) if isinstance(t, fx.Node)):
+        raise Refused("channels flow into the angles of a rotary embedding")
+    r = rank_of(x)
+    if lay.axis == r - 1:
+        raise Refused("a rotary embedding rotates pairs of the channel axis")
+    for t in (cos, sin):
+        d = lay.axis - (r - rank_of(t))
+        if d >= 0 and static(shape_of(t)[d]) != 1:
+            raise Refused(f"the rotary angles %{t.name} vary along the channel axis")
+    return lay
