@@ -3,6 +3,7 @@
     optc --version
     optc passes [--target T]
     optc dump MODEL [--pipeline P] [--format text|json|dot] [--print-after-all DIR] ...
+    optc compare MODEL [--pipeline P] [--backend B ...] [--json OUT]
 
 Exit status: 0 on success; 2 for a usage or user error (bad arguments, a model that cannot
 be loaded or captured, a malformed pipeline) with one line ``optc: error: ...`` on stderr
@@ -116,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_compile_parser(sub)
     from optc.tools.bench import add_bench_parser
     add_bench_parser(sub)  # optc bench: latency against eager and other runtimes (docs/benchmarks.md)
+    from optc.tools.compare import add_compare_parser
+    add_compare_parser(sub)  # optc compare: against a float64 reference, the first diverging node
     return parser
 
 

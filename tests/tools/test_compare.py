@@ -1,0 +1,99 @@
+"""``optc compare``: the optimized Program and the backends against a float64 reference, and the
+first diverging node."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+
+import pytest
+import torch
+
+from optc.tools.cli import main
+from optc.tools.compare import compare
+
+OVERFLOW = textwrap.dedent("""\
+    import torch
+
+
+    class Overflow(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(8, 8)
+
+        def forward(self, x):
+            h = self.lin(x)
+            y = h * 300
+            z = y * y
+            return z.sum(-1)
+
+
+    def make():
+        torch.manual_seed(0)
+        return Overflow().eval(), (torch.randn(4, 8) * 3,)
+    """)
+
+
+@pytest.fixture
+def overflow_file(tmp_path):
+    path = tmp_path / "overflow.py"
+    path.write_text(OVERFLOW)
+    return str(path)
+
+
+def test_float16_overflow_names_the_multiply_and_its_line(overflow_file, tmp_path, capsys):
+    # y * y overflows in float16 (|y| reaches ~3,000): the first divergence is that multiply, at
+    # line 12 of the user's file, while its input (y = h * 300) is within float16's tolerance
+    out = tmp_path / "cmp.json"
+    rc = main(["compare", f"{overflow_file}:make", "--pipeline", "to-half{dtype=float16,range_check=false}",
+               "--json", str(out)])
+    assert rc == 1
+    data = json.loads(out.read_text())
+    assert data["ok"] is False and data["located"] is True
+    first = data["first_divergence"]
+    assert first["op"] == "aten.mul" and first["source"] == "overflow.py:12" and first["error"] == "inf"
+    assert [name for name, _ in first["inputs"]] == ["mul"] and first["inputs"][0][1] < 1e-2
+    printed = capsys.readouterr().out
+    assert "first divergence: %mul_1 (aten.mul) at overflow.py:12" in printed and "MISMATCH" in printed
+
+
+def test_the_same_model_in_float32_passes_and_the_backends_too(overflow_file, capsys):
+    rc = main(["compare", f"{overflow_file}:make", "--backend", "onnx", "--backend", "torchscript"])
+    printed = capsys.readouterr().out
+    assert rc == 0, printed
+    assert printed.count(" ok") == 3 and "divergence" not in printed
+
+
+def test_locate_on_request_reports_no_divergence_for_an_exact_pipeline():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4)).eval()
+    result = compare(model, (torch.randn(2, 4),), locate_divergence=True)
+    assert result.ok and result.located and result.divergences == []
+    assert result.candidates[0].outputs[0].max_rel <= 1e-6 and result.candidates[0].outputs[0].sqnr_db > 100
+
+
+@torch.library.custom_op("optc_compare_test::opaque", mutates_args=())
+def _opaque(x: torch.Tensor) -> torch.Tensor:
+    return x * 2
+
+
+@_opaque.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+class Opaque(torch.nn.Module):
+    def forward(self, x):
+        return torch.ops.optc_compare_test.opaque(x) + 1
+
+
+def test_a_backend_that_cannot_lower_is_a_failed_row():
+    result = compare(Opaque(), (torch.randn(3),), backends=["onnx"])
+    assert not result.ok
+    program, onnx = result.candidates
+    assert program.ok and onnx.error is not None and "LoweringError" in onnx.error and "opaque" in onnx.error
+
+
+def test_json_into_a_folder_that_does_not_exist_is_a_usage_error(overflow_file, tmp_path, capsys):
+    rc = main(["compare", f"{overflow_file}:make", "--json", str(tmp_path / "missing" / "out.json")])
+    assert rc == 2 and "does not exist or is not writable" in capsys.readouterr().err
+    assert not (tmp_path / "missing").exists()

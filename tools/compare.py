@@ -1,0 +1,400 @@
+"""``optc compare``: the optimized Program and each backend against a float64 reference, and the
+first node where the numbers go wrong.
+
+    optc compare MODEL [--pipeline P] [--backend B ...] [--atol A] [--rtol R] [--no-locate] [--json OUT]
+
+What runs, on the model's example inputs:
+
+- **the reference**: the user's model in float64 (a deep copy: the model is not touched), its
+  floating inputs in float64; where the model cannot run in float64, in its own dtypes (said so);
+- **the optimized Program** (capture, then the pipeline) and **each backend** (``optc.compile``
+  with the same pipeline, without its own check).
+
+Per output: max abs error, max error relative to the output scale (``max |y - ref| / max |ref|``),
+cosine similarity, SQNR in dB, and pass/fail. The tolerance is on the relative error and defaults
+from the dtype the program computes in (``backends/check.py``: 1e-4 for float32, 1e-2 for
+float16, 6e-2 for bfloat16, 0.1 with a cosine >= 0.995 for quantized programs); ``--rtol``
+replaces it, ``--atol`` adds an absolute bound (an output passes when ``max_abs <= atol`` or the
+relative error is within ``rtol``).
+
+**Locating the first divergence** (``--locate``, on by default when something fails): every node
+of the optimized Program is compared with the same node of the captured Program run in float64
+(nodes are matched by name: passes keep the names of the nodes they keep; a node a pass created,
+such as a fused op, is compared through its users). The **first divergence** is the earliest node,
+in topological order, whose value is outside the tolerance of its dtype while all of its inputs
+are inside; the next ones are ranked by how much error each adds (its error minus its inputs').
+Each is reported with its op, the pass that created it (if one did), the user's source line and
+its inputs' errors. The values come from a separate interpreted run of the two Programs; the
+artifacts the user runs are not changed. Backends' own intermediate values are not located yet.
+
+Exit status: 0 when every candidate is within tolerance, 1 when one is not (or a backend fails to
+lower: the row says why), 2 for a usage error.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Sequence
+
+import torch
+import torch.fx as fx
+import torch.utils._pytree as pytree
+
+from optc.errors import OptcError
+
+__all__ = ["OutputDiff", "Candidate", "Divergence", "CompareResult", "compare", "locate"]
+
+
+@dataclass
+class OutputDiff:
+    index: int
+    max_abs: float
+    max_rel: float
+    cosine: float
+    sqnr_db: float
+    tolerance: float
+    ok: bool
+    detail: str = ""
+
+
+@dataclass
+class Candidate:
+    name: str                       # "program" or a backend name
+    outputs: list[OutputDiff] = field(default_factory=list)
+    error: str | None = None        # it could not be built or run
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and all(o.ok for o in self.outputs)
+
+
+@dataclass
+class Divergence:
+    node: str
+    op: str
+    source: str | None
+    created_by: str | None          # the pass that created the node (None: the model's own node)
+    error: float                    # relative to the reference value's scale
+    tolerance: float
+    inputs: list[tuple[str, float]]  # (input node, its error)
+    added: float                    # error - max(input errors)
+
+
+@dataclass
+class CompareResult:
+    model: str
+    pipeline: str
+    reference: str                  # "float64 eager" or why not
+    candidates: list[Candidate]
+    divergences: list[Divergence] = field(default_factory=list)
+    located: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return all(c.ok for c in self.candidates)
+
+    def to_json(self) -> dict:
+        return {"model": self.model, "pipeline": self.pipeline, "reference": self.reference, "ok": self.ok,
+                "candidates": [{"name": c.name, "ok": c.ok, "error": c.error,
+                                "outputs": [_finite(asdict(o)) for o in c.outputs]} for c in self.candidates],
+                "located": self.located,
+                "first_divergence": _finite(asdict(self.divergences[0])) if self.divergences else None,
+                "divergences": [_finite(asdict(d)) for d in self.divergences]}
+
+    def format(self) -> str:
+        lines = [f"reference: {self.reference}; pipeline: {self.pipeline}",
+                 f"{'candidate':<14}{'out':>4}  {'max abs':>10}  {'max rel':>10}  {'cosine':>9}  {'SQNR dB':>8}  "
+                 f"{'tolerance':>9}  result"]
+        for c in self.candidates:
+            if c.error is not None:
+                lines.append(f"{c.name:<14}{'':>4}  FAILED: {c.error}")
+                continue
+            for o in c.outputs:
+                lines.append(f"{c.name:<14}{o.index:>4}  {o.max_abs:>10.3g}  {o.max_rel:>10.3g}  {o.cosine:>9.6f}  "
+                             f"{o.sqnr_db:>8.1f}  {o.tolerance:>9.1g}  {'ok' if o.ok else 'MISMATCH'}"
+                             + (f" ({o.detail})" if o.detail else ""))
+        if self.located:
+            if not self.divergences:
+                lines.append("no node of the optimized Program diverges from the reference")
+            for i, d in enumerate(self.divergences):
+                head = "first divergence" if i == 0 else f"divergence {i + 1}"
+                ins = ", ".join(f"%{n} {e:.2g}" for n, e in d.inputs) or "none compared"
+                lines.append(f"{head}: %{d.node} ({d.op}) at {d.source or 'unknown source'}"
+                             f"{', created by ' + d.created_by if d.created_by else ''}: error {d.error:.3g} "
+                             f"(tolerance {d.tolerance:.1g}); inputs: {ins}")
+        return "\n".join(lines)
+
+
+def _finite(d: dict) -> dict:
+    """JSON has no inf/NaN: written as strings."""
+    return {k: (str(v) if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}
+
+
+# ---- measuring -----------------------------------------------------------------------------------------
+def _diff(index: int, ref: Any, got: Any, tolerance: float, atol: float | None, quantized: bool) -> OutputDiff:
+    from optc.backends.check import QUANTIZED_MIN_COSINE, compare_output
+    if not isinstance(ref, torch.Tensor):
+        same = ref == got
+        return OutputDiff(index, 0.0 if same else math.inf, 0.0 if same else math.inf, 1.0, math.inf, tolerance,
+                          bool(same), "" if same else f"{got!r} != {ref!r}")
+    if isinstance(got, torch.Tensor) and ref.is_floating_point() and got.is_floating_point():
+        got = got.to(ref.dtype)
+    rel, cos, _, detail = compare_output(ref, got, tolerance, quantized=quantized)
+    max_abs, sqnr = math.inf, -math.inf
+    if isinstance(got, torch.Tensor) and got.shape == ref.shape and ref.is_floating_point():
+        r, g = ref.double(), got.double()
+        fin = torch.isfinite(r) & torch.isfinite(g)
+        d = (r - g)[fin]
+        max_abs = float(d.abs().max()) if d.numel() else 0.0
+        if not bool(fin.all()) and bool((torch.isfinite(r) & ~torch.isfinite(g)).any()):
+            max_abs = math.inf
+        noise = float((d ** 2).sum())
+        signal = float((r[fin] ** 2).sum())
+        sqnr = math.inf if noise == 0 else 10 * math.log10(signal / noise) if signal > 0 else -math.inf
+        if max_abs == math.inf:
+            sqnr = -math.inf
+    elif isinstance(got, torch.Tensor) and got.shape == ref.shape:
+        max_abs = float((ref != got).sum())
+        sqnr = math.inf if max_abs == 0 else -math.inf
+    ok = rel <= tolerance or (atol is not None and max_abs <= atol)
+    if quantized and cos < QUANTIZED_MIN_COSINE:
+        ok = False
+    return OutputDiff(index, max_abs, rel, cos, sqnr, tolerance, ok, detail)
+
+
+def _flat(out: Any) -> list:
+    return list(pytree.tree_leaves(out))
+
+
+def _to64(x: Any) -> Any:
+    return pytree.tree_map(lambda t: t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t, x)
+
+
+def _reference(model: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[list, str]:
+    try:
+        m64 = copy.deepcopy(model).double().eval()
+        with torch.no_grad():
+            return _flat(m64(*_to64(args), **_to64(kwargs))), "float64 eager (a copy of the model)"
+    except Exception as e:  # noqa: BLE001 - some models cannot run in float64: their own dtypes then
+        with torch.no_grad():
+            return _flat(model(*args, **kwargs)), f"eager in the model's dtypes (float64 failed: {type(e).__name__})"
+
+
+def _candidate(name: str, run, args, kwargs, ref: list, program, rtol: float | None, atol: float | None) -> Candidate:
+    from optc.backends.check import _quantized, tolerance_for
+    cand = Candidate(name)
+    try:
+        with torch.no_grad():
+            got = _flat(run(*args, **kwargs))
+    except Exception as e:  # noqa: BLE001 - a candidate that cannot run is a row, not a crash
+        cand.error = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+        return cand
+    if len(got) != len(ref):
+        cand.error = f"{len(got)} outputs, the reference has {len(ref)}"
+        return cand
+    quantized = _quantized(program)
+    for i, (r, g) in enumerate(zip(ref, got)):
+        dtype = g.dtype if isinstance(g, torch.Tensor) else torch.float32
+        tol = rtol if rtol is not None else tolerance_for(program, dtype)
+        cand.outputs.append(_diff(i, r, g, tol, atol, quantized))
+    return cand
+
+
+# ---- locating ------------------------------------------------------------------------------------------
+class _Recorder(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule):
+        super().__init__(gm)
+        self.values: dict[str, Any] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        if isinstance(out, torch.Tensor):
+            self.values[n.name] = out.detach()
+        return out
+
+
+def _record(gm: fx.GraphModule, flat_inputs: list) -> dict[str, Any]:
+    rec = _Recorder(gm)
+    with torch.no_grad():
+        rec.run(*flat_inputs)
+    return rec.values
+
+
+def _node_error(ref: torch.Tensor, got: torch.Tensor) -> float | None:
+    """Max error relative to the reference value's scale; None where the two are not comparable."""
+    if ref.shape != got.shape or not ref.is_floating_point() or not got.is_floating_point():
+        return None
+    r, g = ref.double(), got.double()
+    nan_r = torch.isnan(r)
+    if bool((torch.isnan(g) & ~nan_r).any()) or bool((torch.isinf(g) & torch.isfinite(r)).any()):
+        return math.inf
+    fin = torch.isfinite(r)
+    if not bool(fin.any()):
+        return 0.0
+    scale = float(r[fin].abs().max()) or 1.0
+    return float((r - g)[fin].abs().max()) / scale
+
+
+def locate(captured, optimized, flat_inputs: list, *, rtol: float | None = None, top: int = 5) -> list[Divergence]:
+    """The divergences of ``optimized`` from ``captured`` run in float64 (module docstring)."""
+    from optc.backends.check import TOLERANCE
+    from optc.ir.source import node_source
+    gm64 = copy.deepcopy(captured.graph_module)
+    for name, t in list(gm64.state_dict(keep_vars=True).items()):
+        if t.is_floating_point():
+            *path, leaf = name.split(".")
+            owner = gm64.get_submodule(".".join(path)) if path else gm64
+            new = t.detach().double()
+            if isinstance(getattr(owner, leaf), torch.nn.Parameter):
+                setattr(owner, leaf, torch.nn.Parameter(new, requires_grad=False))
+            else:
+                setattr(owner, leaf, new)
+    for attr in [n.target for n in gm64.graph.nodes if n.op == "get_attr"]:
+        obj = gm64
+        *path, leaf = attr.split(".")
+        for p in path:
+            obj = getattr(obj, p)
+        v = getattr(obj, leaf, None)
+        if isinstance(v, torch.Tensor) and v.is_floating_point() and v.dtype != torch.float64:
+            setattr(obj, leaf, v.detach().double())
+    try:
+        ref = _record(gm64, [_to64(t) for t in flat_inputs])
+    except Exception:  # noqa: BLE001 - a graph with explicit float32 casts that float64 breaks: float32
+        ref = _record(captured.graph_module, flat_inputs)
+    got = _record(optimized.graph_module, flat_inputs)
+
+    errors: dict[str, float] = {}
+    tols: dict[str, float] = {}
+    nodes = [n for n in optimized.graph.nodes if n.op == "call_function"]
+    for n in nodes:
+        if n.name in ref and n.name in got:
+            e = _node_error(ref[n.name], got[n.name])
+            if e is not None:
+                errors[n.name] = e
+                tols[n.name] = rtol if rtol is not None else TOLERANCE.get(got[n.name].dtype, 1e-4)
+
+    def input_errors(n: fx.Node, depth: int = 0) -> list[tuple[str, float]]:
+        out = []
+        for a in n.all_input_nodes:
+            if a.name in errors:
+                out.append((a.name, errors[a.name]))
+            elif depth < 4 and a.op == "call_function":
+                out.extend(input_errors(a, depth + 1))
+        return out
+
+    divs = []
+    for n in nodes:
+        e = errors.get(n.name)
+        if e is None or e <= tols[n.name]:
+            continue
+        ins = input_errors(n)
+        worst_in = max((x for _, x in ins), default=0.0)
+        if any(x > tols.get(name, 1e-4) for name, x in ins):
+            added = e - worst_in if math.isfinite(e) and math.isfinite(worst_in) else (0.0 if e == worst_in else e)
+            divs.append((False, n, e, ins, added))
+        else:
+            divs.append((True, n, e, ins, e - worst_in if math.isfinite(e) else math.inf))
+    first = [d for d in divs if d[0]]
+    # the others, by the error each adds; a node that only carries its inputs' error adds none
+    rest = sorted((d for d in divs if d is not (first[0] if first else None) and d[4] > tols[d[1].name]),
+                  key=lambda d: -d[4])
+    ordered = (first[:1] + rest)[:top]
+
+    def op_name(n: fx.Node) -> str:
+        t = n.target
+        return f"{t.namespace}.{t._opname}" if isinstance(t, torch._ops.OpOverload) else str(t)
+
+    return [Divergence(n.name, op_name(n), node_source(n), n.meta.get("optc_pass"), e, tols[n.name], ins, added)
+            for _, n, e, ins, added in ordered]
+
+
+# ---- the command's work ----------------------------------------------------------------------------------
+def compare(model: torch.nn.Module, args: tuple, kwargs: dict | None = None, *, pipeline: str = "default",
+            backends: Sequence[str] = (), target: str = "cpu", rtol: float | None = None, atol: float | None = None,
+            locate_divergence: bool | None = None, top: int = 5, label: str = "", calibration_data=None,
+            progress=None) -> CompareResult:
+    """Compare the optimized Program and each backend with the float64 reference (module doc).
+    ``locate_divergence`` None: locate when something fails."""
+    import optc
+    say = progress or (lambda msg: None)
+    kwargs = dict(kwargs or {})
+    say("reference")
+    ref, ref_note = _reference(model, args, kwargs)
+    say("capture and pipeline")
+    captured = optc.capture(model, args, kwargs or None)
+    optimized, _ = optc.optimize(captured, pipeline, target, calibration_data=calibration_data)
+    cands = [_candidate("program", optimized, args, kwargs, ref, optimized, rtol, atol)]
+    for b in backends:
+        say(f"backend {b}")
+        try:
+            compiled, _ = optc.compile(model, args, example_kwargs=kwargs or None, backend=b, target=target,
+                                       pipeline=pipeline, check=False, calibration_data=calibration_data)
+        except OptcError as e:
+            cands.append(Candidate(b, error=f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"))
+            continue
+        cands.append(_candidate(b, compiled, args, kwargs, ref, optimized, rtol, atol))
+    result = CompareResult(label or type(model).__name__, pipeline, ref_note, cands)
+    if locate_divergence or (locate_divergence is None and not result.ok):
+        say("locating the first divergence")
+        result.divergences = locate(captured, optimized, optimized.example_flat_inputs(), rtol=rtol, top=top)
+        result.located = True
+    return result
+
+
+def add_compare_parser(sub) -> None:
+    import argparse
+    from optc.tools.bench import add_model_arguments
+    p = sub.add_parser("compare", help="compare the optimized program and backends with a float64 reference; "
+                                       "locate the first diverging node",
+                       description=__doc__.split("\n\n", 1)[1].rsplit("\n\nExit status", 1)[0],
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_arguments(p)
+    p.add_argument("--pipeline", default="default", metavar="P", help="pipeline (default: the target's)")
+    p.add_argument("--backend", action="append", default=[], metavar="B",
+                   help="also compile and compare with backend B (repeatable: onnx, torchscript, tvm)")
+    p.add_argument("--target", default="cpu", help="cpu or cuda (default: cpu)")
+    p.add_argument("--rtol", type=float, default=None,
+                   help="tolerance on the error relative to the output scale (default: from the dtype)")
+    p.add_argument("--atol", type=float, default=None, help="also pass outputs whose max abs error is within this")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--locate", dest="locate", action="store_true", default=None,
+                   help="locate the first diverging node even when everything passes")
+    g.add_argument("--no-locate", dest="locate", action="store_false", help="do not locate")
+    p.add_argument("--top", type=int, default=5, help="divergences listed (default 5)")
+    p.add_argument("--calibration-data", metavar="FILE", default=None,
+                   help="calibration inputs for insert-qdq (a .pt file, as for optc compile)")
+    p.add_argument("--json", metavar="OUT", default=None, help="also write the result as JSON")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging and tracebacks")
+    p.set_defaults(func=cmd_compare)
+
+
+def cmd_compare(args) -> int:
+    import os
+    import sys
+
+    from optc.passes.manager import PassManager
+    from optc.tools.cli import load_calibration_data
+    from optc.tools.models import load_model, parse_config
+    PassManager(args.pipeline, target=args.target)        # a malformed pipeline fails before the load
+    if args.json:
+        d = os.path.dirname(os.path.abspath(args.json))
+        if not os.path.isdir(d) or not os.access(d, os.W_OK):
+            raise OptcError(f"--json '{args.json}': folder '{d}' does not exist or is not writable")
+    loaded = load_model(args.model, inputs=args.input, config=parse_config(args.config), tiny=args.tiny,
+                        batch=args.batch)
+    progress = (lambda msg: print(f"optc: {msg}...", file=sys.stderr, flush=True)) if sys.stderr.isatty() else None
+    result = compare(loaded.model, loaded.args, loaded.kwargs, pipeline=args.pipeline, backends=args.backend,
+                     target=args.target, rtol=args.rtol, atol=args.atol, locate_divergence=args.locate,
+                     top=args.top, label=loaded.label,
+                     calibration_data=load_calibration_data(args.calibration_data, loaded.args),
+                     progress=progress)
+    print(result.format())
+    if args.json:
+        tmp = args.json + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(result.to_json(), f, indent=1)
+        os.replace(tmp, args.json)
+    return 0 if result.ok else 1
