@@ -17,11 +17,12 @@ _BACKENDS: dict[str, str] = {
     "torchscript": "optc.backends.torchscript:TorchScriptBackend",
     "onnx": "optc.backends.onnx:ONNXBackend",
     "tvm": "optc.backends.tvm:TVMBackend",
+    "openvino": "optc.backends.openvino:OpenVINOBackend",
 }
 _INSTANCES: dict[str, "Backend"] = {}
 
 # import name -> pip name, for one-line "pip install" hints
-PIP_NAMES = {"onnx": "onnx", "onnxruntime": "onnxruntime", "onnxscript": "onnxscript", "tvm": "apache-tvm"}
+PIP_NAMES = {"onnx": "onnx", "onnxruntime": "onnxruntime", "onnxscript": "onnxscript", "tvm": "apache-tvm", "openvino": "openvino"}
 
 
 def require(module: str, pip: str | None = None, *, backend: str) -> Any:

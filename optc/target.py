@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 DEVICES = ("cpu", "cuda")
-BACKENDS = ("torchscript", "onnx", "tvm")
+BACKENDS = ("torchscript", "onnx", "tvm", "openvino")
 
 # Exact cleanups every target runs first.
 _BASE = "canonicalize,constant-fold,cse,dce"
@@ -32,6 +32,7 @@ DEFAULT_PIPELINES: dict[tuple[str, str | None], str] = {
     ("cuda", "torchscript"): _FUSED,
     ("cuda", "onnx"): _FUSED,
     ("cuda", "tvm"): _FUSED,
+    ("cpu", "openvino"): _FUSED,
 }
 
 # Activation layout of convolutions, pooling and resampling per (device, backend): the one each
@@ -47,6 +48,7 @@ LAYOUTS: dict[tuple[str, str | None], str] = {
     ("cuda", "torchscript"): "NCHW",   # CUDA: not measured (no GPU on the project's machines)
     ("cuda", "onnx"): "NCHW",
     ("cuda", "tvm"): "NCHW",
+    ("cpu", "openvino"): "NCHW",       # OpenVINO picks its own blocked layouts
 }
 
 

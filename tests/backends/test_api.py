@@ -207,3 +207,19 @@ def test_specialised_constants_are_checked_and_saved(tmp_path):
     check_close(model(x, 3.0, mode="add"), loaded(x, 3.0, mode="add"))
     with pytest.raises(InputSpecError, match="captured as 'add'"):
         loaded(x, 3.0, mode="mul")
+
+
+def test_openvino_missing_package_or_cuda_is_one_line(monkeypatch):
+    from optc.backends import get_backend
+    monkeypatch.setitem(sys.modules, "openvino", None)   # makes `import openvino` fail, installed or not
+    with pytest.raises(BackendUnavailableError) as info:
+        optc.compile(torch.nn.Linear(2, 2), (torch.randn(1, 2),), backend="openvino")
+    msg = str(info.value)
+    assert "\n" not in msg and "pip install openvino" in msg
+    monkeypatch.delitem(sys.modules, "openvino")
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        return
+    with pytest.raises(BackendUnavailableError, match="OpenVINO's GPU device is Intel's"):
+        get_backend("openvino").check_available(optc.resolve_target("cuda", "openvino"))

@@ -1,0 +1,90 @@
+"""OpenVINO backend: zoo models match eager by both routes, precision follows the program, INT8
+kernels for a quantized program, the IR saves and loads, bad options and a missing package."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import optc
+from optc.backends import lower
+from optc.errors import LoweringError
+from optc.ir.verifier import check_close, random_inputs_like
+
+ov = pytest.importorskip("openvino", reason="needs the openvino extra: pip install optc[openvino]")
+
+from optc.tools import zoo  # noqa: E402
+
+ZOO = zoo.names()
+
+
+@pytest.mark.parametrize("route", ["export", "onnx"])
+@pytest.mark.parametrize("name", ZOO)
+def test_zoo_model_matches_eager(name, route, captured_zoo):
+    model, inputs, program = captured_zoo(name)
+    compiled = lower(program, "cpu", "openvino", route=route)
+    assert compiled.backend_options["route"] == route and compiled.backend_options["precision"] == "f32"
+    with torch.no_grad():
+        check_close(model(*inputs), compiled(*inputs), rtol=1e-4)
+        args, kwargs = random_inputs_like(program, seed=1)
+        check_close(model(*args, **kwargs), compiled(*args, **kwargs), rtol=1e-4)
+
+
+def test_dynamic_batch(captured_zoo):
+    model, _, program = captured_zoo("mlp", dynamic=True)
+    compiled = lower(program, "cpu", "openvino")
+    for batch in (1, 5):
+        x = torch.randn(batch, *program.example_flat_inputs()[0].shape[1:])
+        check_close(model(x), compiled(x), rtol=1e-4)
+
+
+def _runtime_precisions(compiled, layer: str | None = None) -> set[str]:
+    """The precisions OpenVINO's CPU plugin runs the layers in (of type ``layer``, or all)."""
+    out = set()
+    for op in compiled.compiled.get_runtime_model().get_ops():
+        info = op.get_rt_info()
+        if "runtimePrecision" in info and (layer is None or info["layerType"].astype(str) == layer):
+            out.add(info["runtimePrecision"].astype(str))
+    return out
+
+
+def test_precision_follows_the_program():
+    model, inputs = zoo.load("resnet18", **zoo.tiny_config("resnet18"))
+    f32, _ = optc.compile(model, inputs, backend="openvino")
+    bf16, report = optc.compile(model, inputs, backend="openvino", pipeline="default,to-half{dtype=bfloat16}")
+    assert f32.backend_options["precision"] == "f32" and _runtime_precisions(f32, "Convolution") == {"f32"}
+    assert bf16.backend_options["precision"] == "bf16" and report.check.ok
+    assert _runtime_precisions(bf16, "Convolution") == {"bf16"}
+
+
+def test_quantized_program_runs_int8_kernels():
+    model, inputs = zoo.load("resnet18", **zoo.tiny_config("resnet18"))
+    with pytest.warns(UserWarning, match="no calibration_data"):
+        compiled, report = optc.compile(model, inputs, backend="openvino", pipeline="default,insert-qdq")
+    assert compiled.backend_options["route"] == "onnx" and report.check.ok
+    assert _runtime_precisions(compiled, "Convolution") <= {"i8", "u8"}, _runtime_precisions(compiled)
+    with pytest.warns(UserWarning), pytest.raises(LoweringError, match="route='export' cannot lower"):
+        optc.compile(model, inputs, backend="openvino", pipeline="default,insert-qdq", route="export")
+
+
+def test_save_load_round_trip(tmp_path, captured_zoo):
+    model, inputs, program = captured_zoo("bert")
+    compiled = lower(program, "cpu", "openvino", threads=1)
+    compiled.save(str(tmp_path / "art"))
+    assert sorted(p.name for p in (tmp_path / "art").iterdir()) == ["manifest.json", "model.bin", "model.xml"]
+    loaded = optc.load(str(tmp_path / "art"))
+    assert loaded.backend_options["threads"] == 1
+    check_close(compiled(*inputs), loaded(*inputs), rtol=0)
+
+
+def test_bad_options_are_lowering_errors(captured_zoo):
+    _, _, program = captured_zoo("mlp")
+    with pytest.raises(LoweringError, match="route must be one of auto, export, onnx"):
+        lower(program, "cpu", "openvino", route="bogus")
+    with pytest.raises(LoweringError, match="threads must be a positive int"):
+        lower(program, "cpu", "openvino", threads=0)
+    with pytest.raises(LoweringError, match="precision must be f32, bf16 or f16"):
+        lower(program, "cpu", "openvino", precision="int4")
