@@ -22,9 +22,15 @@ import torch.utils._pytree as pytree
 from optc.errors import OptcError
 
 
-BASELINES = ("eager", "inductor", "torchscript", "ort")
+BASELINES = ("eager", "inductor", "torchscript", "ort", "openvino")
 BASELINE_LABELS = {"eager": "eager", "inductor": "torch.compile", "torchscript": "torch.jit",
-                   "ort": "onnxruntime"}
+                   "ort": "onnxruntime", "openvino": "openvino"}
+
+
+def default_baselines() -> tuple[str, ...]:
+    """Every baseline whose package is installed (openvino is an extra)."""
+    import importlib.util
+    return tuple(b for b in BASELINES if b != "openvino" or importlib.util.find_spec("openvino") is not None)
 
 
 def max_rel_error(out: Any, ref: Any) -> float | None:
@@ -204,6 +210,26 @@ def _ort(model, args, kwargs, threads: int):
         def run():
             feed = {n: t.detach().contiguous().numpy() for n, t in zip(names, tensors)}
             return [torch.from_numpy(v) for v in session.run(None, feed)]
+        return run
+    return build
+
+
+def _openvino(model, args, kwargs, threads: int):
+    """What an OpenVINO user does: ``openvino.convert_model(model, example_input=...)`` and
+    ``compile_model(..., "CPU")`` with OpenVINO's defaults (its precision choice included: BF16 on
+    CPUs with AMX), threads set."""
+    def build():
+        import openvino as ov
+        if kwargs:
+            raise OptcError("the openvino baseline takes positional inputs only")
+        ov_model = ov.convert_model(model, example_input=tuple(args))
+        compiled = ov.Core().compile_model(ov_model, "CPU", {"INFERENCE_NUM_THREADS": threads})
+        request = compiled.create_infer_request()
+        n_out = len(compiled.outputs)
+
+        def run():
+            request.infer([t.detach().contiguous().numpy() for t in args])
+            return [torch.from_numpy(request.get_output_tensor(i).data.copy()) for i in range(n_out)]
         return run
     return build
 

@@ -10,7 +10,7 @@ import shlex
 import sys
 
 from optc.errors import OptcError
-from optc.tools.bench.candidates import BASELINES
+from optc.tools.bench.candidates import BASELINES, default_baselines
 from optc.tools.bench.run import run_bench
 from optc.tools.args import non_negative, positive
 from optc.tools.bench.timing import DEFAULT_PAUSE_MS
@@ -54,9 +54,9 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--backends", default="onnx,torchscript,tvm",
                    help="comma-separated optc backends (default: onnx,torchscript,tvm; '' for none); an "
                         "unavailable one is skipped with a note")
-    p.add_argument("--baselines", default=",".join(BASELINES),
-                   help=f"comma-separated baselines among {', '.join(BASELINES)} (default: all); eager is "
-                        "always measured, as every ratio is against it")
+    p.add_argument("--baselines", default=",".join(default_baselines()),
+                   help=f"comma-separated baselines among {', '.join(BASELINES)} (default: all whose package is "
+                        "installed); eager is always measured, as every ratio is against it")
     p.add_argument("--pipeline", default="default", metavar="P", help="optc pipeline (default: the target's)")
     p.add_argument("--warmup", type=non_negative, default=5, metavar="N", help="untimed rounds first (default 5)")
     p.add_argument("--runs", type=positive, default=50, metavar="N", help="timed rounds (default 50)")

@@ -12,7 +12,7 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 
-from optc.tools.bench.candidates import (BASELINE_LABELS, BASELINES, Candidate, _eager, _first_line, _inductor, _optc,
+from optc.tools.bench.candidates import (BASELINE_LABELS, BASELINES, Candidate, _eager, _first_line, _inductor, _openvino, _optc,
                                         _ort, _torchscript, backend_skip_reason, build_candidate)
 from optc.tools.bench.report import BenchResult, _describe_inputs, _loadavg, machine_info
 from optc.tools.bench.timing import DEFAULT_PAUSE_MS, interleaved
@@ -39,7 +39,7 @@ def _inductor_cache(directory: str | None) -> Iterable[None]:
 
 
 def run_bench(model, args: tuple, kwargs: dict, *, label: str, backends: Sequence[str] = ("onnx", "torchscript", "tvm"),
-              baselines: Sequence[str] = BASELINES, runs: int = 50, warmup: int = 5, threads: int = 2,
+              baselines: Sequence[str] | None = None, runs: int = 50, warmup: int = 5, threads: int = 2,
               pipeline: str = "default", backend_options: dict | None = None, command: str = "",
               inductor_cache: str | None = None, pause_ms: float = DEFAULT_PAUSE_MS, seed: int = 0,
               tvm_tune: int = 0, tuning_db: str | None = None,
@@ -50,6 +50,9 @@ def run_bench(model, args: tuple, kwargs: dict, *, label: str, backends: Sequenc
     its compile time including the tuning, into ``tuning_db`` (default: a fresh temporary
     database, so that the time is that of a first tuning)."""
     say = progress or (lambda msg: None)
+    if baselines is None:
+        from optc.tools.bench.candidates import default_baselines
+        baselines = default_baselines()
     t_start = time.perf_counter()
     machine = machine_info()
     torch.set_num_threads(threads)
@@ -75,6 +78,9 @@ def run_bench(model, args: tuple, kwargs: dict, *, label: str, backends: Sequenc
         elif base == "ort":
             cands.append(build_candidate(label_b, "baseline", _ort(model, args, kwargs, threads), reference,
                                          "plain torch.onnx.export(dynamo=True), ORT_ENABLE_ALL"))
+        elif base == "openvino":
+            cands.append(build_candidate(label_b, "baseline", _openvino(model, args, kwargs, threads), reference,
+                                         "openvino.convert_model(model), CPU defaults"))
     for backend in backends:
         name = f"optc {backend}"
         say(name)
