@@ -65,6 +65,16 @@ class CompileReport:
     backend_stage: "PipelineReport | None" = None   # the backend's stage (backends/stage.py), run at lowering
     check: Any = None                          # backends.check.CheckReport (None: check=False)
     check_s: float = 0.0
+    peak_rss_bytes: int | None = None          # this process's peak resident memory during compile()
+    rss_growth_bytes: int | None = None        # ... over what it held when compile() started
+    weight_bytes: int = 0                      # the captured model's weights (parameters and buffers)
+
+    def memory_summary(self) -> str:
+        if self.peak_rss_bytes is None:
+            return "not measured (no /proc on this system)"
+        ratio = f" = {self.peak_rss_bytes / self.weight_bytes:.2f}x the weights ({human_bytes(self.weight_bytes, ' ')})" \
+            if self.weight_bytes else ""
+        return f"peak RSS {human_bytes(self.peak_rss_bytes, ' ')}{ratio}; grew by {human_bytes(self.rss_growth_bytes, ' ')}"
 
     @property
     def total_s(self) -> float:
@@ -79,6 +89,7 @@ class CompileReport:
             *([f"  {self.check.format()}"] if self.check is not None else ["  check     off (check=False)"]),
             f"  total     {self.total_s * 1e3:10.1f} ms",
             f"  artifact  {human_bytes(self.artifact_bytes, ' '):>10}",
+            f"  memory    {self.memory_summary()}",
             *([f"  model     {self.stats_summary()}"] if self.stats_before and self.stats_after else []),
             self.pipeline.format(),
             *([f"backend stage ({self.backend}):", self.backend_stage.format()] if self.backend_stage else []),
@@ -131,14 +142,27 @@ def compile(model: Any, example_inputs: Any = (), *, example_kwargs: dict | None
     and a :class:`CompileReport`. Availability of the backend and device is checked first, before
     the (slow) capture.
     """
-    from optc.backends.lowering import lower, resolve
-    from optc.ir.capture import capture
-    from optc.errors import OptcError
+    from optc.backends.lowering import resolve
+    from optc.memory import RSSWatch
 
     tgt, be = resolve(target, backend, backend_options)
     be.check_available(tgt)
     say = progress or (lambda msg: None)
 
+    watch = RSSWatch().__enter__()
+    try:
+        return _compile(model, example_inputs, example_kwargs, tgt, be, pipeline, dynamic_shapes, calibration_data,
+                        check, say, backend_options, watch)
+    finally:
+        watch.__exit__(None, None, None)
+
+
+def _compile(model, example_inputs, example_kwargs, tgt, be, pipeline, dynamic_shapes, calibration_data, check,
+             say, backend_options, watch):
+    from optc.backends.lowering import lower
+    from optc.errors import OptcError
+    from optc.ir.capture import capture
+    from optc.ir.program import attr_tensors
     t0 = time.perf_counter()
     if isinstance(model, Program):
         if example_inputs not in ((), None) or example_kwargs or dynamic_shapes is not None:
@@ -168,7 +192,10 @@ def compile(model: Any, example_inputs: Any = (), *, example_kwargs: dict | None
                            stats_before=model_stats(captured), stats_after=model_stats(program),
                            quantization=program.graph_module.meta.get("optc_quant_report"),
                            check=check_report, check_s=t4 - t3,
-                           backend_stage=getattr(compiled, "stage_report", None))
+                           backend_stage=getattr(compiled, "stage_report", None),
+                           weight_bytes=sum(t.nbytes for t in attr_tensors(captured.graph_module).values()))
+    watch.__exit__(None, None, None)
+    report.peak_rss_bytes, report.rss_growth_bytes = watch.peak, watch.growth
     return compiled, report
 
 

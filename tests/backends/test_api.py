@@ -223,3 +223,14 @@ def test_openvino_missing_package_or_cuda_is_one_line(monkeypatch):
         return
     with pytest.raises(BackendUnavailableError, match="OpenVINO's GPU device is Intel's"):
         get_backend("openvino").check_available(optc.resolve_target("cuda", "openvino"))
+
+
+def test_compile_reports_memory_against_the_weights():
+    model = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.ReLU(), torch.nn.Linear(256, 8))
+    _, report = optc.compile(model, (torch.randn(2, 256),), backend="torchscript")
+    assert report.weight_bytes == sum(p.numel() * 4 for p in model.parameters())
+    if report.peak_rss_bytes is None:
+        pytest.skip("no /proc here")
+    assert report.peak_rss_bytes > report.weight_bytes and 0 <= report.rss_growth_bytes <= report.peak_rss_bytes
+    line = next(l for l in report.format().splitlines() if l.strip().startswith("memory"))
+    assert f"{report.peak_rss_bytes / report.weight_bytes:.2f}x the weights" in line
