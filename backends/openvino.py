@@ -103,10 +103,10 @@ class OpenVINOBackend(Backend):
     packages = (("openvino", "openvino"),)
 
     def check_available(self, target: Target) -> None:
-        super().check_available(target)
         if target.device != "cpu":
             raise BackendUnavailableError(f"openvino: target '{target.device}' is not supported (OpenVINO's GPU "
                                           "device is Intel's; optc lowers to its CPU device only)")
+        super().check_available(target)
 
     def stage(self, program: Program, target: Target) -> list[str]:
         """Decompositions, then every ``optc::`` op as ATen (Q/DQ ops too: the ``onnx`` route

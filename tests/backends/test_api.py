@@ -69,7 +69,7 @@ def test_compile_takes_a_program_and_target_string(captured_structured):
 
 
 def test_unknown_backend_and_option():
-    with pytest.raises(OptcError, match=r"unknown backend 'tflite' \(valid: torchscript, onnx, tvm\)"):
+    with pytest.raises(OptcError, match=r"unknown backend 'tflite' \(valid: torchscript, onnx, tvm, openvino\)"):
         optc.compile(torch.nn.Linear(2, 2), (torch.randn(1, 2),), backend="tflite")
     with pytest.raises(OptcError, match=r"backend 'torchscript' has no option 'opset' \(valid options: method, optimize\)"):
         optc.compile(torch.nn.Linear(2, 2), (torch.randn(1, 2),), backend="torchscript", opset=18)
