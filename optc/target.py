@@ -33,6 +33,7 @@ DEFAULT_PIPELINES: dict[tuple[str, str | None], str] = {
     ("cuda", "onnx"): _FUSED,
     ("cuda", "tvm"): _FUSED,
     ("cpu", "openvino"): _FUSED,
+    ("cuda", "openvino"): _FUSED,         # listed for completeness: the backend refuses cuda targets
 }
 
 # Activation layout of convolutions, pooling and resampling per (device, backend): the one each
@@ -49,6 +50,7 @@ LAYOUTS: dict[tuple[str, str | None], str] = {
     ("cuda", "onnx"): "NCHW",
     ("cuda", "tvm"): "NCHW",
     ("cpu", "openvino"): "NCHW",       # OpenVINO picks its own blocked layouts
+    ("cuda", "openvino"): "NCHW",
 }
 
 
