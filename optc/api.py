@@ -147,6 +147,9 @@ def compile(model: Any, example_inputs: Any = (), *, example_kwargs: dict | None
 
     tgt, be = resolve(target, backend, backend_options)
     be.check_available(tgt)
+    if isinstance(pipeline, str):
+        from optc.passes.manager import PassManager
+        PassManager(pipeline, target=tgt)      # a malformed or refused pipeline fails before the (slow) capture
     say = progress or (lambda msg: None)
 
     watch = RSSWatch().__enter__()

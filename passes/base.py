@@ -129,6 +129,9 @@ class PassInfo:
     options: Mapping[str, Option] = field(default_factory=dict)
     after: tuple[str, ...] = ()            # must run after these when both are in a pipeline
     lossy_tolerance: float | None = None   # documented error bound for lossy passes
+    #: ``refuse(options, target) -> reason | None``: the pass does not belong in a pipeline for
+    #: ``target`` with these options (checked when a PassManager is built for a target with a backend)
+    refuse: Callable[[dict, Any], str | None] | None = None
 
     def parse_options(self, raw: Mapping[str, str]) -> dict:
         unknown = [k for k in raw if k not in self.options]
@@ -145,12 +148,14 @@ _REGISTRY: dict[str, PassInfo] = {}
 
 
 def register_pass(name: str, *, exact: bool, description: str, options: Mapping[str, Option] | None = None,
-                  after: tuple[str, ...] = (), lossy_tolerance: float | None = None):
+                  after: tuple[str, ...] = (), lossy_tolerance: float | None = None,
+                  refuse: Callable[[dict, Any], str | None] | None = None):
     """Decorator registering ``fn(gm, ctx) -> PassResult`` as pass ``name``."""
     def deco(fn):
         if name in _REGISTRY and _REGISTRY[name].fn is not fn:
             raise ValueError(f"pass '{name}' registered twice")
-        _REGISTRY[name] = PassInfo(name, fn, exact, description, dict(options or {}), tuple(after), lossy_tolerance)
+        _REGISTRY[name] = PassInfo(name, fn, exact, description, dict(options or {}), tuple(after), lossy_tolerance,
+                                   refuse)
         return fn
     return deco
 

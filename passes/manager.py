@@ -197,6 +197,12 @@ class PassManager:
         if default is None:
             default = self.target.default_pipeline if self.target is not None else resolve_target("cpu").default_pipeline
         self.passes = resolve(pipeline, default)
+        if self.target is not None and self.target.backend is not None:
+            for rp in self.passes:
+                reason = rp.info.refuse(rp.options, self.target) if rp.info.refuse is not None else None
+                if reason:
+                    from optc.errors import PipelineError
+                    raise PipelineError(f"pass '{rp.text}' is refused for target {self.target}: {reason}")
         self.pipeline_text = str(pipeline)
         self.verify_each = verify_each
         self.check_numerics = check_numerics

@@ -183,7 +183,19 @@ OPTIONS = {
 }
 
 
+def _refuse(options: dict, target) -> str | None:
+    """bfloat16 on ONNX Runtime's CPU provider: it has no bfloat16 kernels (no Conv, Gemm, MatMul),
+    so the backend can only emulate the roundings in float32 (``bfloat16-as-rounded-float32``),
+    which is slower than float32 itself (docs/quantization.md, "bfloat16 on ONNX Runtime")."""
+    if options.get("dtype") == "bfloat16" and target.backend == "onnx" and target.device == "cpu":
+        return ("ONNX Runtime has no CPU bfloat16 kernels: the ONNX backend would emulate bfloat16 in float32, "
+                "slower than float32 itself (measured in docs/quantization.md); use to-half{dtype=float16}, "
+                "or bfloat16 on torchscript or openvino")
+    return None
+
+
 @register_pass(PASS, exact=False, options=OPTIONS, after=("fold-conv-bn", "fold-linear-bn", "insert-qdq"),
+               refuse=_refuse,
                description="mixed precision: conv/linear/matmul in float16 or bfloat16, sensitive ops in float32",
                lossy_tolerance=None)
 def to_half(gm: fx.GraphModule, ctx: PassContext) -> PassResult:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import collections
 import functools
 import os
+import sys
 
 import onnx
 import pytest
@@ -79,3 +80,21 @@ def test_onnx_float16_runs_float16_kernels_and_bfloat16_is_rounded_float32(tmp_p
     assert all(n.op_type != "MatMul" or all(i not in {v.name for v in proto.graph.value_info
                                                       if v.type.tensor_type.elem_type == onnx.TensorProto.BFLOAT16}
                                             for i in n.input) for n in proto.graph.node)
+
+
+def test_bfloat16_for_onnx_runtime_on_cpu_is_refused_when_the_pipeline_is_built(monkeypatch):
+    from optc.errors import PipelineError
+    from optc.passes import PassManager
+
+    def no_capture(*a, **k):
+        raise AssertionError("capture must not run: the pipeline is refused first")
+
+    with pytest.raises(PipelineError, match=r"to-half\{dtype=bfloat16\}' is refused for target onnx:cpu: ONNX "
+                                            r"Runtime has no CPU bfloat16 kernels"):
+        PassManager("default,to-half{dtype=bfloat16}", target=optc.resolve_target("cpu", "onnx"))
+    monkeypatch.setattr(sys.modules["optc.ir.capture"], "capture", no_capture)
+    with pytest.raises(PipelineError, match="no CPU bfloat16 kernels"):
+        optc.compile(torch.nn.Linear(4, 4), (torch.randn(2, 4),), backend="onnx",
+                     pipeline="default,to-half{dtype=bfloat16}")
+    PassManager("default,to-half{dtype=float16}", target=optc.resolve_target("cpu", "onnx"))      # float16: fine
+    PassManager("default,to-half{dtype=bfloat16}", target=optc.resolve_target("cpu", "torchscript"))
