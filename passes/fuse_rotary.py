@@ -59,6 +59,19 @@ def _slice_range(node: fx.Node) -> tuple[fx.Node, int, int, int, int] | None:
     return x, dim, max(0, min(start, n)), max(0, min(end, n)), step or 1
 
 
+def _negated_pair(parts, m: Match, at: fx.Node, not_negated: str, not_slices: str):
+    """``(-slice_a(x), slice_b(x))``: the two nodes and both slices' ranges, or None (``m`` failed)."""
+    neg, first = parts
+    if not is_op(neg, aten.neg.default):
+        m.fail(not_negated.format(describe(neg)), at)
+        return None
+    a, b = _slice_range(neg.args[0]), _slice_range(first)
+    if a is None or b is None or a[0] is not b[0]:
+        m.fail(not_slices, at)
+        return None
+    return neg, first, a, b
+
+
 class _Rotated(Pattern):
     """``rotate_half(x)`` or ``rotate_every_two(x)``; binds ``x`` (or checks it) and ``interleaved``."""
 
@@ -80,12 +93,11 @@ class _Rotated(Pattern):
         cv = val(cat)
         if cv is None or len(parts) != 2 or dim % cv.dim() != cv.dim() - 1:
             return m.fail("the cat does not join two halves along the last dim", cat)
-        neg, first = parts
-        if not is_op(neg, aten.neg.default):
-            return m.fail(f"the first half {describe(neg)} is not negated (rotate_half is cat(-x2, x1))", cat)
-        a, b = _slice_range(neg.args[0]), _slice_range(first)
-        if a is None or b is None or a[0] is not b[0]:
-            return m.fail("the halves are not static slices of one tensor", cat)
+        got = _negated_pair(parts, m, cat, "the first half {} is not negated (rotate_half is cat(-x2, x1))",
+                            "the halves are not static slices of one tensor")
+        if got is None:
+            return False
+        neg, first, a, b = got
         x, d = a[0], val(a[0]).shape[-1]
         h = d // 2
         if d % 2 or a[1] != cv.dim() - 1 or b[1] != a[1] or (a[2], a[3], a[4]) != (h, d, 1) \
@@ -109,12 +121,11 @@ class _Rotated(Pattern):
         if fv is None or sv is None or len(parts) != 2 or dim % sv.dim() != sv.dim() - 1 \
                 or list(fv.shape) != list(sv.shape[:-2]) + [sv.shape[-2] * 2]:
             return m.fail("not a pairwise stack flattened over the last dim", flat)
-        neg, first = parts
-        if not is_op(neg, aten.neg.default):
-            return m.fail(f"the first of the pair {describe(neg)} is not negated", flat)
-        a, b = _slice_range(neg.args[0]), _slice_range(first)
-        if a is None or b is None or a[0] is not b[0]:
-            return m.fail("the pair is not two strided slices of one tensor", flat)
+        got = _negated_pair(parts, m, flat, "the first of the pair {} is not negated",
+                            "the pair is not two strided slices of one tensor")
+        if got is None:
+            return False
+        neg, first, a, b = got
         x, d = a[0], val(a[0]).shape[-1]
         if d % 2 or a[1] != val(x).dim() - 1 or b[1] != a[1] or (a[2], a[4]) != (1, 2) or (b[2], b[4]) != (0, 2) \
                 or a[3] != d or b[3] < d - 1:
