@@ -87,6 +87,10 @@ def main(argv=None) -> int:
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--json", help="write the rows as JSON")
     ap.add_argument("--llama-layers", type=int, default=30, help="layers of llama_0_5b (a smoke run: 2)")
+    ap.add_argument("--pair", choices=("both", "onnx", "torchscript"), default="both",
+                    help="onnx: eager, ORT plain and optc onnx only; torchscript: eager and optc torchscript only "
+                         "(each candidate holds its own copy of the weights: for a 0.5 B model all four in one "
+                         "process need more than 24 GiB)")
     args = ap.parse_args(argv)
     global LLAMA_LAYERS
     LLAMA_LAYERS = args.llama_layers
@@ -98,7 +102,9 @@ def main(argv=None) -> int:
         torch.manual_seed(0)
         model, inputs = MODELS[name](args.seq)
         params = sum(p.numel() for p in model.parameters())
-        res = run_bench(model, inputs, {}, label=name, backends=("onnx", "torchscript"), baselines=("ort",),
+        backends = {"both": ("onnx", "torchscript"), "onnx": ("onnx",), "torchscript": ("torchscript",)}[args.pair]
+        baselines = ("ort",) if args.pair != "torchscript" else ()
+        res = run_bench(model, inputs, {}, label=name, backends=backends, baselines=baselines,
                         runs=args.runs, warmup=args.warmup, threads=args.threads,
                         progress=lambda m: print(f"  [{name}] {m}", file=sys.stderr, flush=True))
         by = {c.name: c for c in res.candidates}
@@ -110,7 +116,14 @@ def main(argv=None) -> int:
         r_ts = _ratio(ts, eager) if ts and ts.ok else None
         # the fusions and the ONNX op types, from a fresh compile (the bench's candidates keep only callables)
         import onnx as onnx_lib
+
         import optc
+        med = {k: (statistics.median(c.times) * 1e3 if c and c.ok and c.times else float("nan"))
+               for k, c in (("eager", eager), ("ort", ort), ("onnx", onnx), ("ts", ts))}
+        for c in res.candidates:
+            c.run = None            # release the candidates' models before compiling once more
+        import gc
+        gc.collect()
         cm, rep = optc.compile(model, inputs, backend="onnx", check=False)
         fusions = {r.name: r.stats.get("fused") or r.stats.get("merged_groups") for r in rep.pipeline.records
                    if r.modified and r.name.startswith(("fuse", "merge"))}
@@ -118,8 +131,6 @@ def main(argv=None) -> int:
             onnx_lib.load(f"{cm.model_dir}/model.onnx", load_external_data=False)
         kernels = _session_op_types(proto, args.threads, cm.backend_options.get("ort_disabled_optimizers", ()))
         del cm, proto
-        med = {k: (statistics.median(c.times) * 1e3 if c and c.ok and c.times else float("nan"))
-               for k, c in (("eager", eager), ("ort", ort), ("onnx", onnx), ("ts", ts))}
         fmt = (lambda r: f"{r[0]:.3f} [{r[1][0]:.3f}, {r[1][1]:.3f}]" if r else "n/a")
         print(f"| {name} | {params / 1e6:.0f} M | {fmt(r_onnx)} | {fmt(r_ts)} | {med['eager']:.1f} | {med['ort']:.1f} | "
               f"{med['onnx']:.1f} | {med['ts']:.1f} | {onnx.max_rel_err if onnx else float('nan'):.1e}, "

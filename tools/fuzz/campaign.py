@@ -53,7 +53,7 @@ def campaign(minutes: float, *, seed: int = 0, backends: Sequence[str] = DEFAULT
              backend_rate: float | dict = 0.1, out: str | os.PathLike = "fuzz-repro", passes: Sequence[str] | None = None,
              max_ops: int = 10, shrink_seconds: float = 120.0, progress: bool = True,
              max_models: int | None = None, start: int = 0, kinds: Sequence[str] | None = None,
-             stride: int = 1) -> CampaignReport:
+             stride: int = 1, checkpoint: str | None = None, checkpoint_every: int = 100) -> CampaignReport:
     """Fuzz for ``minutes`` (or ``max_models``): model ``k`` is ``random_spec(f"{seed}:{k}")``
     (``k`` from ``start`` in steps of ``stride``: worker ``i`` of ``n`` takes ``start + i``,
     step ``n``; see :func:`parallel_campaign`); each goes through capture, every pass and the default pipeline, and
@@ -62,7 +62,10 @@ def campaign(minutes: float, *, seed: int = 0, backends: Sequence[str] = DEFAULT
     campaign is deterministic up to its time limit). The first mismatch of each new signature
     is shrunk (:func:`~optc.tools.fuzz.shrink.shrink_choices`, at most ``shrink_seconds``) and
     written as a reproducer into ``out``; later ones with the same signature are counted.
-    ``kinds`` restricts the generator's op kinds (a focused campaign)."""
+    ``kinds`` restricts the generator's op kinds (a focused campaign). ``checkpoint``: a path the
+    counts so far are written to (as JSON, atomically) every ``checkpoint_every`` models, so that a
+    campaign whose worker hangs (a library stuck in native code cannot be interrupted from Python)
+    or is killed loses nothing it counted."""
     report = CampaignReport(seed, tuple(backends), backend_rate, code_digest=code_digest())
     rates = {b: backend_rate.get(b, 0.0) if isinstance(backend_rate, dict) else backend_rate for b in backends}
     threads = torch.get_num_threads()
@@ -91,6 +94,8 @@ def campaign(minutes: float, *, seed: int = 0, backends: Sequence[str] = DEFAULT
                 continue
             report.add(res, index)
             seen.add(spec.digest())
+            if checkpoint and report.models % checkpoint_every == 0:
+                _write_checkpoint(report, seen, t_start, checkpoint, index)
             if bar is not None:
                 bar.set_postfix(mismatches=sum(f.occurrences for f in report.findings.values()), refresh=False)
                 bar.update(1)
@@ -115,7 +120,23 @@ def campaign(minutes: float, *, seed: int = 0, backends: Sequence[str] = DEFAULT
     report.digests = seen
     report.distinct = len(seen)
     report.elapsed_s = time.monotonic() - t_start
+    if checkpoint:
+        _write_checkpoint(report, seen, t_start, checkpoint, k - stride)
     return report
+
+
+def _write_checkpoint(report: CampaignReport, seen: set, t_start: float, path: str, last_index: int) -> None:
+    import json
+    import os
+
+    from optc.tools.fuzz.report import report_json
+    report.distinct = len(seen)
+    report.elapsed_s = time.monotonic() - t_start
+    data = dict(report_json(report), last_model=last_index)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1)
+    os.replace(tmp, path)
 
 
 def _campaign_worker(kwargs: dict) -> CampaignReport:
@@ -123,14 +144,16 @@ def _campaign_worker(kwargs: dict) -> CampaignReport:
 
 
 def parallel_campaign(minutes: float, *, workers: int, max_models: int | None = None, start: int = 0,
-                      progress: bool = True, **kwargs) -> CampaignReport:
+                      progress: bool = True, checkpoint: str | None = None, **kwargs) -> CampaignReport:
     """:func:`campaign` in ``workers`` processes (each single-threaded): worker ``i`` takes models
     ``start + i``, ``start + i + workers``, ... so the union is the models one worker would take
     (up to the time limit); their reports are merged. Only worker 0 shows its progress (its
     count is about ``1/workers`` of the total). A campaign's counts do not depend on ``workers``
-    when it stops at ``max_models``."""
+    when it stops at ``max_models``. ``checkpoint``: worker ``i`` writes its counts so far to
+    ``{checkpoint}.worker{i}`` (see :func:`campaign`)."""
     if workers <= 1:
-        return campaign(minutes, max_models=max_models, start=start, progress=progress, **kwargs)
+        return campaign(minutes, max_models=max_models, start=start, progress=progress,
+                        checkpoint=None if checkpoint is None else f"{checkpoint}.worker0", **kwargs)
     import multiprocessing
     jobs = []
     for i in range(workers):
@@ -138,7 +161,8 @@ def parallel_campaign(minutes: float, *, workers: int, max_models: int | None = 
         if share == 0:
             continue
         jobs.append(dict(kwargs, minutes=minutes, max_models=share, start=start + i, stride=workers,
-                         progress=progress and i == 0))
+                         progress=progress and i == 0,
+                         checkpoint=None if checkpoint is None else f"{checkpoint}.worker{i}"))
     with multiprocessing.get_context("spawn").Pool(len(jobs)) as pool:
         reports = pool.map(_campaign_worker, jobs)
     report = reports[0]

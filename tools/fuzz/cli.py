@@ -40,7 +40,8 @@ def add_fuzz_parser(sub) -> None:
                                                  "optc.tools.fuzz.KINDS)")
     p.add_argument("--shrink-seconds", type=float, default=120.0, help="time to shrink each new mismatch (default 120)")
     p.add_argument("--out", default="fuzz-repro", help="folder for reproducers (default fuzz-repro/)")
-    p.add_argument("--json", metavar="FILE", help="also write the counts as JSON to FILE")
+    p.add_argument("--json", metavar="FILE", help="also write the counts as JSON to FILE (and, while it runs, each "
+                                                  "worker's counts so far to FILE.workerN every 100 models)")
     p.add_argument("--no-progress", action="store_true",
                    help="no progress on stderr (a bar on a terminal; else a line each 5%% of the budget or minute)")
     p.set_defaults(func=cmd_fuzz)
@@ -76,7 +77,8 @@ def cmd_fuzz(args) -> int:
         raise OptcError(f"--workers must be in [1, {(os.cpu_count() or 1) * 4}], got {args.workers}")
     report = parallel_campaign(args.minutes, workers=args.workers, seed=args.seed, backends=backends, backend_rate=rate,
                       out=args.out, passes=passes, max_ops=args.max_ops, shrink_seconds=args.shrink_seconds,
-                      progress=not args.no_progress, max_models=args.max_models, start=args.start, kinds=kinds)
+                      progress=not args.no_progress, max_models=args.max_models, start=args.start, kinds=kinds,
+                      checkpoint=args.json)
     print(report.format())
     if args.json:
         with open(args.json, "w") as f:
