@@ -189,8 +189,8 @@ def _refuse(options: dict, target) -> str | None:
     which is slower than float32 itself (docs/quantization.md, "bfloat16 on ONNX Runtime")."""
     if options.get("dtype") == "bfloat16" and target.backend == "onnx" and target.device == "cpu":
         return ("ONNX Runtime has no CPU bfloat16 kernels: the ONNX backend would emulate bfloat16 in float32, "
-                "slower than float32 itself (measured in docs/quantization.md); use to-half{dtype=float16}, "
-                "or bfloat16 on torchscript or openvino")
+                "slower than float32 itself (1.79x on ResNet-50, 1.23x on BERT-base: docs/quantization.md); run "
+                "bfloat16 on torchscript or openvino (oneDNN's bfloat16 kernels)")
     return None
 
 
