@@ -162,7 +162,7 @@ def test_passes_name_shows_one_pass_in_full(capsys, monkeypatch):
     status, out, _ = run(capsys, "passes", "fold-conv-bn")     # the reverse constraint, a pipeline position
     text = " ".join(out.split())
     assert status == 0 and "runs before: " in text and "insert-qdq" in text.split("runs before: ")[1]
-    assert "options: none" in text and "default pipeline for cpu: position 3 of" in text
+    assert "options: none" in text and "default pipeline for cpu: position 4 of 14" in text
 
 
 def test_passes_unknown_name_is_one_line_listing_the_valid_names(capsys):
