@@ -82,7 +82,13 @@ class _Rotated(Pattern):
             return self._every_two(value, m)
         return m.fail(f"expected a rotate_half cat or a rotate_every_two flatten, found {describe(value)}", value)
 
-    def _bind(self, x, m: Match, interleaved: bool) -> bool:
+    def _take(self, m: Match, x, interleaved: bool, *, inner: tuple, outer: tuple) -> bool:
+        """The rotation matched: its ``inner`` nodes must have no other user; record them (after the
+        ``outer`` ones, users before operands) and bind ``x`` and ``interleaved``."""
+        for n in inner:
+            if len(value_users(n)) != 1:
+                return m.fail(f"{describe(n)} has other users", n)
+        m.nodes.extend([*outer, *inner])
         if not Var("x").match(x, m):
             return False
         m.bindings["interleaved"] = interleaved
@@ -104,11 +110,7 @@ class _Rotated(Pattern):
                 or (b[2], b[3], b[4]) != (0, h, 1):
             return m.fail(f"the halves are [{a[2]}, {a[3]}) and [{b[2]}, {b[3]}) of a last dim of {d}, "
                           f"not [{h}, {d}) and [0, {h})", cat)
-        for n in (neg, neg.args[0], first):
-            if len(value_users(n)) != 1:
-                return m.fail(f"{describe(n)} has other users", n)
-        m.nodes.extend([cat, neg, neg.args[0], first])
-        return self._bind(x, m, False)
+        return self._take(m, x, False, inner=(neg, neg.args[0], first), outer=(cat,))
 
     def _every_two(self, flat: fx.Node, m: Match) -> bool:
         stack = flat.args[0]
@@ -130,11 +132,7 @@ class _Rotated(Pattern):
         if d % 2 or a[1] != val(x).dim() - 1 or b[1] != a[1] or (a[2], a[4]) != (1, 2) or (b[2], b[4]) != (0, 2) \
                 or a[3] != d or b[3] < d - 1:
             return m.fail("the pair is not the odd and the even elements of the last dim", flat)
-        for n in (stack, neg, neg.args[0], first):
-            if len(value_users(n)) != 1:
-                return m.fail(f"{describe(n)} has other users", n)
-        m.nodes.extend([flat, stack, neg, neg.args[0], first])
-        return self._bind(x, m, True)
+        return self._take(m, x, True, inner=(stack, neg, neg.args[0], first), outer=(flat,))
 
 
 _ROTARY = Op(aten.add.Tensor,
