@@ -125,6 +125,7 @@ def _load_default_translations() -> None:
     with _LOCK:
         _TRANSLATIONS.setdefault(torch.ops.aten.rms_norm.default, rms_norm)
         _TRANSLATIONS.setdefault(torch.ops.optc.channel_affine.default, channel_affine)
+        _TRANSLATIONS.setdefault(torch.ops.optc.ort_multihead_attention.default, _onnx_contrib._translate_mha)
         _TABLE_VERSION[0] += 1
         _DEFAULTS_LOADED[0] = True
 
@@ -296,7 +297,7 @@ class ONNXBackend(Backend):
         bf16 = any(isinstance(n.meta.get("val"), torch.Tensor) and n.meta["val"].dtype == torch.bfloat16
                    for n in program.graph.nodes)
         return ["decompose{backend=onnx}", "lower-optc-ops", *(["bfloat16-as-rounded-float32"] if bf16 else []),
-                "legalize{backend=onnx}"]
+                "legalize{backend=onnx}", *(["ort-contrib-ops"] if target.device == "cpu" else [])]
 
     def native_ops(self, target: Target) -> frozenset:
         return frozenset(onnx_translations())
@@ -500,3 +501,4 @@ __all__ = ["ONNXBackend", "ONNXModel", "OPSET", "EXTERNAL_DATA_THRESHOLD", "regi
            "onnx_translations", "onnx_opset", "default_threads"]
 
 from optc.backends import onnx_quant as _onnx_quant  # noqa: E402,F401  (QuantizeLinear/DequantizeLinear translations)
+from optc.backends import onnx_contrib as _onnx_contrib  # noqa: E402  (the ort-contrib-ops stage pass)

@@ -1,0 +1,180 @@
+"""ONNX Runtime's contrib kernels: optc's ONNX backend with and without its ``ort-contrib-ops`` stage.
+
+    python benchmarks/bench_ort_contrib.py [--models bert_base llama_0_5b] [--runs 20] [--threads 2]
+                                           [--seq 128] [--llama-layers 30] [--json OUT]
+    python benchmarks/bench_ort_contrib.py --kernel [--seq 128 512] [--runs 30]
+
+One Program per model (capture + the default pipeline), lowered twice by the ONNX backend: its
+full stage, and the stage with ``ort-contrib-ops`` disabled (scaled_dot_product_attention left to
+torchlib's decomposition: MatMul, Softmax, MatMul). Both sessions are timed interleaved in one
+process with ONNX Runtime on a plain ``torch.onnx.export(dynamo=True)`` of the model beside them.
+Reported: ``contrib / without`` and each against ORT plain (median of per-round ratios, 95% CI),
+what the stage rewrote and refused, and the max relative error of each against eager. This is the
+measurement ``backends/onnx_contrib.py`` keeps or drops a kernel by (docs/backends.md).
+
+``--kernel``: the attention alone, BERT-base's shape (batch 1, 12 heads of 64): the ONNX that
+torchlib writes for ``scaled_dot_product_attention`` between the heads' reshapes (Reshape,
+Transpose, MatMul, Mul, Add of the mask, Softmax, MatMul, Transpose, Reshape) against one
+``MultiHeadAttention`` node, both from ``[B, S, 768]`` query, key and value, with a zero mask
+and with a causal one; each ratio the median of 30 rounds of 10 calls, interleaved.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import sys
+
+import torch
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+import bench_real_models as real  # noqa: E402  (the models, as the real-model benchmark builds them)
+
+import optc  # noqa: E402
+from optc.backends.lowering import resolve, run_backend_stage  # noqa: E402
+from optc.tools.bench import machine_info, median_ci, paired_ratios  # noqa: E402
+from optc.tools.bench.candidates import _ort, max_rel_error  # noqa: E402
+from optc.tools.bench.timing import interleaved  # noqa: E402
+
+
+def _lower(program, disable=()):
+    tgt, be = resolve("cpu", "onnx", {})
+    staged, report = run_backend_stage(program, be, tgt, disable=disable)
+    be.check_ops(staged, tgt)
+    return be.lower(staged, tgt, threads=None), report
+
+
+def _kernel_models(s: int, n: int = 12, h: int = 64):
+    import numpy as np
+    from onnx import TensorProto, helper
+    d = n * h
+    ins = [helper.make_tensor_value_info(x, TensorProto.FLOAT, [1, s, d]) for x in "qkv"]
+    ins.append(helper.make_tensor_value_info("bias", TensorProto.FLOAT, [1, 1, s, s]))
+    outs = [helper.make_tensor_value_info("o", TensorProto.FLOAT, [1, s, d])]
+
+    def const(name, arr):
+        kind = TensorProto.INT64 if arr.dtype == np.int64 else TensorProto.FLOAT
+        return helper.make_tensor(name, kind, arr.shape, arr.flatten().tolist())
+    inits = [const("s4", np.array([1, s, n, h], np.int64)), const("s3", np.array([1, s, d], np.int64)),
+             const("sc", np.array(h ** -0.5, np.float32))]
+    nodes = []
+    for x in "qkv":
+        nodes += [helper.make_node("Reshape", [x, "s4"], [x + "4"]),
+                  helper.make_node("Transpose", [x + "4"], [x + "t"], perm=[0, 2, 1, 3])]
+    nodes += [helper.make_node("Transpose", ["kt"], ["ktt"], perm=[0, 1, 3, 2]),
+              helper.make_node("MatMul", ["qt", "ktt"], ["s"]), helper.make_node("Mul", ["s", "sc"], ["ss"]),
+              helper.make_node("Add", ["ss", "bias"], ["sb"]), helper.make_node("Softmax", ["sb"], ["p"], axis=-1),
+              helper.make_node("MatMul", ["p", "vt"], ["ot"]),
+              helper.make_node("Transpose", ["ot"], ["o4"], perm=[0, 2, 1, 3]),
+              helper.make_node("Reshape", ["o4", "s3"], ["o"])]
+    standard = helper.make_model(helper.make_graph(nodes, "standard", ins, outs, inits),
+                                 opset_imports=[helper.make_opsetid("", 20)])
+    mha = helper.make_node("MultiHeadAttention", ["q", "k", "v", "", "", "bias"], ["o"], domain="com.microsoft",
+                           num_heads=n, scale=h ** -0.5)
+    fused = helper.make_model(helper.make_graph([mha], "fused", ins, outs, []),
+                              opset_imports=[helper.make_opsetid("", 20), helper.make_opsetid("com.microsoft", 1)])
+    return standard, fused
+
+
+def kernel(seqs, runs: int, threads: int) -> list[dict]:
+    import numpy as np
+    import onnxruntime as ort
+    rows = []
+    print("| seq | mask | MultiHeadAttention / standard [95% CI] | ms: standard, MultiHeadAttention | max abs diff |")
+    print("|---|---|---|---|---|")
+    for s in seqs:
+        standard, fused = _kernel_models(s)
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        sessions = {k: ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+                    for k, m in (("standard", standard), ("mha", fused))}
+        rng = np.random.default_rng(0)
+        for mask in ("zero", "causal"):
+            feed = {x: rng.standard_normal((1, s, 768)).astype(np.float32) for x in "qkv"}
+            feed["bias"] = np.zeros((1, 1, s, s), np.float32) if mask == "zero" else \
+                np.triu(np.full((s, s), np.finfo(np.float32).min, np.float32), 1)[None, None]
+            a, b = (sessions[k].run(None, feed)[0] for k in ("standard", "mha"))
+            fns = {k: (lambda sess=sess: [sess.run(None, feed) for _ in range(10)]) for k, sess in sessions.items()}
+            t = interleaved(fns, runs=runs, warmup=2)
+            r = paired_ratios(t["mha"], t["standard"])
+            med, ci = statistics.median(r), median_ci(r)
+            ms = {k: statistics.median(v) * 100 for k, v in t.items()}   # per call: 10 calls per round
+            diff = float(np.max(np.abs(a - b)))
+            print(f"| {s} | {mask} | {med:.3f} [{ci[0]:.3f}, {ci[1]:.3f}] | {ms['standard']:.3f}, {ms['mha']:.3f} | "
+                  f"{diff:.1e} |", flush=True)
+            rows.append({"seq": s, "mask": mask, "ratio": med, "ci": ci, "ms": ms, "max_abs_diff": diff})
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="+", default=list(real.MODELS), choices=list(real.MODELS))
+    ap.add_argument("--runs", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seq", type=int, nargs="+", default=[128])
+    ap.add_argument("--kernel", action="store_true", help="the attention kernel alone (see the module doc)")
+    ap.add_argument("--llama-layers", type=int, default=30)
+    ap.add_argument("--json")
+    args = ap.parse_args(argv)
+    real.LLAMA_LAYERS = args.llama_layers
+    torch.set_num_threads(args.threads)
+    if args.kernel:
+        rows = kernel(args.seq, args.runs, args.threads)
+        info = machine_info()
+        print(f"\nmachine: {info}")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"rows": rows, "machine": info, "argv": sys.argv}, f, indent=1, default=str)
+        return 0
+    if len(args.seq) != 1:
+        ap.error("--seq takes one length for the models (several only with --kernel)")
+    seq = args.seq[0]
+    rows = []
+    print("| model | contrib / without [95% CI] | contrib / ORT plain | without / ORT plain | ms: ORT plain, "
+          "without, contrib | max rel err (without, contrib) | stage |")
+    print("|---|---|---|---|---|---|---|")
+    for name in args.models:
+        torch.manual_seed(0)
+        model, inputs = real.MODELS[name](seq)
+        with torch.no_grad():
+            ref = model(*inputs)
+        program = optc.optimize(optc.capture(model, inputs))[0]
+        plain = _ort(model, inputs, {}, args.threads)()
+        without, _ = _lower(program, disable=("ort-contrib-ops",))
+        contrib, report = _lower(program)
+        del program
+        gc.collect()
+        rec = next(r for r in report.records if r.name == "ort-contrib-ops")
+        refused = sorted({why for *_, why in rec.rejections}) if rec.rejections else []
+        fns = {"plain": plain, "without": lambda: without(*inputs), "contrib": lambda: contrib(*inputs)}
+        with torch.no_grad():
+            errs = {k: max_rel_error(fns[k](), ref) for k in ("without", "contrib")}
+            t = interleaved(fns, runs=args.runs, warmup=args.warmup, pause_s=0.05)
+
+        def ratio(a, b):
+            r = paired_ratios(t[a], t[b])
+            return statistics.median(r), median_ci(r)
+
+        fmt = (lambda r: f"{r[0]:.3f} [{r[1][0]:.3f}, {r[1][1]:.3f}]")
+        ms = {k: statistics.median(v) * 1e3 for k, v in t.items()}
+        print(f"| {name} | {fmt(ratio('contrib', 'without'))} | {fmt(ratio('contrib', 'plain'))} | "
+              f"{fmt(ratio('without', 'plain'))} | {ms['plain']:.1f}, {ms['without']:.1f}, {ms['contrib']:.1f} | "
+              f"{errs['without']:.1e}, {errs['contrib']:.1e} | {rec.stats} {refused} |", flush=True)
+        rows.append({"model": name, "contrib_over_without": ratio("contrib", "without"),
+                     "contrib_over_plain": ratio("contrib", "plain"), "without_over_plain": ratio("without", "plain"),
+                     "median_ms": ms, "max_rel_err": errs, "stage": rec.stats, "refused": refused})
+        del model, plain, without, contrib, fns
+        gc.collect()
+    info = machine_info()
+    print(f"\nmachine: {info}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"rows": rows, "machine": info, "argv": sys.argv}, f, indent=1, default=str)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

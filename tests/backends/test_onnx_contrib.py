@@ -1,0 +1,178 @@
+"""The ONNX backend's ort-contrib-ops stage: attention as ONNX Runtime's MultiHeadAttention kernel.
+
+Each case compiles a module whose attention the default pipeline fuses to
+``scaled_dot_product_attention`` and checks the ONNX model ONNX Runtime receives: how many
+``com.microsoft.MultiHeadAttention`` nodes it has, that the result matches eager within float32
+rounding (also on inputs other than the example), and, where the kernel cannot take the
+attention, that the stage refused with the reason in its report.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import onnx
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import optc
+from optc.ir.verifier import check_close
+
+pytest.importorskip("onnxruntime")
+
+
+def _proto(compiled) -> onnx.ModelProto:
+    if compiled.model_bytes is not None:
+        return onnx.load_from_string(compiled.model_bytes)
+    return onnx.load(os.path.join(compiled.model_dir, "model.onnx"), load_external_data=False)
+
+
+def _count(compiled, op_type: str) -> int:
+    return sum(n.op_type == op_type for n in _proto(compiled).graph.node)
+
+
+def _stage_record(report):
+    return next(r for r in report.backend_stage.records if r.name == "ort-contrib-ops")
+
+
+class Attn(nn.Module):
+    """Self-attention as models write it: projections, heads split with view + transpose, explicit
+    scores, a mask, softmax, heads merged back."""
+
+    def __init__(self, d=32, heads=4, mask="padding", kv_heads=None):
+        super().__init__()
+        self.h, self.kvh, self.dh, self.mask = heads, kv_heads or heads, d // heads, mask
+        self.q = nn.Linear(d, d)
+        self.k = nn.Linear(d, self.kvh * self.dh)
+        self.v = nn.Linear(d, self.kvh * self.dh)
+        self.o = nn.Linear(d, d)
+
+    def forward(self, x, pad):
+        b, s, _ = x.shape
+        q = self.q(x).view(b, s, self.h, self.dh).transpose(1, 2)
+        k = self.k(x).view(b, s, self.kvh, self.dh).transpose(1, 2)
+        v = self.v(x).view(b, s, self.kvh, self.dh).transpose(1, 2)
+        if self.kvh != self.h:    # Llama's repeat_kv
+            rep = self.h // self.kvh
+            k = k[:, :, None].expand(b, self.kvh, rep, s, self.dh).reshape(b, self.h, s, self.dh)
+            v = v[:, :, None].expand(b, self.kvh, rep, s, self.dh).reshape(b, self.h, s, self.dh)
+        scores = q @ k.transpose(-1, -2) / math.sqrt(self.dh)
+        if self.mask == "padding":        # HF's additive padding mask, [B, 1, 1, T]
+            scores = scores + (1.0 - pad[:, None, None, :]) * torch.finfo(torch.float32).min
+        elif self.mask == "causal":       # built at run time from arange, [1, 1, S, S]
+            i = torch.arange(s, device=x.device)
+            scores = scores.masked_fill((i[None, :] > i[:, None])[None, None], float("-inf"))
+        elif self.mask == "bool_sdpa":    # a boolean mask straight into SDPA
+            keep = (pad > 0.5)[:, None, None, :]
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+            return self.o(out.transpose(1, 2).reshape(b, s, -1))
+        p = scores.softmax(-1)
+        return self.o((p @ v).transpose(1, 2).reshape(b, s, -1))
+
+
+def _inputs(b=2, s=7, d=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    pad = torch.ones(b, s)
+    pad[0, -2:] = 0.0
+    return torch.randn(b, s, d, generator=g), pad
+
+
+@pytest.mark.parametrize("mask", ["padding", "causal", "none"])
+def test_attention_runs_as_multihead_attention(mask):
+    torch.manual_seed(0)
+    model = Attn(mask=mask).eval()
+    inputs = _inputs()
+    compiled, report = optc.compile(model, inputs, backend="onnx")
+    assert _stage_record(report).stats == {"ort-multihead-attention": 1}
+    assert _count(compiled, "MultiHeadAttention") == 1
+    assert _count(compiled, "Softmax") == 0
+    with torch.no_grad():
+        check_close(model(*inputs), compiled(*inputs), rtol=1e-5)
+        other = _inputs(seed=3)
+        check_close(model(*other), compiled(*other), rtol=1e-5)
+
+
+def test_dynamic_batch_and_padding_mask_expanded_per_query():
+    torch.manual_seed(0)
+    model = Attn(mask="padding").eval()
+    compiled, _ = optc.compile(model, _inputs(), backend="onnx", dynamic_shapes="batch")
+    assert _count(compiled, "MultiHeadAttention") == 1
+    with torch.no_grad():
+        for b in (1, 3):
+            inputs = _inputs(b=b, seed=b)
+            check_close(model(*inputs), compiled(*inputs), rtol=1e-5)
+
+
+def test_grouped_heads_repeated_still_run_the_kernel():
+    """Llama's repeat_kv expands key/value to every query head before the product: the kernel
+    takes the repeated operands."""
+    torch.manual_seed(0)
+    model = Attn(mask="causal", kv_heads=2).eval()
+    inputs = _inputs()
+    compiled, _ = optc.compile(model, inputs, backend="onnx")
+    assert _count(compiled, "MultiHeadAttention") == 1
+    with torch.no_grad():
+        check_close(model(*inputs), compiled(*inputs), rtol=1e-5)
+
+
+def test_boolean_mask_is_refused_with_the_reason():
+    torch.manual_seed(0)
+    model = Attn(mask="bool_sdpa").eval()
+    inputs = _inputs()
+    compiled, report = optc.compile(model, inputs, backend="onnx")
+    rec = _stage_record(report)
+    assert "ort-multihead-attention" not in rec.stats
+    assert any(rule == "ort-multihead-attention" and "boolean mask" in why for rule, _, why in rec.rejections)
+    assert _count(compiled, "MultiHeadAttention") == 0
+    with torch.no_grad():
+        check_close(model(*inputs), compiled(*inputs), rtol=1e-5)
+
+
+def test_enable_gqa_is_refused_with_the_reason():
+    class Gqa(nn.Module):
+        def forward(self, q, k, v):
+            return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    q, k, v = torch.randn(1, 4, 5, 8), torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8)
+    compiled, report = optc.compile(Gqa(), (q, k, v), backend="onnx")
+    rec = _stage_record(report)
+    assert any("enable_gqa" in why for _, _, why in rec.rejections)
+    assert _count(compiled, "MultiHeadAttention") == 0
+    check_close(Gqa()(q, k, v), compiled(q, k, v), rtol=1e-5)
+
+
+def test_cross_attention_with_causal_and_different_lengths_is_refused():
+    class Cross(nn.Module):
+        def forward(self, q, k, v):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    q, k, v = torch.randn(1, 2, 3, 8), torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8)
+    compiled, report = optc.compile(Cross(), (q, k, v), backend="onnx")
+    assert any("different lengths" in why for _, _, why in _stage_record(report).rejections)
+    assert _count(compiled, "MultiHeadAttention") == 0
+    check_close(Cross()(q, k, v), compiled(q, k, v), rtol=1e-5)
+
+
+def test_reference_kernel_is_sdpa():
+    """optc::ort_multihead_attention's own kernel (what the stage's program computes) against SDPA."""
+    q, k, v = torch.randn(2, 3, 5, 4), torch.randn(2, 3, 5, 4), torch.randn(2, 3, 5, 6)
+    bias = torch.randn(2, 1, 5, 5)
+    got = torch.ops.optc.ort_multihead_attention(q.transpose(1, 2).flatten(2), k, v, bias, 3, 0.3, False)
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=0.3).transpose(1, 2).flatten(2)
+    torch.testing.assert_close(got, want)
+    got = torch.ops.optc.ort_multihead_attention(q.transpose(1, 2).flatten(2), k, v, None, 3, 0.5, True)
+    want = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.5).transpose(1, 2).flatten(2)
+    torch.testing.assert_close(got, want)
+
+
+def test_saved_artifact_keeps_the_kernel(tmp_path):
+    torch.manual_seed(0)
+    model = Attn(mask="padding").eval()
+    inputs = _inputs()
+    compiled, _ = optc.compile(model, inputs, backend="onnx")
+    compiled.save(str(tmp_path / "m"))
+    loaded = optc.load(str(tmp_path / "m"))
+    assert _count(loaded, "MultiHeadAttention") == 1
+    with torch.no_grad():
+        check_close(model(*inputs), loaded(*inputs), rtol=1e-5)
