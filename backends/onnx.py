@@ -12,7 +12,7 @@ Lowering:
    plus our translations; built once per process and opset) and the exporter's ONNX optimizer;
    inputs are named like the Program's placeholders, outputs ``output_0..``;
 4. ``onnx.checker.check_model(full_check=True)``; models whose weights pass
-   ``external_data_threshold`` (2 GiB: protobuf's limit) are written with external data
+   ``external_data_threshold`` (512 MiB) stream to disk with external data
    (``model.onnx`` + ``model.onnx.data``) and checked and loaded from that path;
 5. an ``InferenceSession`` with ``ORT_ENABLE_ALL``, ``intra_op_num_threads`` = ``threads`` (default:
    every core this process may run on), ``inter_op_num_threads=1``, and the CPU or CUDA provider.
@@ -49,8 +49,13 @@ log = logging.getLogger("optc.backends.onnx")
 OPSET = 20
 MIN_OPSET = 18
 MAX_OPSET = 23
-#: Weights above this many bytes go to external data (protobuf cannot serialize 2 GiB).
-EXTERNAL_DATA_THRESHOLD = 2 * 1024 ** 3
+#: Weights above this many bytes stream to disk as external data (model.onnx + model.onnx.data,
+#: tensor by tensor) and the session is created from the file: the in-memory route holds the
+#: ModelProto, its serialized bytes and the session at once (a 303 M-parameter Llama peaked at
+#: 6.1x its weight bytes that way, 3.1x streamed: docs/benchmarks.md, "Memory"). Below it the
+#: model stays in memory, where ONNX Runtime's transformer fusions can be applied. Protobuf's own
+#: limit is 2 GiB.
+EXTERNAL_DATA_THRESHOLD = 512 * 1024 ** 2
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
 

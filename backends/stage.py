@@ -16,6 +16,8 @@ pass                         what it does
 ``half-in-float32``          TVM: half conv / linear / matmul computed in float32 between casts
 ``bfloat16-as-rounded-float32``  ONNX: bfloat16 values held as rounded float32
 ``legalize{backend=B}``      the library's bugs and gaps (``backends/legalize/``)
+``ort-contrib-ops``          ONNX on CPU: fused ops as ONNX Runtime's ``com.microsoft`` kernels
+                             where they measured faster (``backends/onnx_contrib.py``)
 ===========================  ================================================================
 
 Because it is a PassManager run, the stage appears in the compile report, in ``optc dump

@@ -22,9 +22,11 @@ undefined" on load).
 
 from __future__ import annotations
 
-import io
 import os
+import shutil
+import tempfile
 import warnings
+import weakref
 
 import torch
 import torch.fx as fx
@@ -43,33 +45,35 @@ METHODS = ("auto", "trace", "script")
 
 
 class TorchScriptModel(CompiledModel):
-    """Holds the frozen module serialized (what is saved) and the module that runs: on CPU a copy
-    of it after optimize_for_inference, which works in place and whose MKLDNN-prepacked constants
-    do not survive ``torch.jit.save``/``load``, so loading re-applies it."""
+    """The frozen module, saved once to a private temporary file (what :meth:`save_artifacts`
+    copies), and the module that runs: on CPU the frozen module itself after
+    optimize_for_inference, which works in place and whose MKLDNN-prepacked constants do not
+    survive ``torch.jit.save``/``load`` (loading re-applies it). Nothing holds a serialized copy
+    of the weights in memory."""
 
     backend = "torchscript"
 
     def __init__(self, frozen: torch.jit.ScriptModule, signature: Signature, target: Target, **kw):
         super().__init__(signature, target, **kw)
-        buf = io.BytesIO()
-        torch.jit.save(frozen, buf)
-        self.serialized = buf.getvalue()
+        workdir = tempfile.mkdtemp(prefix="optc-torchscript-")
+        weakref.finalize(self, shutil.rmtree, workdir, True)
+        self._path = os.path.join(workdir, ARTIFACT)
+        torch.jit.save(frozen, self._path)
         self.module = frozen
         if self.backend_options.get("optimize") and target.device == "cpu":
             with warnings.catch_warnings(), torch.no_grad():
                 warnings.simplefilter("ignore")
-                self.module = torch.jit.optimize_for_inference(torch.jit.load(io.BytesIO(self.serialized)))
+                self.module = torch.jit.optimize_for_inference(frozen)
 
     def run_flat(self, inputs):
         return flat_outputs(self.module(*inputs))
 
     def save_artifacts(self, directory):
-        with open(os.path.join(directory, ARTIFACT), "wb") as f:
-            f.write(self.serialized)
+        shutil.copyfile(self._path, os.path.join(directory, ARTIFACT))
         return [ARTIFACT]
 
     def artifact_size(self) -> int:
-        return len(self.serialized)
+        return os.path.getsize(self._path)
 
 
 class TorchScriptBackend(Backend):

@@ -167,6 +167,29 @@ def _export(model, args, kwargs, dynamic_shapes, method) -> torch.export.Exporte
         raise _capture_error(e, method) from e
 
 
+def _written_attrs(graph: fx.Graph) -> set[str]:
+    """The attribute targets that an in-place op of ``graph`` writes, directly or through views."""
+    written: set[str] = set()
+    for node in graph.nodes:
+        t = node.target
+        if node.op != "call_function" or not isinstance(t, torch._ops.OpOverload):
+            continue
+        for i, a in enumerate(t._schema.arguments):
+            if a.alias_info is None or not a.alias_info.is_write:
+                continue
+            x = node.args[i] if i < len(node.args) else node.kwargs.get(a.name)
+            seen = set()
+            while isinstance(x, fx.Node) and x not in seen:   # back through views to the base
+                seen.add(x)
+                if x.op == "get_attr":
+                    written.add(x.target)
+                    break
+                if x.op != "call_function" or not x.args:
+                    break
+                x = x.args[0]
+    return written
+
+
 def mutating_ops(gm: fx.GraphModule) -> list[fx.Node]:
     """The nodes of ``gm`` that write one of their inputs in place (``copy_``, ``index_put_``,
     ``masked_fill_``, ``div_``, ``detach_`` ...): an op whose schema marks an argument written."""
@@ -312,17 +335,23 @@ def _normalise(ep: torch.export.ExportedProgram) -> fx.GraphModule:
             raise CaptureError(f"the model returns a non-tensor value ({a!r}); optc needs tensor outputs")
     out.args = (tuple(flat),)
 
-    # copy every attribute: the user's tensors must never be modified through the Program
+    # the Program shares the user's weight tensors (detached: no copy, one set of weights in
+    # memory); passes and backends never write to an attribute (they make new ones). The only
+    # writes a captured graph can hold are a mutated buffer's write-back (``copy_`` into it,
+    # added by ep.module() after functionalization): such a buffer gets its own copy, so running
+    # the Program never modifies the user's model.
+    written = _written_attrs(graph)
     root: dict[str, Any] = {}
     for node in graph.nodes:
         if node.op == "get_attr":
             obj = unlifted
             for atom in node.target.split("."):
                 obj = getattr(obj, atom)
-            if isinstance(obj, nn.Parameter):
-                root[node.target] = nn.Parameter(obj.detach().clone(), requires_grad=False)
-            elif isinstance(obj, torch.Tensor):
-                root[node.target] = obj.detach().clone()
+            if isinstance(obj, torch.Tensor):
+                t = obj.detach()
+                if node.target in written:
+                    t = t.clone()
+                root[node.target] = nn.Parameter(t, requires_grad=False) if isinstance(obj, nn.Parameter) else t
             else:
                 root[node.target] = obj
         elif node.op == "call_module":

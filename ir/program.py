@@ -11,7 +11,9 @@ Invariants (checked by :mod:`optc.ir.verifier`):
   tuple of them for multi-output ops);
 - get_attr targets exist on the GraphModule;
 - passes never mutate tensor data in place: a pass that changes a weight registers a new
-  attribute. That is what makes :meth:`Program.clone` cheap (weights are shared).
+  attribute. That is what makes :meth:`Program.clone` cheap (weights are shared), and what
+  lets :func:`~optc.ir.capture.capture` share the user's weight tensors instead of copying them
+  (one set of weights in memory; a buffer the graph itself writes is the one exception, copied).
 """
 
 from __future__ import annotations

@@ -79,13 +79,50 @@ def test_capture_never_modifies_the_user_model():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     ids = {k: id(v) for k, v in model.named_parameters()}
     program = optc.capture(model, (torch.randn(1, 3, 8, 8),))
-    # the program owns copies of the weights
-    program.graph_module.conv.weight.data.add_(1.0)
+    # the program shares the weights (one copy in memory), as tensors of its own (not the
+    # user's Parameter objects, detached)
+    assert program.graph_module.conv.weight.data_ptr() == model.conv.weight.data_ptr()
+    assert program.graph_module.conv.weight is not model.conv.weight
+    assert not program.graph_module.conv.weight.requires_grad
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
     assert {k: id(v) for k, v in model.named_parameters()} == ids
     assert not model.training and all(not m.training for m in model.modules())
     assert len(model.fc._forward_hooks) == 1
+
+
+@pytest.mark.parametrize("pipeline", ["default", "default,prune-channels{ratio=0.5}", "default,to-half"])
+@pytest.mark.parametrize("backend", ["onnx", "torchscript"])
+def test_compile_and_run_never_write_the_shared_weights(pipeline, backend):
+    """Passes make new tensors and backends read the weights: with the Program sharing the user's
+    tensors, any in-place write would show up here."""
+    model = _net()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(2, 3, 8, 8)
+    compiled, _ = optc.compile(model, (x,), backend=backend, pipeline=pipeline, check=False)
+    compiled(x)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_a_buffer_the_graph_writes_gets_its_own_copy():
+    class Counter(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("n", torch.zeros(3))
+            self.fc = nn.Linear(3, 3)
+
+        def forward(self, x):
+            self.n.add_(1)
+            return self.fc(x) + self.n
+
+    model = Counter().eval()
+    program = optc.capture(model, (torch.randn(2, 3),))
+    gm = program.graph_module
+    assert gm.n.data_ptr() != model.n.data_ptr()              # written: copied
+    assert gm.fc.weight.data_ptr() == model.fc.weight.data_ptr()   # only read: shared
+    gm(torch.randn(2, 3))
+    assert torch.equal(model.n, torch.zeros(3))
 
 
 def test_capture_training_mode_warns_and_keeps_flag():

@@ -1,0 +1,137 @@
+"""Peak memory of compiling a Llama-family decoder, per route, against its weight bytes.
+
+    python benchmarks/bench_memory.py [--routes plain optc-onnx optc-torchscript optc-tvm]
+                                      [--layers 24] [--hidden 1024] [--seq 128] [--json OUT]
+
+The model: ``LlamaModel`` built from a config (hidden 1024, 24 layers, 16 heads, 4 key/value
+heads, MLP 2816, vocabulary 32000: 303 M parameters, 1.13 GiB of float32 weights; random
+weights, nothing downloaded), called on ``--seq`` token ids. Each route runs in a fresh Python
+process, so that its peak resident set (``ru_maxrss`` of that process, what ``/usr/bin/time -v``
+prints as "Maximum resident set size") is its own:
+
+- ``plain``: ``torch.onnx.export(model, dynamo=True)`` saved with external data, then an ONNX
+  Runtime session created from the file and run once -- what a user does without optc;
+- ``optc-B``: ``optc.compile(model, (ids,), backend=B)`` with the default pipeline and the
+  compile-time check, then one call of the compiled model.
+
+Reported per route: peak RSS, its ratio to the weight bytes, what the process held after
+building the model (the model itself), and the wall time. Both the model's own copy of the
+weights and the route's are in the peak: the ratio of a route that holds nothing beyond the
+user's model and a runtime that reads the weights once is about 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+ROUTES = ("plain", "optc-onnx", "optc-torchscript", "optc-tvm")
+
+
+def _build(layers: int, hidden: int, seq: int):
+    import torch
+    import transformers as T
+    torch.manual_seed(0)
+    heads = max(hidden // 64, 1)
+    cfg = T.LlamaConfig(hidden_size=hidden, intermediate_size=int(hidden * 2.75), num_hidden_layers=layers,
+                        num_attention_heads=heads, num_key_value_heads=max(heads // 4, 1), vocab_size=32000,
+                        max_position_embeddings=2048, attn_implementation="eager")
+    with torch.device("cpu"):
+        model = T.LlamaModel(cfg).eval()
+
+    class Out(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, ids):
+            return self.m(input_ids=ids, use_cache=False).last_hidden_state
+
+    ids = torch.randint(0, 32000, (1, seq), generator=torch.Generator().manual_seed(0))
+    return Out(model).eval(), ids
+
+
+def _rss_kib() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def _child(route: str, layers: int, hidden: int, seq: int) -> dict:
+    import torch
+    torch.set_num_threads(2)
+    model, ids = _build(layers, hidden, seq)
+    weight_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    params = sum(p.numel() for p in model.parameters())
+    held_kib = _rss_kib()
+    t0 = time.perf_counter()
+    if route == "plain":
+        import onnxruntime as ort
+        with tempfile.TemporaryDirectory() as d:
+            path = os.path.join(d, "model.onnx")
+            torch.onnx.export(model, (ids,), path, dynamo=True, external_data=True, verbose=False)
+            so = ort.SessionOptions()
+            so.intra_op_num_threads = 2
+            sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+            sess.run(None, {sess.get_inputs()[0].name: ids.numpy()})
+    else:
+        import optc
+        backend = route.split("-", 1)[1]
+        compiled, report = optc.compile(model, (ids,), backend=backend)
+        with torch.no_grad():
+            compiled(ids)
+    wall = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"route": route, "params": params, "weight_bytes": weight_bytes, "peak_rss_bytes": peak,
+            "ratio": peak / weight_bytes, "model_held_bytes": held_kib * 1024, "wall_s": wall}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--routes", nargs="+", default=list(ROUTES), choices=ROUTES)
+    ap.add_argument("--layers", type=int, default=24)
+    ap.add_argument("--hidden", type=int, default=1024)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--json")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:
+        print(json.dumps(_child(args.child, args.layers, args.hidden, args.seq)))
+        return 0
+    rows = []
+    print("| route | params | weights | peak RSS | peak / weights | model alone | wall s |")
+    print("|---|---|---|---|---|---|---|")
+    for route in args.routes:
+        cmd = [sys.executable, __file__, "--child", route, "--layers", str(args.layers), "--hidden",
+               str(args.hidden), "--seq", str(args.seq)]
+        p = subprocess.run(cmd, capture_output=True, text=True)
+        if p.returncode != 0:
+            tail = (p.stderr.strip().splitlines() or ["?"])[-1]
+            print(f"| {route} | failed (exit {p.returncode}): {tail[:200]} |||||| ", flush=True)
+            rows.append({"route": route, "error": tail, "returncode": p.returncode})
+            continue
+        r = json.loads(p.stdout.strip().splitlines()[-1])
+        gib = 1024 ** 3
+        print(f"| {route} | {r['params'] / 1e6:.0f} M | {r['weight_bytes'] / gib:.2f} GiB | "
+              f"{r['peak_rss_bytes'] / gib:.2f} GiB | {r['ratio']:.2f}x | {r['model_held_bytes'] / gib:.2f} GiB | "
+              f"{r['wall_s']:.0f} |", flush=True)
+        rows.append(r)
+    from optc.tools.bench import machine_info
+    info = machine_info()
+    print(f"\nmachine: {info}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"rows": rows, "machine": info, "argv": sys.argv}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
