@@ -7,7 +7,7 @@ CPU showed the kernel faster than the standard ONNX ops ONNX Runtime runs otherw
 
 ``ort-multihead-attention``
     ``scaled_dot_product_attention`` on ``[B, N, S, H]`` operands -> ``MultiHeadAttention``
-    (query as ``[B, S, N*H]``, key and value as ``[B, N, T, H]``, an additive float mask as its
+    (query, key and value as ``[B, L, N*H]``, an additive float mask as its
     ``attention_bias``, ``is_causal`` as ``unidirectional``, the scale as its attribute). Refused,
     with the reason in the pass report, for what that kernel cannot take: a boolean mask, grouped
     key/value heads, dropout, a dtype other than float32, a causal mask over a query and key of
@@ -39,12 +39,17 @@ aten = torch.ops.aten
 def ort_multihead_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                             attention_bias: Optional[torch.Tensor], num_heads: int, scale: float,
                             unidirectional: bool) -> torch.Tensor:
-    """Reference kernel of ONNX Runtime's ``com.microsoft.MultiHeadAttention`` in the form optc
-    writes it: ``query`` ``[B, S, N*H]``, ``key``/``value`` ``[B, N, T, H]`` / ``[B, N, T, Hv]``,
-    ``attention_bias`` added to the scaled scores (broadcast to ``[B, N, S, T]``),
-    ``unidirectional``: causal (top-left, ``S == T``). Returns ``[B, S, N*Hv]``."""
+    """Reference kernel of ONNX Runtime's ``com.microsoft.MultiHeadAttention`` in the forms optc
+    writes: ``query`` ``[B, S, N*H]``; ``key``/``value`` ``[B, T, N*H]`` / ``[B, T, N*Hv]`` (or
+    ``[B, N, T, H]``: the kernel takes both); ``attention_bias`` added to the scaled scores
+    (broadcast to ``[B, N, S, T]``); ``unidirectional``: causal (top-left, ``S == T``).
+    Returns ``[B, S, N*Hv]``."""
     b, s, _ = query.shape
     q = query.reshape(b, s, num_heads, -1).transpose(1, 2)
+    if key.dim() == 3:
+        key = key.reshape(b, key.shape[1], num_heads, -1).transpose(1, 2)
+    if value.dim() == 3:
+        value = value.reshape(b, value.shape[1], num_heads, -1).transpose(1, 2)
     out = torch.nn.functional.scaled_dot_product_attention(q, key, value, attn_mask=attention_bias,
                                                            is_causal=unidirectional, scale=scale)
     return out.transpose(1, 2).flatten(2)
@@ -52,7 +57,8 @@ def ort_multihead_attention(query: torch.Tensor, key: torch.Tensor, value: torch
 
 @ort_multihead_attention.register_fake
 def _(query, key, value, attention_bias, num_heads, scale, unidirectional):
-    return query.new_empty((query.shape[0], query.shape[1], num_heads * value.shape[-1]))
+    width = value.shape[-1] if value.dim() == 3 else num_heads * value.shape[-1]
+    return query.new_empty((query.shape[0], query.shape[1], width))
 
 
 def _register_onnx_schema() -> None:
@@ -154,7 +160,9 @@ class SdpaAsOrtMultiHeadAttention(Legalization):
                                    causal=causal)
 
     def apply(self, node, m):
-        q3 = self.emit(node, aten.flatten.using_ints, (self.emit(node, aten.transpose.int, (m["q"], 1, 2)), 2, 3))
+        # [B, N, L, H] -> [B, L, N*H]: the transpose cancels against the one that split the heads
+        q3, k3, v3 = (self.emit(node, aten.flatten.using_ints, (self.emit(node, aten.transpose.int, (x, 1, 2)), 2, 3))
+                      for x in (m["q"], m["k"], m["v"]))
         bias = m["mask"]
         if bias is not None:
             mv = val(bias)
@@ -166,7 +174,7 @@ class SdpaAsOrtMultiHeadAttention(Legalization):
                 s = self.emit(node, aten.sym_size.int, (m["q"], 2))
                 bias = self.emit(node, aten.expand.default, (bias, [-1, -1, s, -1]))
         out = self.emit(node, torch.ops.optc.ort_multihead_attention.default,
-                        (q3, m["k"], m["v"], bias, m["n"], m["scale"], m["causal"]))
+                        (q3, k3, v3, bias, m["n"], m["scale"], m["causal"]))
         out4 = self.emit(node, aten.unflatten.int, (out, 2, [m["n"], m["hv"]]))
         self.replace(node, self.emit(node, aten.transpose.int, (out4, 1, 2)))
 

@@ -25,6 +25,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.utils._pytree as pytree
 
+from optc.ir import provenance
 from optc.errors import CaptureError
 from optc.ir.program import InputLeaf, Program
 from optc.ir.source import user_frame_from_exception, user_frame_from_stack_trace
@@ -370,6 +371,7 @@ def _normalise(ep: torch.export.ExportedProgram) -> fx.GraphModule:
         src = user_frame_from_stack_trace(node.meta.get("stack_trace"))
         if src:
             node.meta["optc_source"] = src
+    provenance.stamp(gm)
     gm.graph.lint()
     gm.recompile()
     return gm

@@ -85,7 +85,7 @@ def format_arg(a: Any) -> str:
     return str(a)
 
 
-def format_node(node: fx.Node, *, with_source: bool = True) -> str:
+def format_node(node: fx.Node, *, with_source: bool = True, with_provenance: bool = False) -> str:
     if node.op == "output":
         vals = node.args[0]
         vals = vals if isinstance(vals, (tuple, list)) else (vals,)
@@ -96,14 +96,22 @@ def format_node(node: fx.Node, *, with_source: bool = True) -> str:
     args = [format_arg(a) for a in node.args]
     args += [f"{k}={format_arg(v)}" for k, v in node.kwargs.items()]
     line = f"%{node.name} : {ty} = {op_name(node)}({', '.join(args)})"
+    notes = []
     if with_source:
         src = node_source(node)
         if src:
-            line += f"  # {src}"
+            notes.append(src)
+    if with_provenance:
+        from optc.ir.provenance import describe
+        prov = describe(node)
+        if prov:
+            notes.append(prov)
+    if notes:
+        line += "  # " + "; ".join(notes)
     return line
 
 
-def format_text(program: Program | fx.GraphModule, *, with_source: bool = True) -> str:
+def format_text(program: Program | fx.GraphModule, *, with_source: bool = True, with_provenance: bool = False) -> str:
     gm = program.graph_module if isinstance(program, Program) else program
     nodes = list(gm.graph.nodes)
     inputs = [n for n in nodes if n.op == "placeholder"]
@@ -112,7 +120,7 @@ def format_text(program: Program | fx.GraphModule, *, with_source: bool = True) 
     for n in nodes:
         if n.op == "placeholder":
             continue
-        lines.append("  " + format_node(n, with_source=with_source))
+        lines.append("  " + format_node(n, with_source=with_source, with_provenance=with_provenance))
     return "\n".join(lines) + "\n"
 
 
@@ -134,6 +142,12 @@ def format_json(program: Program | fx.GraphModule) -> str:
         src = node_source(n)
         if src:
             entry["source"] = src
+        if n.meta.get("optc_origin"):
+            entry["origin"] = list(n.meta["optc_origin"])
+        if n.meta.get("optc_pass"):
+            entry["pass"] = n.meta["optc_pass"]
+        if n.meta.get("optc_rule"):
+            entry["rule"] = n.meta["optc_rule"]
         nodes.append(entry)
     doc = {"name": program.name if isinstance(program, Program) else "graph", "nodes": nodes}
     return json.dumps(doc, indent=1) + "\n"

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-CARRIED_META = ("stack_trace", "nn_module_stack", "optc_source", "source_fn_stack", "from_node")
+CARRIED_META = ("stack_trace", "nn_module_stack", "optc_source", "source_fn_stack", "from_node", "optc_origin")
 
 
 # ---- shapes ---------------------------------------------------------------------------

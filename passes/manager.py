@@ -29,6 +29,7 @@ from typing import Any, Iterable
 
 import torch
 
+from optc.ir import provenance
 from optc.errors import NumericMismatchError, OptcError, PassError
 from optc.ir.printer import format_text
 from optc.ir.program import Program
@@ -261,6 +262,7 @@ class PassManager:
                 if result.modified:
                     remove_unused_attrs(gm)
                     gm.recompile()
+                    provenance.record(before.graph_module, gm, rp.name)
                 current = current.with_graph_module(gm)
                 record.modified = bool(result.modified)
                 record.stats = dict(result.stats)

@@ -104,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--bisect-limit", type=non_negative, metavar="N", help="run only the first N passes")
     d.add_argument("--disable-pass", action="append", default=[], metavar="NAME",
                    help="skip pass NAME wherever the pipeline has it (repeatable)")
+    d.add_argument("--provenance", action="store_true",
+                   help="after each node: the captured nodes it derives from and the pass (and rule) that made "
+                        "it (the json format always has them: origin, pass, rule)")
     d.add_argument("--stats", action="store_true",
                    help="print parameters, FLOPs and bytes per layer and in total to stderr (before -> after "
                         "the pipeline when one runs)")
@@ -338,7 +341,11 @@ def cmd_dump(args: argparse.Namespace) -> int:
             report.records += stage.records
             report.pipeline += f" | backend stage ({target.backend}): {stage.pipeline}"
 
-    text = FORMATS[args.format](program)
+    if args.provenance and args.format == "text":
+        from optc.ir.printer import format_text
+        text = format_text(program, with_provenance=True)
+    else:
+        text = FORMATS[args.format](program)
     if args.out:
         _write_atomic(args.out, text)
     else:

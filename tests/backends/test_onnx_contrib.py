@@ -161,6 +161,8 @@ def test_reference_kernel_is_sdpa():
     got = torch.ops.optc.ort_multihead_attention(q.transpose(1, 2).flatten(2), k, v, bias, 3, 0.3, False)
     want = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=0.3).transpose(1, 2).flatten(2)
     torch.testing.assert_close(got, want)
+    flat = [x.transpose(1, 2).flatten(2) for x in (q, k, v)]     # every operand as [B, L, N*H]
+    torch.testing.assert_close(torch.ops.optc.ort_multihead_attention(*flat, bias, 3, 0.3, False), want)
     got = torch.ops.optc.ort_multihead_attention(q.transpose(1, 2).flatten(2), k, v, None, 3, 0.5, True)
     want = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.5).transpose(1, 2).flatten(2)
     torch.testing.assert_close(got, want)

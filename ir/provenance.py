@@ -1,0 +1,154 @@
+"""Provenance: which captured nodes each node derives from, and which pass and rule made it.
+
+Three ``node.meta`` keys, kept through the target pipeline and the backend stage:
+
+- ``optc_origin``: the names of the nodes of the *captured* graph this node derives from, sorted
+  (capture stamps every node with its own name);
+- ``optc_pass``: the pass that created the node (absent on nodes captured as they are);
+- ``optc_rule``: the rewrite rule inside that pass, where the pass has rules (legalizations, the
+  rules of the pattern layer).
+
+The PassManager calls :func:`record` after every pass that modified the graph, with the graph as it
+was before (its rollback snapshot) and after. A node that did not exist before is new; its origin
+is the union of
+
+1. the origin it was given when created (``carry_meta`` copies the anchor's), and
+2. the origins of the erased nodes it replaced: where a surviving user reads the new node (directly
+   or through other new nodes), the erased node it read at that argument before, and every erased
+   node between that one and the new node's surviving inputs (found by walking the old graph over
+   erased nodes only, backward from the replaced node and forward from the inputs).
+
+So a fused ``scaled_dot_product_attention`` derives from the matmuls, scale, mask add and softmax
+it replaced, and a merged projection from the linears it merged. The rule is structural, not
+told by each pass: a pass cannot forget to record it. Where it cannot tell two regions apart (a
+user whose arguments changed shape), a new node gets the origins of both (a superset, never a
+miss).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+import torch.utils._pytree
+
+ORIGIN = "optc_origin"
+PASS = "optc_pass"
+RULE = "optc_rule"
+
+
+def stamp(gm: fx.GraphModule) -> None:
+    """Every node of a freshly captured graph derives from itself."""
+    for node in gm.graph.nodes:
+        if node.op != "output":
+            node.meta[ORIGIN] = (node.name,)
+
+
+def origin(node: fx.Node) -> tuple[str, ...]:
+    return tuple(node.meta.get(ORIGIN, ()))
+
+
+def record(old: fx.GraphModule, new: fx.GraphModule, pass_name: str) -> int:
+    """Give each node of ``new`` absent from ``old`` its origin and ``pass_name`` (see the module
+    doc). Returns the number of new nodes."""
+    old_nodes = {n.name: n for n in old.graph.nodes}
+    new_nodes = list(new.graph.nodes)
+    fresh = [n for n in new_nodes if n.name not in old_nodes and n.op != "output"]
+    if not fresh:
+        return 0
+    present = {n.name for n in new_nodes}
+    erased = {name for name in old_nodes if name not in present}
+    fresh_set = set(fresh)
+
+    # the surviving (old) inputs of each new node, through other new nodes, in topological order
+    ins: dict[fx.Node, frozenset[str]] = {}
+    for n in fresh:
+        acc: set[str] = set()
+        for a in n.all_input_nodes:
+            acc |= ins[a] if a in fresh_set else {a.name}
+        ins[n] = frozenset(acc)
+    # ... and the erased nodes each one took the place of: where a surviving user now reads the
+    # new node (directly or through other new nodes), the node it read at that argument before
+    def leaves(node):
+        return [a for a in torch.utils._pytree.tree_leaves((node.args, node.kwargs))]
+
+    def replaced(user: fx.Node, n: fx.Node) -> set[str]:
+        before = old_nodes.get(user.name)
+        if before is None:
+            return set()
+        was, now = leaves(before), leaves(user)
+        if len(was) == len(now):
+            hit = {w.name for w, x in zip(was, now)
+                   if x is n and isinstance(w, fx.Node) and w.name in erased}
+            if hit:
+                return hit
+        return {a.name for a in before.all_input_nodes if a.name in erased}
+
+    outs: dict[fx.Node, frozenset[str]] = {}
+    for n in reversed(fresh):
+        acc = set()
+        for u in n.users:
+            acc |= outs[u] if u in fresh_set else replaced(u, n)
+        outs[n] = frozenset(acc)
+
+    forward_cache: dict[str, frozenset[str]] = {}
+    backward_cache: dict[str, frozenset[str]] = {}
+
+    def forward(name: str) -> frozenset[str]:
+        """Erased old nodes reachable from ``name`` through erased nodes."""
+        if name not in forward_cache:
+            seen: set[str] = set()
+            stack = [u.name for u in old_nodes[name].users if u.name in erased] if name in old_nodes else []
+            while stack:
+                x = stack.pop()
+                if x in seen:
+                    continue
+                seen.add(x)
+                stack.extend(u.name for u in old_nodes[x].users if u.name in erased)
+            forward_cache[name] = frozenset(seen)
+        return forward_cache[name]
+
+    def backward(name: str) -> frozenset[str]:
+        if name not in backward_cache:
+            seen: set[str] = set()
+            stack = [a.name for a in old_nodes[name].all_input_nodes if a.name in erased] if name in old_nodes else []
+            while stack:
+                x = stack.pop()
+                if x in seen:
+                    continue
+                seen.add(x)
+                stack.extend(a.name for a in old_nodes[x].all_input_nodes if a.name in erased)
+            backward_cache[name] = frozenset(seen)
+        return backward_cache[name]
+
+    for n in fresh:
+        region: set[str] = set()
+        if erased:
+            down: set[str] = set()
+            for i in ins[n]:
+                down |= forward(i)
+            if down:
+                up: set[str] = set(outs[n])
+                for a in outs[n]:
+                    up |= backward(a)
+                region = down & up
+        acc = set(origin(n))
+        for name in region:
+            acc.update(origin(old_nodes[name]))
+        n.meta[ORIGIN] = tuple(sorted(acc))
+        n.meta[PASS] = pass_name
+    return len(fresh)
+
+
+def describe(node: fx.Node) -> str:
+    """``from %a, %b by PASS (rule R)``, or "" for a node captured as it is."""
+    parts = []
+    org = origin(node)
+    if org and org != (node.name,):
+        parts.append("from " + ", ".join(f"%{o}" for o in org))
+    if node.meta.get(PASS):
+        rule = node.meta.get(RULE)
+        parts.append(f"by {node.meta[PASS]}" + (f" (rule {rule})" if rule and rule != node.meta[PASS] else ""))
+    return " ".join(parts)
+
+
+__all__ = ["ORIGIN", "PASS", "RULE", "stamp", "origin", "record", "describe"]
