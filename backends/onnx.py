@@ -190,8 +190,12 @@ class ONNXModel(CompiledModel):
     backend = "onnx"
 
     def __init__(self, signature: Signature, target: Target, *, model_bytes: bytes | None = None,
-                 model_dir: str | None = None, threads: int | None = None, **kw):
+                 model_dir: str | None = None, threads: int | None = None, backend_map: "BackendMap | None" = None,
+                 **kw):
         super().__init__(signature, target, **kw)
+        #: optc node (of the staged Program) -> its ONNX nodes and value (:func:`backend_map`);
+        #: None for a model loaded from an artifact
+        self.backend_map = backend_map
         if (model_bytes is None) == (model_dir is None):
             raise ValueError("ONNXModel needs exactly one of model_bytes and model_dir")
         self.model_bytes = model_bytes
@@ -224,6 +228,31 @@ class ONNXModel(CompiledModel):
             torch.cuda.current_stream().synchronize()
         self.session.run_with_iobinding(binding)
         return [torch.from_dlpack(v) for v in binding.get_outputs()]
+
+    def intermediate_values(self, inputs: list[torch.Tensor], names: list[str]) -> dict[str, torch.Tensor]:
+        """The ONNX values ``names`` on ``inputs`` (flat, as :meth:`run_flat` takes them), from a
+        separate session of a copy of the model with those values added as outputs (same session
+        options); this model and its session are not touched. Where a fusion of ONNX Runtime
+        would have consumed a value, the extra output keeps it: the instrumented run may differ
+        from the plain one by that fusion."""
+        import onnx
+        if self.model_bytes is not None:
+            proto = onnx.load_from_string(self.model_bytes)
+        else:
+            proto = onnx.load(os.path.join(self.model_dir, MODEL_FILE))   # with its external data
+        present = {o.name for o in proto.graph.output}
+        produced = {v for n in proto.graph.node for v in n.output}
+        wanted = [n for n in dict.fromkeys(names) if n in produced]
+        for name in wanted:
+            if name not in present:
+                vi = onnx.ValueInfoProto()
+                vi.name = name
+                proto.graph.output.append(vi)
+        session = _session(proto.SerializeToString(), self.target, self.threads,
+                           self.backend_options.get("ort_disabled_optimizers", ()))
+        feed = {name: t.detach().cpu().contiguous().numpy() for name, t in zip(self._inputs, inputs) if name is not None}
+        out = session.run(wanted, feed)
+        return {name: torch.from_numpy(v) for name, v in zip(wanted, out)}
 
     def save_artifacts(self, directory):
         if self.model_bytes is not None:
@@ -360,8 +389,10 @@ class ONNXBackend(Backend):
             if ort_fusions is True or (ort_fusions == "auto" and not quantized and _has_op(proto, "LayerNormalization")):
                 proto, options["ort_fusions"] = ort_transformer_fusions(proto, program, target, threads)
             model_bytes = proto.SerializeToString()
+            maps = backend_map(proto, ep, program)
             try:
-                return ONNXModel(signature, target, model_bytes=model_bytes, threads=threads, backend_options=options)
+                return ONNXModel(signature, target, model_bytes=model_bytes, threads=threads, backend_options=options,
+                                 backend_map=maps)
             except Exception as e:  # noqa: BLE001 - retried once, re-raised otherwise
                 if "is not a graph input, initializer, or output of a previous node" not in str(e) \
                         or "FastGeluFusion" in options["ort_disabled_optimizers"]:
@@ -372,7 +403,8 @@ class ONNXBackend(Backend):
                 log.warning("onnx: ONNX Runtime's FastGeluFusion broke the graph (%s); the session leaves it out",
                             (str(e).strip().splitlines() or [""])[0][:160])
                 options["ort_disabled_optimizers"] = [*options["ort_disabled_optimizers"], "FastGeluFusion"]
-                return ONNXModel(signature, target, model_bytes=model_bytes, threads=threads, backend_options=options)
+                return ONNXModel(signature, target, model_bytes=model_bytes, threads=threads, backend_options=options,
+                                 backend_map=maps)
         workdir = tempfile.mkdtemp(prefix="optc-onnx-")
         try:
             path = os.path.join(workdir, MODEL_FILE)
@@ -382,7 +414,9 @@ class ONNXBackend(Backend):
                 raise LoweringError(f"the exporter wrote {written}, expected {MODEL_FILE} and {DATA_FILE}",
                                     backend=self.name)
             onnx.checker.check_model(path, full_check=True)
-            model = ONNXModel(signature, target, model_dir=workdir, threads=threads, backend_options=options)
+            maps = backend_map(onnx.load(path, load_external_data=False), ep, program)
+            model = ONNXModel(signature, target, model_dir=workdir, threads=threads, backend_options=options,
+                              backend_map=maps)
         except BaseException:
             shutil.rmtree(workdir, ignore_errors=True)
             raise
@@ -403,6 +437,51 @@ class ONNXBackend(Backend):
         except (OSError, RuntimeError) as e:  # onnxruntime raises its own RuntimeError subclasses
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ArtifactError(f"{directory}: ONNX Runtime cannot load '{MODEL_FILE}': {first}") from e
+
+
+class BackendMap(dict):
+    """optc node name (of the staged Program that was lowered) -> ``{"nodes": [ONNX node names],
+    "value": ONNX value name or None}``."""
+
+
+def backend_map(proto, ep: torch.export.ExportedProgram, program: Program) -> BackendMap:
+    """Which ONNX nodes each node of ``program`` became, and the ONNX value holding its result.
+
+    The exporter writes, on each ONNX node, the torch.export node it translated
+    (``pkg.torch.onnx.fx_node``: ``%name : ...``), and names that node's result value after it;
+    torch.export records, on each of its nodes, the node of ``program`` it was traced from
+    (``from_node``). A node with no ONNX node left (folded by the exporter's optimizer, fused by
+    ONNX Runtime's transformer optimizer) is absent."""
+    names = {n.name for n in program.graph.nodes}
+    ep_to_optc: dict[str, str] = {}
+    for n in ep.graph.nodes:
+        stack = list(n.meta.get("from_node") or [])
+        while stack:
+            src = stack.pop(0)
+            if getattr(src, "name", None) in names:
+                ep_to_optc[n.name] = src.name
+                break
+            stack.extend(getattr(src, "from_node", None) or [])
+        else:
+            if n.name in names and n.op == "placeholder":
+                ep_to_optc[n.name] = n.name
+    outputs = {o.name for o in proto.graph.output}
+    out = BackendMap()
+    for node in proto.graph.node:
+        meta = {m.key: m.value for m in node.metadata_props}
+        fx_node = meta.get("pkg.torch.onnx.fx_node", "")
+        if not fx_node.startswith("%"):
+            continue
+        ep_name = fx_node[1:].split(" ", 1)[0]
+        optc_name = ep_to_optc.get(ep_name)
+        if optc_name is None:
+            continue
+        entry = out.setdefault(optc_name, {"nodes": [], "value": None})
+        entry["nodes"].append(node.name)
+        for v in node.output:
+            if v == ep_name or v in outputs:
+                entry["value"] = v
+    return out
 
 
 def _has_op(proto, op_type: str) -> bool:
@@ -502,7 +581,7 @@ def _aten_exportable(op: torch._ops.OpOverload) -> bool:
     return _ATEN_OK[op]
 
 
-__all__ = ["ONNXBackend", "ONNXModel", "OPSET", "EXTERNAL_DATA_THRESHOLD", "register_onnx_translation",
+__all__ = ["ONNXBackend", "ONNXModel", "BackendMap", "backend_map", "OPSET", "EXTERNAL_DATA_THRESHOLD", "register_onnx_translation",
            "onnx_translations", "onnx_opset", "default_threads"]
 
 from optc.backends import onnx_quant as _onnx_quant  # noqa: E402,F401  (QuantizeLinear/DequantizeLinear translations)

@@ -6,7 +6,10 @@ Three ``node.meta`` keys, kept through the target pipeline and the backend stage
   (capture stamps every node with its own name);
 - ``optc_pass``: the pass that created the node (absent on nodes captured as they are);
 - ``optc_rule``: the rewrite rule inside that pass, where the pass has rules (legalizations, the
-  rules of the pattern layer).
+  rules of the pattern layer);
+- ``optc_value_of``: for a new node that took the place of exactly one node, the captured node
+  whose value it computes (a fused ``scaled_dot_product_attention`` computes the value of the
+  second matmul it replaced): ``optc compare --locate`` compares the two.
 
 The PassManager calls :func:`record` after every pass that modified the graph, with the graph as it
 was before (its rollback snapshot) and after. A node that did not exist before is new; its origin
@@ -34,6 +37,7 @@ import torch.utils._pytree
 ORIGIN = "optc_origin"
 PASS = "optc_pass"
 RULE = "optc_rule"
+VALUE_OF = "optc_value_of"
 
 
 def stamp(gm: fx.GraphModule) -> None:
@@ -136,6 +140,16 @@ def record(old: fx.GraphModule, new: fx.GraphModule, pass_name: str) -> int:
             acc.update(origin(old_nodes[name]))
         n.meta[ORIGIN] = tuple(sorted(acc))
         n.meta[PASS] = pass_name
+        n.meta.pop(VALUE_OF, None)
+        direct = set()
+        for u in n.users:
+            direct |= replaced(u, n) if u not in fresh_set else {"<new>"}
+        if len(direct) == 1 and "<new>" not in direct:
+            anchor = old_nodes[next(iter(direct))]
+            if VALUE_OF in anchor.meta:
+                n.meta[VALUE_OF] = anchor.meta[VALUE_OF]
+            elif origin(anchor) == (anchor.name,):
+                n.meta[VALUE_OF] = anchor.name
     return len(fresh)
 
 
@@ -151,4 +165,4 @@ def describe(node: fx.Node) -> str:
     return " ".join(parts)
 
 
-__all__ = ["ORIGIN", "PASS", "RULE", "stamp", "origin", "record", "describe"]
+__all__ = ["ORIGIN", "PASS", "RULE", "VALUE_OF", "stamp", "origin", "record", "describe"]

@@ -20,12 +20,22 @@ relative error is within ``rtol``).
 **Locating the first divergence** (``--locate``, on by default when something fails): every node
 of the optimized Program is compared with the same node of the captured Program run in float64
 (nodes are matched by name: passes keep the names of the nodes they keep; a node a pass created,
-such as a fused op, is compared through its users). The **first divergence** is the earliest node,
+such as a fused op, is matched through provenance with the captured node whose value it computes
+-- ``optc_value_of``, ``ir/provenance.py`` -- or, where it computes none alone, through its
+users). The **first divergence** is the earliest node,
 in topological order, whose value is outside the tolerance of its dtype while all of its inputs
 are inside; the next ones are ranked by how much error each adds (its error minus its inputs').
 Each is reported with its op, the pass that created it (if one did), the user's source line and
 its inputs' errors. The values come from a separate interpreted run of the two Programs; the
-artifacts the user runs are not changed. Backends' own intermediate values are not located yet.
+artifacts the user runs are not changed.
+
+**In a backend** (ONNX): a backend candidate that fails (every one, with ``--locate``) is located
+too, against the staged Program it was lowered from, run by optc's reference kernels: the
+lowering's node map (``backend_map``: each optc node's ONNX nodes and result value, from the
+exporter's node metadata and torch.export's ``from_node``) names the ONNX value of each node, and
+a separate ONNX Runtime session of a copy of the model, with those values as extra outputs, gives
+them. The first node whose ONNX value is outside tolerance while its inputs' are inside is
+reported with its ONNX nodes. TorchScript and TVM have no node map yet.
 
 Exit status: 0 when every candidate is within tolerance, 1 when one is not (or a backend fails to
 lower: the row says why), 2 for a usage error.
@@ -45,7 +55,7 @@ import torch.utils._pytree as pytree
 
 from optc.errors import OptcError
 
-__all__ = ["OutputDiff", "Candidate", "Divergence", "CompareResult", "compare", "locate"]
+__all__ = ["OutputDiff", "Candidate", "Divergence", "CompareResult", "compare", "locate", "locate_backend"]
 
 
 @dataclass
@@ -81,6 +91,7 @@ class Divergence:
     tolerance: float
     inputs: list[tuple[str, float]]  # (input node, its error)
     added: float                    # error - max(input errors)
+    backend_nodes: list[str] = field(default_factory=list)   # a backend's ops for this node (backend locate)
 
 
 @dataclass
@@ -91,6 +102,9 @@ class CompareResult:
     candidates: list[Candidate]
     divergences: list[Divergence] = field(default_factory=list)
     located: bool = False
+    #: backend -> its first divergences from the optimized Program, node by node (a separate
+    #: instrumented run of its artifact; backends with a node map: onnx)
+    backend_divergences: dict = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -102,7 +116,8 @@ class CompareResult:
                                 "outputs": [_finite(asdict(o)) for o in c.outputs]} for c in self.candidates],
                 "located": self.located,
                 "first_divergence": _finite(asdict(self.divergences[0])) if self.divergences else None,
-                "divergences": [_finite(asdict(d)) for d in self.divergences]}
+                "divergences": [_finite(asdict(d)) for d in self.divergences],
+                "backend_divergences": {b: [_finite(asdict(d)) for d in ds] for b, ds in self.backend_divergences.items()}}
 
     def format(self) -> str:
         lines = [f"reference: {self.reference}; pipeline: {self.pipeline}",
@@ -125,6 +140,15 @@ class CompareResult:
                 lines.append(f"{head}: %{d.node} ({d.op}) at {d.source or 'unknown source'}"
                              f"{', created by ' + d.created_by if d.created_by else ''}: error {d.error:.3g} "
                              f"(tolerance {d.tolerance:.1g}); inputs: {ins}")
+        for b, ds in self.backend_divergences.items():
+            if not ds:
+                lines.append(f"{b}: no mapped value diverges from the optimized Program")
+            for i, d in enumerate(ds):
+                head = f"{b}: first divergence" if i == 0 else f"{b}: divergence {i + 1}"
+                ins = ", ".join(f"%{n} {e:.2g}" for n, e in d.inputs) or "none compared"
+                lines.append(f"{head}: %{d.node} ({d.op}) at {d.source or 'unknown source'}"
+                             f"{', created by ' + d.created_by if d.created_by else ''} -> {', '.join(d.backend_nodes)}: "
+                             f"error {d.error:.3g} (tolerance {d.tolerance:.1g}); inputs: {ins}")
         return "\n".join(lines)
 
 
@@ -241,7 +265,6 @@ def _node_error(ref: torch.Tensor, got: torch.Tensor) -> float | None:
 def locate(captured, optimized, flat_inputs: list, *, rtol: float | None = None, top: int = 5) -> list[Divergence]:
     """The divergences of ``optimized`` from ``captured`` run in float64 (module docstring)."""
     from optc.backends.check import TOLERANCE
-    from optc.ir.source import node_source
     gm64 = copy.deepcopy(captured.graph_module)
     for name, t in list(gm64.state_dict(keep_vars=True).items()):
         if t.is_floating_point():
@@ -270,11 +293,23 @@ def locate(captured, optimized, flat_inputs: list, *, rtol: float | None = None,
     tols: dict[str, float] = {}
     nodes = [n for n in optimized.graph.nodes if n.op == "call_function"]
     for n in nodes:
-        if n.name in ref and n.name in got:
-            e = _node_error(ref[n.name], got[n.name])
+        # a node a pass created is compared with the captured node whose value it computes
+        # (provenance: optc_value_of); a node no pass touched, with itself
+        key = n.meta.get("optc_value_of", n.name)
+        if key in ref and n.name in got:
+            e = _node_error(ref[key], got[n.name])
             if e is not None:
                 errors[n.name] = e
                 tols[n.name] = rtol if rtol is not None else TOLERANCE.get(got[n.name].dtype, 1e-4)
+
+    return _rank(nodes, errors, tols, top)
+
+
+def _rank(nodes: list[fx.Node], errors: dict[str, float], tols: dict[str, float], top: int,
+          backend_nodes: dict[str, list[str]] | None = None) -> list[Divergence]:
+    """The first divergence (earliest node outside its tolerance with every compared input inside)
+    and the next ones by the error each adds."""
+    from optc.ir.source import node_source
 
     def input_errors(n: fx.Node, depth: int = 0) -> list[tuple[str, float]]:
         out = []
@@ -307,8 +342,36 @@ def locate(captured, optimized, flat_inputs: list, *, rtol: float | None = None,
         t = n.target
         return f"{t.namespace}.{t._opname}" if isinstance(t, torch._ops.OpOverload) else str(t)
 
-    return [Divergence(n.name, op_name(n), node_source(n), n.meta.get("optc_pass"), e, tols[n.name], ins, added)
+    return [Divergence(n.name, op_name(n), node_source(n), n.meta.get("optc_pass"), e, tols[n.name], ins, added,
+                       list((backend_nodes or {}).get(n.name, [])))
             for _, n, e, ins, added in ordered]
+
+
+def locate_backend(compiled, staged, flat_inputs: list, *, rtol: float | None = None, top: int = 5) -> list[Divergence]:
+    """The divergences of a backend's intermediate values from the staged Program it was lowered
+    from (run by optc's reference kernels in the same dtype), node by node through the backend's
+    node map (``compiled.backend_map``); the values come from ``compiled.intermediate_values``, a
+    separate instrumented run -- the artifact the user runs is not changed."""
+    from optc.backends.check import TOLERANCE
+    bmap = compiled.backend_map or {}
+    want = {name: entry["value"] for name, entry in bmap.items() if entry.get("value")}
+    got_backend = compiled.intermediate_values(list(flat_inputs), list(want.values()))
+    ref = _record(staged.graph_module, flat_inputs)
+    errors: dict[str, float] = {}
+    tols: dict[str, float] = {}
+    nodes = [n for n in staged.graph.nodes if n.op == "call_function"]
+    for n in nodes:
+        v = want.get(n.name)
+        if v is None or v not in got_backend or n.name not in ref:
+            continue
+        r, g = ref[n.name], got_backend[v]
+        if r.shape != g.shape and r.numel() == g.numel():
+            g = g.reshape(r.shape)
+        e = _node_error(r, g.to(r.dtype) if g.is_floating_point() and r.is_floating_point() else g)
+        if e is not None:
+            errors[n.name] = e
+            tols[n.name] = rtol if rtol is not None else TOLERANCE.get(r.dtype, 1e-4)
+    return _rank(nodes, errors, tols, top, {k: v["nodes"] for k, v in bmap.items()})
 
 
 # ---- the command's work ----------------------------------------------------------------------------------
@@ -327,6 +390,7 @@ def compare(model: torch.nn.Module, args: tuple, kwargs: dict | None = None, *, 
     captured = optc.capture(model, args, kwargs or None)
     optimized, _ = optc.optimize(captured, pipeline, target, calibration_data=calibration_data)
     cands = [_candidate("program", optimized, args, kwargs, ref, optimized, rtol, atol)]
+    compiled_models = {}
     for b in backends:
         say(f"backend {b}")
         try:
@@ -336,11 +400,22 @@ def compare(model: torch.nn.Module, args: tuple, kwargs: dict | None = None, *, 
             cands.append(Candidate(b, error=f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"))
             continue
         cands.append(_candidate(b, compiled, args, kwargs, ref, optimized, rtol, atol))
+        compiled_models[b] = compiled
     result = CompareResult(label or type(model).__name__, pipeline, ref_note, cands)
     if locate_divergence or (locate_divergence is None and not result.ok):
         say("locating the first divergence")
         result.divergences = locate(captured, optimized, optimized.example_flat_inputs(), rtol=rtol, top=top)
         result.located = True
+        from optc.backends.lowering import resolve, run_backend_stage
+        for c in cands[1:]:
+            compiled = compiled_models.get(c.name)
+            if compiled is None or getattr(compiled, "backend_map", None) is None or (c.ok and not locate_divergence):
+                continue
+            say(f"locating the first divergence in {c.name}")
+            tgt, be = resolve(target, c.name, {})
+            staged, _ = run_backend_stage(optimized, be, tgt)
+            result.backend_divergences[c.name] = locate_backend(compiled, staged, optimized.example_flat_inputs(),
+                                                                rtol=rtol, top=top)
     return result
 
 

@@ -97,3 +97,106 @@ def test_json_into_a_folder_that_does_not_exist_is_a_usage_error(overflow_file, 
     rc = main(["compare", f"{overflow_file}:make", "--json", str(tmp_path / "missing" / "out.json")])
     assert rc == 2 and "does not exist or is not writable" in capsys.readouterr().err
     assert not (tmp_path / "missing").exists()
+
+
+@pytest.fixture
+def wrong_fusion():
+    """A test pass that fuses ``relu(x) * 2`` into one new node computing ``relu(x) * 2.01``: a
+    planted miscompile in a node that did not exist in the captured graph."""
+    import torch.fx as fx
+
+    from optc.passes import base
+    from optc.passes.base import PassResult, register_pass
+
+    name = "test-wrong-fusion"
+
+    def fn(gm: fx.GraphModule, ctx) -> PassResult:
+        n = 0
+        for node in list(gm.graph.nodes):
+            if node.target == torch.ops.aten.mul.Tensor and node.args[1] == 2 \
+                    and getattr(node.args[0], "target", None) == torch.ops.aten.relu.default:
+                relu = node.args[0]
+                with gm.graph.inserting_before(node):
+                    fused = gm.graph.call_function(torch.ops.aten.mul.Tensor, (relu.args[0], 2.01), name="fused")
+                    fused = gm.graph.call_function(torch.ops.aten.relu.default, (fused,), name="fused_relu")
+                fused.meta.update(node.meta)
+                fused.args[0].meta.update(node.meta)
+                node.replace_all_uses_with(fused)
+                gm.graph.erase_node(node)
+                if not relu.users:
+                    gm.graph.erase_node(relu)
+                n += 1
+        gm.recompile()
+        return PassResult(gm, n > 0, {"fused": n})
+
+    register_pass(name, exact=False, description="test only: a wrong fusion")(fn)
+    yield name
+    base._REGISTRY.pop(name, None)
+
+
+def test_a_wrong_fused_node_is_located_through_provenance(wrong_fusion):
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(6, 6), torch.nn.Linear(6, 3)
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x)) * 2)
+
+    torch.manual_seed(0)
+    result = compare(Net().eval(), (torch.randn(4, 6),), pipeline=wrong_fusion, top=3)
+    assert not result.ok and result.located
+    first = result.divergences[0]
+    # the new node is compared with the captured multiply it took the place of (optc_value_of)
+    assert first.node == "fused_relu" and first.created_by == wrong_fusion
+    assert 4e-3 < first.error < 6e-3          # 2.01 / 2 - 1
+
+
+@pytest.fixture
+def wrong_attention_translation():
+    """The ONNX translation of optc::ort_multihead_attention with a scale 10% off: a backend
+    miscompile inside one ONNX node, which the program-level locate cannot see."""
+    pytest.importorskip("onnxruntime")
+    from optc.backends import onnx as onnx_backend
+    from optc.backends import onnx_contrib
+    op = torch.ops.optc.ort_multihead_attention.default
+    right = onnx_backend.onnx_translations()[op]
+
+    def wrong(query, key, value, attention_bias=None, num_heads=1, scale=1.0, unidirectional=False):
+        return onnx_contrib._translate_mha(query, key, value, attention_bias, num_heads, scale * 1.1, unidirectional)
+
+    onnx_backend.register_onnx_translation(op, wrong, replace=True)
+    yield
+    onnx_backend.register_onnx_translation(op, right, replace=True)
+
+
+class _Attention(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.qkv, self.o = torch.nn.Linear(16, 48), torch.nn.Linear(16, 16)
+
+    def forward(self, x):
+        q, k, v = (t.view(1, 6, 2, 8).transpose(1, 2) for t in self.qkv(x).split(16, -1))
+        p = (q @ k.transpose(-1, -2) / 8 ** 0.5).softmax(-1)
+        return self.o((p @ v).transpose(1, 2).reshape(1, 6, 16))
+
+
+def test_a_backend_miscompile_is_located_in_the_backend(wrong_attention_translation):
+    torch.manual_seed(0)
+    result = compare(_Attention().eval(), (torch.randn(1, 6, 16) * 3,), backends=["onnx"], top=3)
+    assert not result.ok and result.located
+    assert result.divergences == []                    # the optimized Program itself is right
+    first = result.backend_divergences["onnx"][0]
+    assert first.op == "optc.ort_multihead_attention" and first.created_by == "ort-contrib-ops"
+    assert first.backend_nodes == ["node_ort_multihead_attention"]
+    assert first.error > 1e-3 and all(e <= 1e-4 for _, e in first.inputs)
+    assert "onnx: first divergence: %ort_multihead_attention" in result.format()
+
+
+def test_backend_locate_on_request_finds_nothing_in_a_right_model():
+    pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    result = compare(_Attention().eval(), (torch.randn(1, 6, 16),), backends=["onnx"], locate_divergence=True)
+    assert result.ok and result.backend_divergences == {"onnx": []}
+    data = result.to_json()
+    assert data["backend_divergences"] == {"onnx": []}
