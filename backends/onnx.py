@@ -202,7 +202,8 @@ class ONNXModel(CompiledModel):
         self.model_dir = model_dir
         self.threads = threads
         self.session = _session(model_bytes if model_bytes is not None else os.path.join(model_dir, MODEL_FILE),
-                                target, threads, self.backend_options.get("ort_disabled_optimizers", ()))
+                                target, threads, self.backend_options.get("ort_disabled_optimizers", ()),
+                                self.backend_options.get("session_optimization", "all"))
         present = {i.name for i in self.session.get_inputs()}
         # flat input i -> ONNX input name, None where the exporter dropped an unused input
         self._inputs = [s.name if s.name in present else None for s in signature.inputs]
@@ -249,7 +250,8 @@ class ONNXModel(CompiledModel):
                 vi.name = name
                 proto.graph.output.append(vi)
         session = _session(proto.SerializeToString(), self.target, self.threads,
-                           self.backend_options.get("ort_disabled_optimizers", ()))
+                           self.backend_options.get("ort_disabled_optimizers", ()),
+                           self.backend_options.get("session_optimization", "all"))
         feed = {name: t.detach().cpu().contiguous().numpy() for name, t in zip(self._inputs, inputs) if name is not None}
         out = session.run(wanted, feed)
         return {name: torch.from_numpy(v) for name, v in zip(wanted, out)}
@@ -275,10 +277,15 @@ class ONNXModel(CompiledModel):
         return self.model_bytes is None
 
 
-def _session(model, target: Target, threads: int | None, disabled_optimizers=()):
+#: ONNX Runtime's graph optimization levels, by the names the ``session_optimization`` option takes
+SESSION_OPTIMIZATION = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
+                        "all": "ORT_ENABLE_ALL"}
+
+
+def _session(model, target: Target, threads: int | None, disabled_optimizers=(), level: str = "all"):
     import onnxruntime as ort
     so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, SESSION_OPTIMIZATION[level])
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.intra_op_num_threads = threads or default_threads()
     so.inter_op_num_threads = 1
@@ -338,7 +345,8 @@ class ONNXBackend(Backend):
 
     def lower(self, program: Program, target: Target, *, opset: int = OPSET, threads: int | None = None,
               optimize: bool = True, external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
-              ort_fusions: bool | str = "auto", ort_disabled_optimizers: tuple | None = None) -> ONNXModel:
+              ort_fusions: bool | str = "auto", ort_disabled_optimizers: tuple | None = None,
+              session_optimization: str = "all") -> ONNXModel:
         """``opset``: ONNX opset (default :data:`OPSET`). ``threads``: ONNX Runtime intra-op threads
         (default: every core). ``optimize``: the exporter's ONNX optimizer (constant folding,
         redundancy elimination) before ONNX Runtime's own. ``external_data_threshold``: weights
@@ -346,6 +354,9 @@ class ONNXBackend(Backend):
         transformer fusions (:func:`ort_transformer_fusions`: BiasGelu, FastGelu... in the
         ``com.microsoft`` domain) -- ``"auto"`` applies them to graphs with a layer norm, ``True``
         always, ``False`` never (the artifact is then plain ONNX).
+        ``session_optimization``: ONNX Runtime's graph optimization level for the session,
+        ``"all"`` (default), ``"extended"``, ``"basic"`` or ``"disable"`` (``optc bisect`` steps
+        through them), saved in the manifest.
         ``ort_disabled_optimizers``: names of ONNX Runtime graph transformers the session leaves out,
         saved in the manifest, so a loaded model runs the same way. ``None`` (default): on CPU
         ``("SkipLayerNormFusion",)``, and ``GeluFusionL1`` for a program with an ``erf`` left after
@@ -367,6 +378,9 @@ class ONNXBackend(Backend):
         if isinstance(ort_disabled_optimizers, str) or not all(isinstance(o, str) for o in ort_disabled_optimizers):
             raise LoweringError(f"ort_disabled_optimizers must be a tuple of optimizer names, got "
                                 f"{ort_disabled_optimizers!r}", backend=self.name)
+        if session_optimization not in SESSION_OPTIMIZATION:
+            raise LoweringError(f"session_optimization must be one of {', '.join(SESSION_OPTIMIZATION)}, got "
+                                f"{session_optimization!r}", backend=self.name)
         if ort_fusions not in (True, False, "auto"):
             raise LoweringError(f"ort_fusions must be True, False or 'auto', got {ort_fusions!r}", backend=self.name)
         if not isinstance(opset, int) or not MIN_OPSET <= opset <= MAX_OPSET:
@@ -382,7 +396,8 @@ class ONNXBackend(Backend):
         weights = sum(t.nbytes for t in attr_tensors(program.graph_module).values())
         options = {"opset": opset, "threads": threads, "optimize": bool(optimize),
                    "external_data": weights > external_data_threshold, "ort_fusions": {},
-                   "ort_disabled_optimizers": list(ort_disabled_optimizers)}
+                   "ort_disabled_optimizers": list(ort_disabled_optimizers),
+                   "session_optimization": session_optimization}
         if not options["external_data"]:
             proto = onnx_program.model_proto
             onnx.checker.check_model(proto, full_check=True)   # the standard ONNX model, before any contrib op

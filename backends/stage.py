@@ -166,7 +166,8 @@ def channels_last(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
 
 # ---- running a stage ----------------------------------------------------------------------------------
 def run_stage(program: Program, passes: Iterable[str], target, *, native_ops=(), first_index: int = 1,
-              instruments=(), bisect_limit: int | None = None, disable: Iterable[str] = ()):
+              instruments=(), bisect_limit: int | None = None, disable: Iterable[str] = (),
+              max_rewrites: int | None = None):
     """Run the stage ``passes`` (pass texts) on a copy of ``program``; returns ``(program, report)``
     (``report`` None for an empty stage)."""
     passes = [p for p in passes if p]
@@ -175,6 +176,7 @@ def run_stage(program: Program, passes: Iterable[str], target, *, native_ops=(),
     from optc.passes.manager import PassManager
     pm = PassManager(",".join(passes), target=target, extra={"native_ops": frozenset(native_ops)},
                      first_index=first_index, instruments=instruments, bisect_limit=bisect_limit,
+                     max_rewrites=max_rewrites,
                      disable=disable)
     return pm.run(program)
 

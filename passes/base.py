@@ -106,13 +106,13 @@ class PassContext:
 class RewriteBudget:
     """LLVM ``-debug-counter`` style: allow only the first ``limit`` rewrites in the run."""
 
-    def __init__(self, limit: int):
-        self.limit = limit
+    def __init__(self, limit: int | None):
+        self.limit = limit          # None: no limit (the rewrites are still counted)
         self.used = 0
         self.last: tuple[str, str, str] | None = None
 
     def take(self, pass_name: str, rule: str, node: str) -> bool:
-        if self.used >= self.limit:
+        if self.limit is not None and self.used >= self.limit:
             log.info("rewrite limit %d reached: not applying %s/%s at %%%s", self.limit, pass_name, rule, node)
             return False
         self.used += 1

@@ -56,6 +56,7 @@ class PassRecord:
     exact: bool = True
     error: Any = None            # NumericReport vs the previous program (lossy passes; exact when checked)
     note: str = ""               # why the pipeline moved this pass (ResolvedPass.moved)
+    rewrites: int = 0            # rewrites it counted through ctx.allow_rewrite (the bisection counter)
 
 
 @dataclass
@@ -63,6 +64,8 @@ class PipelineReport:
     pipeline: str
     records: list[PassRecord] = field(default_factory=list)
     total_s: float = 0.0
+    rewrites: int = 0                          # rewrites counted over the run
+    last_rewrite: tuple | None = None          # (pass, rule, node) of the last rewrite allowed
 
     @property
     def passes_time_s(self) -> float:
@@ -231,7 +234,7 @@ class PassManager:
         t_start = time.perf_counter()
         current = program.clone()
         report = PipelineReport(",".join(p.text for p in self.passes))
-        budget = RewriteBudget(self.max_rewrites) if self.max_rewrites is not None else None
+        budget = RewriteBudget(self.max_rewrites)    # counts every rewrite; limits them with max_rewrites
         for inst in self.instruments:
             inst.start(current, self.passes)
         numeric_inputs = None
@@ -254,6 +257,7 @@ class PassManager:
             record.nodes_before = len(current.graph.nodes)
             ctx = PassContext(rp.name, dict(rp.options), program=current, target=self.target,
                               budget=budget, extra=self.extra)
+            used_before = budget.used
             try:
                 t0 = time.perf_counter()
                 result = rp.info.fn(current.graph_module, ctx)
@@ -266,6 +270,7 @@ class PassManager:
                 current = current.with_graph_module(gm)
                 record.modified = bool(result.modified)
                 record.stats = dict(result.stats)
+                record.rewrites = budget.used - used_before
                 record.rejections = list(ctx.rejections)
                 if ctx.rejections:
                     record.stats.setdefault("not-fired", len(ctx.rejections))
@@ -302,6 +307,7 @@ class PassManager:
             for inst in self.instruments:
                 inst.after(record, before, current)
         report.total_s = time.perf_counter() - t_start
+        report.rewrites, report.last_rewrite = budget.used, budget.last
         return current, report
 
     @staticmethod

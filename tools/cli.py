@@ -122,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_parser(sub)  # optc bench: latency against eager and other runtimes (docs/benchmarks.md)
     from optc.tools.compare import add_compare_parser
     add_compare_parser(sub)  # optc compare: against a float64 reference, the first diverging node
+    from optc.tools.bisect import add_bisect_parser
+    add_bisect_parser(sub)  # optc bisect: the first pass and rewrite after which the compile stops matching
     return parser
 
 

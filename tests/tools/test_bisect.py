@@ -1,0 +1,140 @@
+"""``optc bisect``: planted miscompiles in a pipeline pass (on one rewrite of several), in a
+backend-stage pass, and in a backend itself; a model that matches; the pinned failure."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.fx as fx
+
+from optc.passes import base
+from optc.passes.base import PassResult, register_pass
+from optc.tools.bisect import Failure, bisect
+from optc.tools.cli import main
+
+
+class Net(torch.nn.Module):
+    """Three scalings: the planted pass rewrites each and gets only the second wrong."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(8, 8), torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x)) * 0.5
+        h = torch.tanh(h) * 3.0
+        return self.b(h) * 2.0
+
+
+@pytest.fixture
+def second_rewrite_wrong():
+    name = "test-bisect-second-wrong"
+
+    def fn(gm: fx.GraphModule, ctx) -> PassResult:
+        n = 0
+        for node in list(gm.graph.nodes):
+            if node.op == "call_function" and node.target == torch.ops.aten.mul.Tensor \
+                    and isinstance(node.args[1], float) and not node.meta.get("test_rewritten"):
+                if not ctx.allow_rewrite("scale", node):
+                    continue
+                n += 1
+                factor = 1.5 if n == 2 else 1.0        # the second rewrite is the wrong one
+                with gm.graph.inserting_before(node):
+                    new = gm.graph.call_function(torch.ops.aten.mul.Tensor, (node.args[0], node.args[1] * factor))
+                new.meta.update(node.meta)
+                new.meta["test_rewritten"] = True
+                node.replace_all_uses_with(new)
+                gm.graph.erase_node(node)
+        gm.recompile()
+        return PassResult(gm, n > 0, {"rewritten": n})
+
+    register_pass(name, exact=False, description="test only: its second rewrite is wrong")(fn)
+    yield name
+    base._REGISTRY.pop(name, None)
+
+
+def test_finds_the_pass_and_its_wrong_rewrite(second_rewrite_wrong):
+    torch.manual_seed(0)
+    pipeline = f"canonicalize,dce,{second_rewrite_wrong},cse"
+    result = bisect(Net().eval(), (torch.randn(3, 8),), backend="onnx", pipeline=pipeline)
+    assert result.pinned.kind == "mismatch" and result.pinned.output == 0
+    assert result.culprit == "pipeline pass"
+    assert result.first_pass == {"index": 3, "pass": second_rewrite_wrong}
+    r = result.first_rewrite
+    assert r["count"] == 2 and r["pass"] == second_rewrite_wrong and r["rule"] == "scale"
+    assert r["node"] == "mul_1"                                  # tanh(h) * 3.0
+    assert any(t.outcome == "matches" for t in result.tries)     # the search saw both sides
+    text = result.format()
+    assert f"first failing pass: #3 {second_rewrite_wrong}" in text and f"first failing rewrite: #2 of {second_rewrite_wrong}, rule scale at %mul_1" in text
+
+
+def test_a_model_that_matches_has_nothing_to_bisect(capsys):
+    rc = main(["bisect", "zoo:mlp", "--tiny", "--backend", "onnx"])
+    assert rc == 0
+    assert "nothing to bisect" in capsys.readouterr().out
+
+
+@pytest.fixture
+def wrong_mha_translation():
+    pytest.importorskip("onnxruntime")
+    from optc.backends import onnx as onnx_backend
+    from optc.backends import onnx_contrib
+    op = torch.ops.optc.ort_multihead_attention.default
+    right = onnx_backend.onnx_translations()[op]
+
+    def wrong(query, key, value, attention_bias=None, num_heads=1, scale=1.0, unidirectional=False):
+        return onnx_contrib._translate_mha(query, key, value, attention_bias, num_heads, scale * 1.5, unidirectional)
+
+    onnx_backend.register_onnx_translation(op, wrong, replace=True)
+    yield
+    onnx_backend.register_onnx_translation(op, right, replace=True)
+
+
+class Sdpa(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.qkv = torch.nn.Linear(16, 48)
+
+    def forward(self, x):
+        q, k, v = (t.view(1, 6, 2, 8).transpose(1, 2) for t in self.qkv(x).split(16, -1))
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(1, 6, 16)
+
+
+def test_a_stage_pass_is_blamed_without_the_pipeline(wrong_mha_translation, tmp_path):
+    torch.manual_seed(0)
+    result = bisect(Sdpa().eval(), (torch.randn(1, 6, 16) * 2,), backend="onnx")
+    assert result.culprit == "stage pass"
+    assert result.first_pass["pass"] == "ort-contrib-ops"
+    assert result.first_pass["index"] == len(result.pipeline_passes) + result.stage_passes.index("ort-contrib-ops") + 1
+    assert result.first_rewrite["rule"] == "ort-multihead-attention" and result.first_rewrite["count"] == 1
+    data = json.loads(json.dumps(result.to_json()))
+    assert data["found"] and data["pinned"]["kind"] == "mismatch"
+
+
+def test_a_backend_bug_is_named_as_such():
+    from optc.testing import register_perturbing_backend
+    name = register_perturbing_backend()
+    torch.manual_seed(0)
+    result = bisect(Net().eval(), (torch.randn(3, 8),), backend=name)
+    assert result.culprit == "backend" and result.first_pass is None
+    assert "cannot be switched" in result.note
+
+
+def test_the_signature_pins_output_and_order_of_magnitude():
+    pinned = Failure("mismatch", output=1, decade=-2, error=0.03)
+    assert Failure("mismatch", output=1, decade=-3, error=0.004).same_as(pinned)
+    assert not Failure("mismatch", output=0, decade=-2, error=0.03).same_as(pinned)      # another output
+    assert not Failure("mismatch", output=1, decade=-5, error=3e-5).same_as(pinned)      # another bug's size
+    assert not Failure("error", error_type="LoweringError", message="x").same_as(pinned)
+    inf = Failure("mismatch", output=0, decade=math.inf, error=math.inf)
+    assert inf.same_as(inf) and not Failure("mismatch", output=0, decade=0, error=1.0).same_as(inf)
+
+
+def test_bad_session_optimization_is_a_clear_error():
+    import optc
+    from optc.errors import LoweringError
+    with pytest.raises(LoweringError, match="session_optimization must be one of"):
+        optc.compile(Net().eval(), (torch.randn(3, 8),), backend="onnx", session_optimization="max")
