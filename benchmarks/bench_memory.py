@@ -12,7 +12,11 @@ prints as "Maximum resident set size") is its own:
 - ``plain``: ``torch.onnx.export(model, dynamo=True)`` saved with external data, then an ONNX
   Runtime session created from the file and run once -- what a user does without optc;
 - ``optc-B``: ``optc.compile(model, (ids,), backend=B)`` with the default pipeline and the
-  compile-time check, then one call of the compiled model.
+  compile-time check, then one call of the compiled model;
+- ``optc-onnx-meta``: the same model built on the ``meta`` device (nothing materialised) and
+  ``optc.compile(..., backend="onnx", weights=[model.safetensors, rotary buffers])``: the weights
+  memory-mapped from a safetensors file written beforehand by another process (the rotary
+  ``inv_freq`` buffers, which no checkpoint holds, computed by a real rotary module).
 
 Reported per route: peak RSS, its ratio to the weight bytes, what the process held after
 building the model (the model itself), and the wall time. Both the model's own copy of the
@@ -31,19 +35,23 @@ import sys
 import tempfile
 import time
 
-ROUTES = ("plain", "optc-onnx", "optc-torchscript", "optc-tvm")
+ROUTES = ("plain", "optc-onnx", "optc-torchscript", "optc-tvm", "optc-onnx-meta")
 
 
-def _build(layers: int, hidden: int, seq: int):
+def _config(layers: int, hidden: int):
+    import transformers as T
+    heads = max(hidden // 64, 1)
+    return T.LlamaConfig(hidden_size=hidden, intermediate_size=int(hidden * 2.75), num_hidden_layers=layers,
+                         num_attention_heads=heads, num_key_value_heads=max(heads // 4, 1), vocab_size=32000,
+                         max_position_embeddings=2048, attn_implementation="eager")
+
+
+def _build(layers: int, hidden: int, seq: int, device: str = "cpu"):
     import torch
     import transformers as T
     torch.manual_seed(0)
-    heads = max(hidden // 64, 1)
-    cfg = T.LlamaConfig(hidden_size=hidden, intermediate_size=int(hidden * 2.75), num_hidden_layers=layers,
-                        num_attention_heads=heads, num_key_value_heads=max(heads // 4, 1), vocab_size=32000,
-                        max_position_embeddings=2048, attn_implementation="eager")
-    with torch.device("cpu"):
-        model = T.LlamaModel(cfg).eval()
+    with torch.device(device):
+        model = T.LlamaModel(_config(layers, hidden)).eval()
 
     class Out(torch.nn.Module):
         def __init__(self, m):
@@ -65,15 +73,35 @@ def _rss_kib() -> int:
     return 0
 
 
+def _weights_file(layers: int, hidden: int) -> str:
+    return os.path.join(tempfile.gettempdir(), f"optc-bench-llama-{layers}x{hidden}.safetensors")
+
+
+def _write_weights(layers: int, hidden: int) -> None:
+    from safetensors.torch import save_file
+    model, _ = _build(layers, hidden, 1)
+    path = _weights_file(layers, hidden)
+    save_file({k: v.contiguous() for k, v in model.m.state_dict().items()}, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
 def _child(route: str, layers: int, hidden: int, seq: int) -> dict:
     import torch
     torch.set_num_threads(2)
-    model, ids = _build(layers, hidden, seq)
+    model, ids = _build(layers, hidden, seq, device="meta" if route.endswith("-meta") else "cpu")
     weight_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     params = sum(p.numel() for p in model.parameters())
     held_kib = _rss_kib()
     t0 = time.perf_counter()
-    if route == "plain":
+    if route == "optc-onnx-meta":
+        import optc
+        import transformers as T
+        rope = T.models.llama.modeling_llama.LlamaRotaryEmbedding(_config(layers, hidden))   # real: a few floats
+        extra = {f"rotary_emb.{n}": b for n, b in rope.named_buffers()}
+        compiled, report = optc.compile(model, (ids,), backend="onnx", weights=[_weights_file(layers, hidden), extra])
+        with torch.no_grad():
+            compiled(ids)
+    elif route == "plain":
         import onnxruntime as ort
         with tempfile.TemporaryDirectory() as d:
             path = os.path.join(d, "model.onnx")
@@ -102,13 +130,21 @@ def main(argv=None) -> int:
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--json")
     ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--write-weights", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.write_weights:
+        _write_weights(args.layers, args.hidden)
+        return 0
     if args.child:
         print(json.dumps(_child(args.child, args.layers, args.hidden, args.seq)))
         return 0
     rows = []
     print("| route | params | weights | peak RSS | peak / weights | model alone | wall s |")
     print("|---|---|---|---|---|---|---|")
+    if any(r.endswith("-meta") for r in args.routes) and not os.path.exists(_weights_file(args.layers, args.hidden)):
+        print(f"writing {_weights_file(args.layers, args.hidden)} (another process)", file=sys.stderr, flush=True)
+        subprocess.run([sys.executable, __file__, "--write-weights", "--layers", str(args.layers), "--hidden",
+                        str(args.hidden)], check=True)
     for route in args.routes:
         cmd = [sys.executable, __file__, "--child", route, "--layers", str(args.layers), "--hidden",
                str(args.hidden), "--seq", str(args.seq)]

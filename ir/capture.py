@@ -48,6 +48,14 @@ def capture(model: nn.Module, example_inputs: Any = (), example_kwargs: dict | N
     if not isinstance(model, nn.Module):
         raise CaptureError(f"expected an nn.Module, got {type(model).__name__}",
                            hint="wrap a function in an nn.Module whose forward calls it")
+    on_meta = [n for n, t in list(model.named_parameters(remove_duplicate=False)) +
+               list(model.named_buffers(remove_duplicate=False)) if t.is_meta]
+    if on_meta:
+        from optc.errors import WeightsError
+        shown = ", ".join(f"'{n}'" for n in on_meta[:3]) + (f" and {len(on_meta) - 3} more" if len(on_meta) > 3 else "")
+        raise WeightsError(f"{type(model).__name__} has {len(on_meta)} tensors on the meta device ({shown}) and no "
+                           "weights: pass weights= to optc.compile (a .safetensors file, a folder of them or a "
+                           "mapping), or --weights to optc compile")
     args, kwargs = _normalise_inputs(example_inputs, example_kwargs)
     if isinstance(dynamic_shapes, str) and dynamic_shapes == "batch":
         dynamic_shapes = dynamic_batch(model, args, kwargs)

@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
+from optc.errors import OptcError
 from optc.ir.program import Program
 from optc.ir.stats import ModelStats, human_bytes, model_stats
 from optc.passes.manager import PassManager, PipelineReport
@@ -119,7 +120,7 @@ class CompileReport:
 def compile(model: Any, example_inputs: Any = (), *, example_kwargs: dict | None = None,
             backend: str | None = None, target: Target | str = "cpu", pipeline: str = "default",
             dynamic_shapes: Any = None, calibration_data: Any = None,
-            progress: "Callable[[str], None] | None" = None, check: bool = True,
+            progress: "Callable[[str], None] | None" = None, check: bool = True, weights: Any = None,
             **backend_options) -> tuple["CompiledModel", CompileReport]:
     """Capture ``model``, run the target's pipeline, lower it with ``backend``.
 
@@ -138,6 +139,12 @@ def compile(model: Any, example_inputs: Any = (), *, example_kwargs: dict | None
     naming the backend, the output, the error and the tolerance. ``report.check`` holds what it
     measured.
 
+    ``weights``: for a model built on the ``meta`` device (or to replace a model's tensors): a
+    ``.safetensors`` file, a folder of them, a mapping of names to tensors, or a list of those
+    (:mod:`optc.ir.weights`); the files are memory-mapped, read as the weights are used. A name
+    that is missing or a shape that differs is a :class:`~optc.errors.WeightsError` naming the
+    tensor. The user's model is not modified.
+
     Returns the :class:`~optc.backends.base.CompiledModel` (called like ``model``; ``save(dir)``)
     and a :class:`CompileReport`. Availability of the backend and device is checked first, before
     the (slow) capture.
@@ -154,6 +161,12 @@ def compile(model: Any, example_inputs: Any = (), *, example_kwargs: dict | None
 
     watch = RSSWatch().__enter__()
     try:
+        if weights is not None:
+            if isinstance(model, Program):
+                raise OptcError("weights= applies to an nn.Module, not to a captured Program")
+            from optc.ir.weights import with_weights
+            say("reading the weights")
+            model = with_weights(model, weights)
         return _compile(model, example_inputs, example_kwargs, tgt, be, pipeline, dynamic_shapes, calibration_data,
                         check, say, backend_options, watch)
     finally:

@@ -96,3 +96,8 @@ class ArtifactError(OptcError):
 
 class InputSpecError(OptcError):
     """Inputs given to a Program or CompiledModel do not match the captured signature."""
+
+
+class WeightsError(OptcError):
+    """Weights given for a model do not fit it (a missing tensor, a wrong shape, a file that cannot
+    be read), or a model on the ``meta`` device was given none."""

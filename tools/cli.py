@@ -425,6 +425,9 @@ def _add_compile_parser(sub) -> None:
                    help="threads for torch and, for backends with a 'threads' option (onnx), the runtime "
                         "(default: every core)")
     c.add_argument("--dynamic-batch", action="store_true", help="capture with dim 0 of every input dynamic")
+    c.add_argument("--weights", action="append", default=[], metavar="F",
+                   help="the model's tensors from F: a .safetensors file or a folder of them (repeatable); for a "
+                        "model built on the meta device (docs/cli.md)")
     c.add_argument("--out", required=True, metavar="DIR",
                    help="artifact folder (created; an earlier artifact there is replaced)")
     c.add_argument("--runs", type=non_negative, default=20, metavar="N",
@@ -470,6 +473,9 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
     loaded = load_model(args.model, inputs=args.input, config=parse_config(args.config), tiny=args.tiny,
                         batch=args.batch)
+    if args.weights:   # memory-mapped: eager below reads the same pages the compile read
+        from optc.ir.weights import with_weights
+        loaded.model = with_weights(loaded.model, args.weights)
     progress = (lambda msg: print(f"optc: {msg}...", file=sys.stderr, flush=True)) if sys.stderr.isatty() else None
     calibration = load_calibration_data(args.calibration_data, loaded.args)
     compiled, report = optc.compile(loaded.model, loaded.args, example_kwargs=loaded.kwargs or None,
