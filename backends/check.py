@@ -202,20 +202,38 @@ def _draw(t: torch.Tensor, shape: list[int], gen: torch.Generator) -> torch.Tens
     return torch.randint(lo, hi + 1, shape, generator=gen, dtype=t.dtype)
 
 
-def check_compiled(compiled: Any, program: Program, *, seed: int = 1) -> CheckReport:
-    """Run ``compiled`` on the example inputs and a fresh draw; compare with ``program``.
+@dataclass
+class CheckPlan:
+    """The program's half of the check, computed before lowering (:func:`plan_check`), so that
+    the program and its weights can be released before the backend's runtime loads its own copy:
+    the inputs, the program's outputs on them and each output's tolerance."""
 
-    Raises :class:`NumericMismatchError` on a mismatch, :class:`LoweringError` when the compiled
-    model fails on the fresh draw; returns the :class:`CheckReport` otherwise."""
+    sets: list = field(default_factory=list)      # (label, args, kwargs, reference outputs, tolerances)
+    quantized: bool = False
+
+
+def plan_check(program: Program, *, seed: int = 1) -> CheckPlan:
+    plan = CheckPlan(quantized=_quantized(program))
+    for label, (args, kwargs) in (("example", (program.example_args, program.example_kwargs)),
+                                  ("fresh", fresh_inputs(program, seed))):
+        with torch.no_grad():
+            ref = program(*args, **kwargs)
+        leaves = pytree.tree_leaves(ref)
+        tols = [tolerance_for(program, r.dtype) if isinstance(r, torch.Tensor) and (r.is_floating_point() or r.is_complex())
+                else 0.0 for r in leaves]
+        plan.sets.append((label, args, kwargs, leaves, tols))
+    return plan
+
+
+def run_check(compiled: Any, plan: CheckPlan) -> CheckReport:
+    """Run ``compiled`` on the plan's inputs and compare with the program's outputs (see
+    :func:`check_compiled`)."""
     import time
     t0 = time.perf_counter()
     backend, target = compiled.backend, str(compiled.target)
     report = CheckReport(backend, target)
-    quantized = _quantized(program)
-    sets = [("example", (program.example_args, program.example_kwargs)), ("fresh", fresh_inputs(program, seed))]
-    for label, (args, kwargs) in sets:
+    for label, args, kwargs, ref_leaves, tols in plan.sets:
         with torch.no_grad():
-            ref = program(*args, **kwargs)
             try:
                 got = compiled(*args, **kwargs)
             except OptcError as e:
@@ -227,25 +245,32 @@ def check_compiled(compiled: Any, program: Program, *, seed: int = 1) -> CheckRe
                 first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 raise LoweringError(f"the compiled model fails on the {label} inputs ({_shapes(args, kwargs)}): "
                                     f"{type(e).__name__}: {first}", backend=backend) from e
-        ref_leaves, got_leaves = pytree.tree_leaves(ref), pytree.tree_leaves(got)
+        got_leaves = pytree.tree_leaves(got)
         if len(ref_leaves) != len(got_leaves):
             raise NumericMismatchError(f"[{backend}] {target}: the compiled model returns {len(got_leaves)} "
                                        f"outputs, the program {len(ref_leaves)}")
-        for i, (r, g) in enumerate(zip(ref_leaves, got_leaves)):
+        for i, (r, g, tol) in enumerate(zip(ref_leaves, got_leaves, tols)):
             if not isinstance(r, torch.Tensor):
                 continue
             floating = r.is_floating_point() or r.is_complex()
-            tol = tolerance_for(program, r.dtype) if floating else 0.0
-            err, cos, ok, detail = compare_output(r, g, tol, quantized=quantized and floating)
+            err, cos, ok, detail = compare_output(r, g, tol, quantized=plan.quantized and floating)
             report.outputs.append(OutputCheck(label, i, str(r.dtype).replace("torch.", ""), err, tol, cos, ok, detail))
             if not ok:
                 report.time_s = time.perf_counter() - t0
-                raise mismatch_error(report, report.outputs[-1], program)
+                raise mismatch_error(report, report.outputs[-1])
     report.time_s = time.perf_counter() - t0
     return report
 
 
-def mismatch_error(report: CheckReport, o: OutputCheck, program: Program) -> NumericMismatchError:
+def check_compiled(compiled: Any, program: Program, *, seed: int = 1) -> CheckReport:
+    """Run ``compiled`` on the example inputs and a fresh draw; compare with ``program``.
+
+    Raises :class:`NumericMismatchError` on a mismatch, :class:`LoweringError` when the compiled
+    model fails on the fresh draw; returns the :class:`CheckReport` otherwise."""
+    return run_check(compiled, plan_check(program, seed=seed))
+
+
+def mismatch_error(report: CheckReport, o: OutputCheck, program: Program | None = None) -> NumericMismatchError:
     what = o.detail or (f"max error {o.error:.3g} of the output scale > tolerance {o.tolerance:g}"
                         + (f" (cosine {o.cosine:.5f})" if o.cosine < 1 else ""))
     if o.tolerance > 0 and o.detail == "" and o.error <= o.tolerance:

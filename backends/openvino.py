@@ -163,6 +163,11 @@ class OpenVINOBackend(Backend):
         try:
             model = OpenVINOModel(ov_model, signature, target, threads=threads, precision=precision,
                                   backend_options=options)
+            if route == "export":
+                # convert_model(ExportedProgram) shares the program's weight memory (no copy): the
+                # compiled model keeps those tensors alive, or a weight only the program held (a
+                # folded or converted one) is freed under it once optc.compile releases the program
+                model._shared_weights = list(ep.state_dict.values()) + list(ep.constants.values())
         except BaseException:
             if route == "onnx":
                 shutil.rmtree(workdir, ignore_errors=True)

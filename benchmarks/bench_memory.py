@@ -98,9 +98,21 @@ def _child(route: str, layers: int, hidden: int, seq: int) -> dict:
         import transformers as T
         rope = T.models.llama.modeling_llama.LlamaRotaryEmbedding(_config(layers, hidden))   # real: a few floats
         extra = {f"rotary_emb.{n}": b for n, b in rope.named_buffers()}
-        compiled, report = optc.compile(model, (ids,), backend="onnx", weights=[_weights_file(layers, hidden), extra])
+        weights = [_weights_file(layers, hidden), extra]
+        compiled, report = optc.compile(model, (ids,), backend="onnx", weights=weights)
         with torch.no_grad():
-            compiled(ids)
+            got = compiled(ids)
+        wall = time.perf_counter() - t0
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        # then eager on the same weights (memory-mapped again), after the peak was read: does
+        # the compiled model match the model it was compiled from?
+        from optc.ir.weights import with_weights
+        with torch.no_grad():
+            ref = with_weights(model, weights)(ids)
+        err = float((got - ref).abs().max() / ref.abs().max())
+        return {"route": route, "params": params, "weight_bytes": weight_bytes, "peak_rss_bytes": peak,
+                "ratio": peak / weight_bytes, "model_held_bytes": held_kib * 1024, "wall_s": wall,
+                "max_rel_err_vs_eager": err, "check": str(report.check.outputs[0].error) if report.check else None}
     elif route == "plain":
         import onnxruntime as ort
         with tempfile.TemporaryDirectory() as d:
@@ -158,7 +170,8 @@ def main(argv=None) -> int:
         gib = 1024 ** 3
         print(f"| {route} | {r['params'] / 1e6:.0f} M | {r['weight_bytes'] / gib:.2f} GiB | "
               f"{r['peak_rss_bytes'] / gib:.2f} GiB | {r['ratio']:.2f}x | {r['model_held_bytes'] / gib:.2f} GiB | "
-              f"{r['wall_s']:.0f} |", flush=True)
+              f"{r['wall_s']:.0f} |" + (f" max rel err vs eager {r['max_rel_err_vs_eager']:.1e}" if "max_rel_err_vs_eager" in r
+                                        else ""), flush=True)
         rows.append(r)
     from optc.tools.bench import machine_info
     info = machine_info()

@@ -161,25 +161,33 @@ def compile(model: Any, example_inputs: Any = (), *, example_kwargs: dict | None
 
     watch = RSSWatch().__enter__()
     try:
+        # the model travels in a list that _compile empties: with weights=, the loaded copy (and
+        # its memory-mapped weights) is referenced from nowhere else and is released before the
+        # backend's runtime loads its own copy of the weights
+        models = [model]
         if weights is not None:
             if isinstance(model, Program):
                 raise OptcError("weights= applies to an nn.Module, not to a captured Program")
             from optc.ir.weights import with_weights
             say("reading the weights")
-            model = with_weights(model, weights)
-        return _compile(model, example_inputs, example_kwargs, tgt, be, pipeline, dynamic_shapes, calibration_data,
+            models = [with_weights(model, weights)]
+        del model
+        return _compile(models, example_inputs, example_kwargs, tgt, be, pipeline, dynamic_shapes, calibration_data,
                         check, say, backend_options, watch)
     finally:
         watch.__exit__(None, None, None)
 
 
-def _compile(model, example_inputs, example_kwargs, tgt, be, pipeline, dynamic_shapes, calibration_data, check,
+def _compile(models, example_inputs, example_kwargs, tgt, be, pipeline, dynamic_shapes, calibration_data, check,
              say, backend_options, watch):
+    import gc
+
     from optc.backends.lowering import lower
     from optc.errors import OptcError
     from optc.ir.capture import capture
     from optc.ir.program import attr_tensors
     t0 = time.perf_counter()
+    model = models.pop()
     if isinstance(model, Program):
         if example_inputs not in ((), None) or example_kwargs or dynamic_shapes is not None:
             raise OptcError("compile() of a captured Program takes no example inputs or dynamic_shapes "
@@ -189,27 +197,39 @@ def _compile(model, example_inputs, example_kwargs, tgt, be, pipeline, dynamic_s
         say("capturing")
         program = capture(model, example_inputs, example_kwargs, dynamic_shapes=dynamic_shapes)
     t1 = t0 if isinstance(model, Program) else time.perf_counter()   # a Program is not captured again
+    del model
     captured = program
     say(f"running the pipeline ({'the target default' if pipeline == 'default' else pipeline})")
     program, preport = optimize(program, pipeline, tgt, calibration_data=calibration_data)
     t2 = time.perf_counter()
+    # what the report and the check need from the programs, taken before lowering: the programs
+    # (and the weights only they hold) are released before the backend's runtime loads its copy
+    facts = dict(name=program.name, stats_before=model_stats(captured), stats_after=model_stats(program),
+                 quantization=program.graph_module.meta.get("optc_quant_report"),
+                 weight_bytes=sum(t.nbytes for t in attr_tensors(captured.graph_module).values()))
+    del captured
+    plan = None
+    if check:
+        from optc.backends.check import plan_check
+        say("running the program on the check inputs")
+        plan = plan_check(program)
+    t_plan = time.perf_counter()
     say(f"lowering with {be.name} for {tgt.device}")
     compiled = lower(program, tgt, pipeline=preport.pipeline, **backend_options)
+    del program
+    gc.collect()
     t3 = time.perf_counter()
     check_report = None
-    if check:
-        from optc.backends.check import check_compiled
+    if plan is not None:
+        from optc.backends.check import run_check
         say("checking the compiled model against the program")
-        check_report = check_compiled(compiled, program)
+        check_report = run_check(compiled, plan)
     t4 = time.perf_counter()
-    report = CompileReport(name=program.name, backend=be.name, target=str(tgt), pipeline=preport,
-                           capture_s=t1 - t0, optimize_s=t2 - t1, lowering_s=t3 - t2,
+    report = CompileReport(backend=be.name, target=str(tgt), pipeline=preport,
+                           capture_s=t1 - t0, optimize_s=t2 - t1, lowering_s=t3 - t_plan,
                            artifact_bytes=compiled.artifact_size(),
-                           stats_before=model_stats(captured), stats_after=model_stats(program),
-                           quantization=program.graph_module.meta.get("optc_quant_report"),
-                           check=check_report, check_s=t4 - t3,
-                           backend_stage=getattr(compiled, "stage_report", None),
-                           weight_bytes=sum(t.nbytes for t in attr_tensors(captured.graph_module).values()))
+                           check=check_report, check_s=(t4 - t3) + (t_plan - t2),
+                           backend_stage=getattr(compiled, "stage_report", None), **facts)
     watch.__exit__(None, None, None)
     report.peak_rss_bytes, report.rss_growth_bytes = watch.peak, watch.growth
     return compiled, report

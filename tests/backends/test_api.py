@@ -49,8 +49,8 @@ def test_compile_reports_progress(structured):
     model, args, kwargs = structured
     msgs = []
     optc.compile(model, args, example_kwargs=kwargs, backend="torchscript", pipeline="dce", progress=msgs.append)
-    assert msgs == ["capturing", "running the pipeline (dce)", "lowering with torchscript for cpu",
-                    "checking the compiled model against the program"]
+    assert msgs == ["capturing", "running the pipeline (dce)", "running the program on the check inputs",
+                    "lowering with torchscript for cpu", "checking the compiled model against the program"]
 
 
 def test_compile_default_pipeline(structured):
