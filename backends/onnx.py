@@ -52,9 +52,9 @@ MAX_OPSET = 23
 #: Weights above this many bytes stream to disk as external data (model.onnx + model.onnx.data,
 #: tensor by tensor) and the session is created from the file: the in-memory route holds the
 #: ModelProto, its serialized bytes and the session at once (a 303 M-parameter Llama peaked at
-#: 6.1x its weight bytes that way, 3.1x streamed: docs/benchmarks.md, "Memory"). Below it the
-#: model stays in memory, where ONNX Runtime's transformer fusions can be applied. Protobuf's own
-#: limit is 2 GiB.
+#: 6.1x its weight bytes that way, 3.1x streamed, 2.5x once the other copies were gone:
+#: docs/benchmarks.md, "Memory"). Below it the model stays in memory, where ONNX Runtime's
+#: transformer fusions can be applied. Protobuf's own limit is 2 GiB.
 EXTERNAL_DATA_THRESHOLD = 512 * 1024 ** 2
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
