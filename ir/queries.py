@@ -23,6 +23,22 @@ from optc.ir.rewrite import arg, attr_value
 
 
 # ---- what a node holds ------------------------------------------------------------------------
+def known_equal(a: Any, b: Any) -> bool:
+    """``a == b`` for ints or SymInts, True only when it holds for every size the dims may take --
+    without adding a guard (comparing SymInts with ``==`` in Python guards on the example's sizes
+    and turns a dynamic dim static)."""
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+    if isinstance(a, torch.SymInt) or isinstance(b, torch.SymInt):
+        return bool(statically_known_true(a == b))
+    return a == b
+
+
+def same_shape(a: Any, b: Any) -> bool:
+    """Whether two shapes are equal for every size their dims may take (no guard added)."""
+    a, b = tuple(a), tuple(b)
+    return len(a) == len(b) and all(known_equal(x, y) for x, y in zip(a, b))
+
+
 def val(node: Any) -> torch.Tensor | None:
     """``node.meta['val']`` if ``node`` is a node holding a tensor, else None."""
     v = node.meta.get("val") if isinstance(node, fx.Node) else None

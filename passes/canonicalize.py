@@ -69,7 +69,7 @@ import torch
 import torch.fx as fx
 
 from optc.ir.effects import writes_in_place
-from optc.ir.queries import val
+from optc.ir.queries import same_shape, val
 from optc.ir.rewrite import MatchResult, RewriteRule, apply_rules, arg, call, erase_if_unused, is_op
 from optc.passes.base import PassContext, PassResult, register_pass
 
@@ -202,8 +202,8 @@ class DropNoopView(_DropIdentity):
         if not is_op(node, *self.targets):
             return None
         sv, ov = val(node.args[0]), val(node)
-        if sv is None or ov is None or tuple(sv.shape) != tuple(ov.shape):
-            return None          # changes the shape: not a candidate
+        if sv is None or ov is None or not same_shape(sv.shape, ov.shape):
+            return None          # changes the shape (or may, for some size of a dynamic dim): not a candidate
         if not _is_identity_view(node, sv.dim()):
             return None          # e.g. transposes two equal dimensions: same shape, other data
         return super().match(node, ctx)

@@ -258,6 +258,7 @@ class PassManager:
             ctx = PassContext(rp.name, dict(rp.options), program=current, target=self.target,
                               budget=budget, extra=self.extra)
             used_before = budget.used
+            dynamic_before = _dynamic_dims(current)
             try:
                 t0 = time.perf_counter()
                 result = rp.info.fn(current.graph_module, ctx)
@@ -275,6 +276,12 @@ class PassManager:
                 if ctx.rejections:
                     record.stats.setdefault("not-fired", len(ctx.rejections))
                 record.nodes_after = len(current.graph.nodes)
+                lost = [d for d in dynamic_before if d not in _dynamic_dims(current)]
+                if lost:
+                    raise PassError(f"the pass made dynamic dim{'s' if len(lost) > 1 else ''} "
+                                    f"{', '.join(lost)} static (a rule compared a symbolic size with == or "
+                                    "branched on it, which guards on the example's size; compare with "
+                                    "optc.ir.queries.known_equal / same_shape)")
                 if self.check_modified:
                     changed = graph_fingerprint(current) != fp_before
                     if changed and not result.modified:
@@ -319,6 +326,16 @@ class PassManager:
                 if worst is None or rep.max_rel_error > worst.max_rel_error:
                     worst = rep
         return worst
+
+
+def _dynamic_dims(program: Program) -> list[str]:
+    """``input[dim]`` for every symbolic dim of the program's inputs."""
+    out = []
+    for spec in program.input_specs:
+        for i, d in enumerate(spec.shape):
+            if isinstance(d, str):
+                out.append(f"{spec.name}[{i}]")
+    return out
 
 
 def run_pipeline(program: Program, pipeline: str = "default", **kwargs) -> tuple[Program, PipelineReport]:

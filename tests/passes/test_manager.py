@@ -160,3 +160,38 @@ def test_optimize_public_api():
     torch.testing.assert_close(new(x), program(x))
     with pytest.raises(TypeError, match="takes a Program"):
         optc.optimize(Net(), "dce")
+
+
+def test_a_pass_that_makes_a_dynamic_dim_static_fails_and_names_it(scratch_pass):
+    """Comparing a symbolic size with == in Python guards on the example's size: the ShapeEnv
+    then specialises the dim, and the compiled model would refuse every other size."""
+    def specialise(gm, ctx):
+        x = next(n for n in gm.graph.nodes if n.op == "placeholder")
+        if x.meta["val"].shape[0] == 2:        # the bug: a guard on a dynamic dim
+            pass
+        return PassResult(gm, False)
+    scratch_pass("test-specialise", specialise)
+    program = optc.capture(Net().eval(), (torch.randn(2, 4),), dynamic_shapes="batch")
+    with pytest.raises(PassError, match=r"made dynamic dim x\[0\] static"):
+        optc.optimize(program, "test-specialise")
+
+
+def test_the_default_pipeline_keeps_a_dynamic_sequence_length():
+    """drop-noop-view compared a slice's shape with its input's with ==: on a dynamic sequence
+    length that guard made the dim static (found on HF Llama)."""
+    class Pos(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("pos", torch.arange(16.0)[None, :, None])   # as long as the example
+            self.fc = torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.fc(x + self.pos[:, : x.shape[1]])
+
+    seq = torch.export.Dim("seq", min=2, max=16)
+    model = Pos().eval()
+    program = optc.capture(model, (torch.randn(1, 16, 4),), dynamic_shapes=({1: seq},))
+    out, _ = optc.optimize(program)
+    assert isinstance(out.input_specs[0].shape[1], str)
+    x = torch.randn(1, 9, 4)
+    torch.testing.assert_close(out(x), model(x))
