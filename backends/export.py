@@ -92,10 +92,32 @@ def export_program(program: Program) -> torch.export.ExportedProgram:
     flat, dynamic = export_inputs(program)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ep = torch.export.export(gm, tuple(flat), dynamic_shapes=dynamic, strict=False)
+        try:
+            ep = torch.export.export(gm, tuple(flat), dynamic_shapes=dynamic, strict=False)
+        except Exception as e:  # noqa: BLE001 - torch.export's UserError wraps the constraint violation
+            if dynamic is None or "Constraints violated" not in str(e):
+                raise
+            # torch.export cannot prove a guard the graph makes over the named ranges (HF's key/value
+            # cache: "min(16 + 16*s, 32 + 32*s) == 16 + 16*s" for a past length s >= 1); Dim.DYNAMIC
+            # lets it keep the dims symbolic without proving the range -- checked below
+            dynamic = tuple(None if d is None else {a: torch.export.Dim.DYNAMIC for a in d} for d in dynamic)
+            ep = torch.export.export(gm, tuple(flat), dynamic_shapes=dynamic, strict=False)
+            _check_still_dynamic(ep, dynamic)
         if _rename_clashing_attrs(gm, ep):
             ep = torch.export.export(gm, tuple(flat), dynamic_shapes=dynamic, strict=False)
     return ep
+
+
+def _check_still_dynamic(ep: torch.export.ExportedProgram, dynamic: tuple) -> None:
+    from optc.errors import LoweringError
+    inputs = [n for n in ep.graph.nodes if n.op == "placeholder"
+              and n.name in {s.arg.name for s in ep.graph_signature.input_specs
+                             if s.kind == torch.export.graph_signature.InputKind.USER_INPUT}]
+    for i, (node, axes) in enumerate(zip(inputs, dynamic)):
+        for a in (axes or {}):
+            if not isinstance(node.meta["val"].shape[a], torch.SymInt):
+                raise LoweringError(f"input {i} ('{node.name}') dim {a} is dynamic in the program but the backend's "
+                                    f"export made it static (torch.export could not keep it symbolic)")
 
 
 def _rename_clashing_attrs(gm: fx.GraphModule, ep: torch.export.ExportedProgram) -> int:

@@ -296,6 +296,48 @@ ENTRIES: dict[str, Entry] = {e.name: e for e in [
 ]}
 
 
+class LlamaDecodeStep(nn.Module):
+    """One decode step of a Llama-family decoder with its key/value cache as tensors: the new
+    token(s) ``ids`` ``[B, S]`` and the cache of the ``past`` earlier ones, ``past_k`` / ``past_v``
+    ``[layers, B, kv_heads, past, head_dim]``; returns the hidden state of the new tokens and the
+    grown cache (``past + S`` positions). transformers' ``DynamicCache`` is built inside, so the
+    captured graph takes and returns plain tensors."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids, past_k, past_v):
+        T = _transformers()
+        cache = T.DynamicCache(config=self.model.config)
+        for i in range(past_k.shape[0]):
+            cache.update(past_k[i], past_v[i], i)
+        past = past_k.shape[3]
+        pos = torch.arange(past, past + ids.shape[1], device=ids.device).unsqueeze(0)
+        out = self.model(input_ids=ids, cache=cache, use_cache=True, position_ids=pos)
+        layers = out.past_key_values.layers
+        return (out.last_hidden_state, torch.stack([c.keys for c in layers]),
+                torch.stack([c.values for c in layers]))
+
+
+def llama_decode(past: int = 7) -> tuple[nn.Module, tuple, tuple]:
+    """``(LlamaDecodeStep, (ids, past_k, past_v), dynamic_shapes)`` of the corpus's Llama, with
+    one new token and a dynamic past length (``Dim.DYNAMIC``: torch.export cannot prove a guard
+    that HF's cache code makes over a named range)."""
+    T = _transformers()
+    torch.manual_seed(0)
+    cfg = T.LlamaConfig(**{"vocab_size": VOCAB, "attn_implementation": "eager", **_TEXT, **_LLAMA})
+    model = T.LlamaModel(cfg)
+    realistic_norms(model)
+    step = LlamaDecodeStep(model.eval()).eval()
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    shape = (cfg.num_hidden_layers, 1, cfg.num_key_value_heads, past, head_dim)
+    g = torch.Generator().manual_seed(1)
+    inputs = (_ids(seq=1), torch.randn(shape, generator=g), torch.randn(shape, generator=g))
+    d = torch.export.Dim.DYNAMIC
+    return step, inputs, (None, {3: d}, {3: d})
+
+
 def names(kind: str | None = None) -> list[str]:
     return [n for n, e in ENTRIES.items() if kind is None or e.kind == kind]
 

@@ -149,3 +149,22 @@ def test_llama_with_a_dynamic_sequence_length(backend):
         with torch.no_grad():
             ref, got = model(x), compiled(x)
         assert float((ref - got).abs().max() / ref.abs().max()) < 1e-5
+
+
+@pytest.mark.parametrize("backend", ["onnx", "torchscript", "tvm"])
+def test_llama_decode_step_with_a_growing_cache(backend):
+    """The decode form -- one new token, the key/value cache as inputs and outputs, a dynamic past
+    length -- compiles on every backend and matches eager at other cache lengths."""
+    step, inputs, dynamic = hf_corpus.llama_decode()
+    compiled, report = optc.compile(step, inputs, backend=backend, dynamic_shapes=dynamic)
+    assert report.pipeline.stats("fuse-attention").get("fused") == 2
+    ids, k, _ = inputs
+    for past in (3, 30):
+        g = torch.Generator().manual_seed(past)
+        shape = (*k.shape[:3], past, k.shape[4])
+        args = (ids, torch.randn(shape, generator=g), torch.randn(shape, generator=g))
+        with torch.no_grad():
+            ref, got = step(*args), compiled(*args)
+        assert got[1].shape[3] == past + 1
+        for r, o in zip(ref, got):
+            assert float((r - o).abs().max() / r.abs().max()) < 1e-5
