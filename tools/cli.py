@@ -124,6 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_compare_parser(sub)  # optc compare: against a float64 reference, the first diverging node
     from optc.tools.bisect import add_bisect_parser
     add_bisect_parser(sub)  # optc bisect: the first pass and rewrite after which the compile stops matching
+    from optc.tools.reduce import add_reduce_parser
+    add_reduce_parser(sub)  # optc reduce: the smallest part of the graph that still fails the same way
     return parser
 
 

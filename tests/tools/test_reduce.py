@@ -1,0 +1,76 @@
+"""``optc reduce``: a planted backend miscompile in the middle of a model is cut down to the
+attention that carries it, written as a re-compilable ``.pt2``; a matching model has nothing to
+reduce."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from optc.tools.cli import main
+from optc.tools.reduce import reduce, save_reduced
+
+pytest.importorskip("onnxruntime")
+
+
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp = torch.nn.Linear(16, 16)
+        self.qkv = torch.nn.Linear(16, 48)
+        self.out = torch.nn.Linear(16, 16)
+        self.norm = torch.nn.LayerNorm(16)
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x))
+        q, k, v = (t.view(1, 6, 2, 8).transpose(1, 2) for t in self.qkv(h).split(16, -1))
+        p = (q @ k.transpose(-1, -2) / 8 ** 0.5).softmax(-1)
+        a = (p @ v).transpose(1, 2).reshape(1, 6, 16)
+        return self.norm(torch.relu(self.out(a)) + h)
+
+
+@pytest.fixture
+def wrong_mha_translation():
+    from optc.backends import onnx as onnx_backend
+    from optc.backends import onnx_contrib
+    op = torch.ops.optc.ort_multihead_attention.default
+    right = onnx_backend.onnx_translations()[op]
+
+    def wrong(query, key, value, attention_bias=None, num_heads=1, scale=1.0, unidirectional=False):
+        return onnx_contrib._translate_mha(query, key, value, attention_bias, num_heads, scale * 1.5, unidirectional)
+
+    onnx_backend.register_onnx_translation(op, wrong, replace=True)
+    yield
+    onnx_backend.register_onnx_translation(op, right, replace=True)
+
+
+def test_reduces_to_the_attention_and_writes_a_reproducer(wrong_mha_translation, tmp_path):
+    torch.manual_seed(0)
+    model = Net().eval()
+    result, (piece, inputs) = reduce(model, (torch.randn(1, 6, 16) * 2,), backend="onnx")
+    assert result.pinned.kind == "mismatch"
+    assert result.nodes_after < result.nodes_before
+    ops = {str(n.target) for n in piece.graph.nodes if n.op == "call_function"}
+    assert "aten.softmax.int" in ops                      # the attention is in the piece ...
+    assert "aten.layer_norm.default" not in ops           # ... what follows it is not
+    assert not any("tanh" in o for o in ops)               # ... nor what precedes its inputs
+    assert result.failure is not None and result.failure.kind == "mismatch"
+    files = save_reduced(result, piece, inputs, str(tmp_path / "red"))
+    assert {os.path.basename(f) for f in files} == {"reduced.pt2", "inputs.pt", "reduced.txt", "failure.json"}
+    assert json.loads((tmp_path / "red" / "failure.json").read_text())["pinned"]["kind"] == "mismatch"
+    # the written piece reproduces on its own
+    ep = torch.export.load(str(tmp_path / "red" / "reduced.pt2"))
+    saved_inputs = torch.load(str(tmp_path / "red" / "inputs.pt"))
+    import optc
+    compiled, _ = optc.compile(ep.module(), tuple(saved_inputs), backend="onnx", check=False)
+    want = ep.module()(*saved_inputs)
+    got = compiled(*saved_inputs)
+    assert float((want - got).abs().max() / want.abs().max()) > 1e-3
+
+
+def test_nothing_to_reduce(capsys):
+    assert main(["reduce", "zoo:mlp", "--tiny", "--backend", "onnx"]) == 0
+    assert "nothing to reduce" in capsys.readouterr().out
