@@ -89,6 +89,12 @@ class CompiledModel:
         """Write the backend's files into ``directory``; return their paths relative to it."""
         raise NotImplementedError
 
+    def integer_coverage(self) -> "dict | None":
+        """For a quantized program: which convolutions and matmuls the runtime runs as integer
+        kernels, ``{"conv": (integer, total), "matmul": (integer, total), "source": how it was
+        read}``, or None where the backend cannot tell."""
+        return None
+
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.signature.name} on {self.target}>"
 

@@ -329,6 +329,40 @@ class ONNXModel(CompiledModel):
         out = session.run(wanted, feed)
         return {name: torch.from_numpy(v) for name, v in zip(wanted, out)}
 
+    #: ONNX Runtime's op types for convolutions and matmuls: integer kernels, float kernels
+    INTEGER_OPS = {"conv": ("QLinearConv", "ConvInteger"),
+                   "matmul": ("QGemm", "QLinearMatMul", "MatMulInteger", "MatMulIntegerToFloat",
+                              "DynamicQuantizeMatMul", "QAttention")}
+    FLOAT_OPS = {"conv": ("Conv", "FusedConv", "NchwcConv", "ConvTranspose"),
+                 "matmul": ("Gemm", "MatMul", "FusedMatMul", "FusedGemm", "Attention", "MultiHeadAttention")}
+
+    def integer_coverage(self) -> dict:
+        """Counted in the graph ONNX Runtime runs: its optimized model, written by a separate
+        session of this model with the same options (``optimized_model_filepath``)."""
+        import collections
+
+        import onnx
+        import onnxruntime as ort
+        with tempfile.TemporaryDirectory(prefix="optc-onnx-opt-") as d:
+            so = ort.SessionOptions()
+            so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, SESSION_OPTIMIZATION[
+                self.backend_options.get("session_optimization", "all")])
+            so.intra_op_num_threads = 1
+            so.optimized_model_filepath = os.path.join(d, "optimized.onnx")
+            so.add_session_config_entry("session.optimized_model_external_initializers_file_name", "optimized.data")
+            so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+            source = self.model_bytes if self.model_bytes is not None else os.path.join(self.model_dir, MODEL_FILE)
+            ort.InferenceSession(source, so, providers=["CPUExecutionProvider"],
+                                 disabled_optimizers=list(self.backend_options.get("ort_disabled_optimizers", ())))
+            graph = onnx.load(so.optimized_model_filepath, load_external_data=False).graph
+        counts = collections.Counter(n.op_type for n in graph.node)
+        out = {"source": "ONNX Runtime's optimized graph (CPU)"}
+        for kind in ("conv", "matmul"):
+            integer = sum(counts[o] for o in self.INTEGER_OPS[kind])
+            out[kind] = (integer, integer + sum(counts[o] for o in self.FLOAT_OPS[kind]))
+        out["float_ops"] = {o: counts[o] for k in ("conv", "matmul") for o in self.FLOAT_OPS[k] if counts[o]}
+        return out
+
     def save_artifacts(self, directory):
         if self.model_bytes is not None:
             with open(os.path.join(directory, MODEL_FILE), "wb") as f:

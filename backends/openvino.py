@@ -68,6 +68,29 @@ class OpenVINOModel(CompiledModel):
             raise LoweringError(f"the OpenVINO model has {n_in} inputs and {n_out} outputs, the program "
                                 f"{len(signature.inputs)} and {len(signature.outputs)}", backend="openvino")
 
+    def integer_coverage(self) -> dict:
+        """Counted in OpenVINO's runtime model (the graph the CPU plugin executes): a Convolution /
+        FullyConnected / MatMul whose ``runtimePrecision`` is u8 or i8 runs an integer kernel."""
+        import collections
+        kinds = {"Convolution": "conv", "GroupConvolution": "conv", "Deconvolution": "conv",
+                 "FullyConnected": "matmul", "MatMul": "matmul"}
+        counts: dict = collections.Counter()
+        floats: dict = collections.Counter()
+        for op in self.compiled.get_runtime_model().get_ordered_ops():
+            rt = op.get_rt_info()
+            layer = rt["layerType"].astype(str) if "layerType" in rt else ""
+            if layer not in kinds:
+                continue
+            precision = rt["runtimePrecision"].astype(str) if "runtimePrecision" in rt else ""
+            integer = precision in ("u8", "i8")
+            counts[(kinds[layer], integer)] += 1
+            if not integer:
+                floats[f"{layer} {precision}"] += 1
+        out = {"source": "OpenVINO's runtime model (CPU)", "float_ops": dict(floats)}
+        for kind in ("conv", "matmul"):
+            out[kind] = (counts[(kind, True)], counts[(kind, True)] + counts[(kind, False)])
+        return out
+
     def run_flat(self, inputs):
         self.request.infer([t.detach().contiguous().numpy() for t in inputs])
         # the request's output buffers are reused by the next call: copy

@@ -68,6 +68,24 @@ class TorchScriptModel(CompiledModel):
     def run_flat(self, inputs):
         return flat_outputs(self.module(*inputs))
 
+    def integer_coverage(self) -> dict:
+        """Counted in the frozen graph: optc's TorchScript lowering of a quantized program runs every
+        conv and linear in float32 on dequantized values (docs/quantization.md, "Backends")."""
+        kinds = {"aten::conv2d": "conv", "aten::conv1d": "conv", "aten::conv3d": "conv", "aten::_convolution": "conv",
+                 "aten::mkldnn_convolution": "conv", "prim::mkldnn_convolution": "conv",
+                 "aten::linear": "matmul", "aten::matmul": "matmul", "aten::mm": "matmul", "aten::bmm": "matmul",
+                 "quantized::conv2d": "qconv", "quantized::linear": "qmatmul"}
+        counts = {"conv": [0, 0], "matmul": [0, 0]}
+        for node in self.module.graph.nodes():
+            kind = kinds.get(node.kind())
+            if kind in ("qconv", "qmatmul"):
+                counts[kind[1:]][0] += 1
+                counts[kind[1:]][1] += 1
+            elif kind:
+                counts[kind][1] += 1
+        return {"source": "the frozen TorchScript graph", "conv": tuple(counts["conv"]),
+                "matmul": tuple(counts["matmul"])}
+
     def save_artifacts(self, directory):
         shutil.copyfile(self._path, os.path.join(directory, ARTIFACT))
         return [ARTIFACT]

@@ -69,6 +69,7 @@ class CompileReport:
     peak_rss_bytes: int | None = None          # this process's peak resident memory during compile()
     rss_growth_bytes: int | None = None        # ... over what it held when compile() started
     weight_bytes: int = 0                      # the captured model's weights (parameters and buffers)
+    integer_coverage: dict | None = None       # quantized programs: convs / matmuls run as integer kernels
 
     def memory_summary(self) -> str:
         if self.peak_rss_bytes is None:
@@ -91,10 +92,20 @@ class CompileReport:
             f"  total     {self.total_s * 1e3:10.1f} ms",
             f"  artifact  {human_bytes(self.artifact_bytes, ' '):>10}",
             f"  memory    {self.memory_summary()}",
+            *([f"  integer   {self.coverage_summary()}"] if self.quantization is not None else []),
             *([f"  model     {self.stats_summary()}"] if self.stats_before and self.stats_after else []),
             self.pipeline.format(),
             *([f"backend stage ({self.backend}):", self.backend_stage.format()] if self.backend_stage else []),
         ])
+
+    def coverage_summary(self) -> str:
+        c = self.integer_coverage
+        if not c:
+            return f"kernels not reported by the {self.backend} backend"
+        parts = [f"{k} {c[k][0]}/{c[k][1]}" for k in ("conv", "matmul") if c.get(k) and c[k][1]]
+        left = ", ".join(f"{o} {n}" for o, n in (c.get("float_ops") or {}).items())
+        return (", ".join(parts) or "no conv or matmul") + f" run as integer kernels ({c.get('source', '')})" + \
+            (f"; float: {left}" if left else "")
 
     def stats_summary(self) -> str:
         """Totals before -> after the pipeline: parameters, FLOPs, weight bytes."""
@@ -225,6 +236,11 @@ def _compile(models, example_inputs, example_kwargs, tgt, be, pipeline, dynamic_
         say("checking the compiled model against the program")
         check_report = run_check(compiled, plan)
     t4 = time.perf_counter()
+    if facts["quantization"] is not None:
+        try:
+            facts["integer_coverage"] = compiled.integer_coverage()
+        except Exception as e:  # noqa: BLE001 - a report line, never a failed compile
+            facts["integer_coverage"] = {"source": f"not read: {type(e).__name__}: {str(e)[:100]}"}
     report = CompileReport(backend=be.name, target=str(tgt), pipeline=preport,
                            capture_s=t1 - t0, optimize_s=t2 - t1, lowering_s=t3 - t_plan,
                            artifact_bytes=compiled.artifact_size(),

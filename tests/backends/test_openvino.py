@@ -66,6 +66,7 @@ def test_quantized_program_runs_int8_kernels():
         compiled, report = optc.compile(model, inputs, backend="openvino", pipeline="default,insert-qdq")
     assert compiled.backend_options["route"] == "onnx" and report.check.ok
     assert _runtime_precisions(compiled, "Convolution") <= {"i8", "u8"}, _runtime_precisions(compiled)
+    assert report.integer_coverage["conv"] == (20, 20) and report.integer_coverage["matmul"] == (1, 1)
     with pytest.warns(UserWarning), pytest.raises(LoweringError, match="route='export' cannot lower"):
         optc.compile(model, inputs, backend="openvino", pipeline="default,insert-qdq", route="export")
 

@@ -216,3 +216,20 @@ def test_onnx_session_can_leave_out_an_ort_optimizer(tmp_path):
     assert torch.equal(loaded(*args, **kwargs), compiled(*args, **kwargs))
     with pytest.raises(optc.OptcError, match="ort_disabled_optimizers must be a tuple"):
         lower(q, "cpu", "onnx", ort_disabled_optimizers="SkipLayerNormFusion")
+
+
+def test_integer_coverage_is_reported_per_backend():
+    """The compile report of a quantized program says which convs and matmuls run integer
+    kernels, read from what each runtime executes: ONNX Runtime's optimized graph (all of them
+    on ResNet-18), TorchScript's frozen graph (none: float kernels on dequantized values)."""
+    model, inputs = zoo.load("resnet18", **zoo.tiny_config("resnet18"))
+    pipeline = "default,insert-qdq"
+    _, onnx_report = optc.compile(model, inputs, backend="onnx", pipeline=pipeline, calibration_data=[inputs])
+    assert onnx_report.integer_coverage["conv"] == (20, 20)
+    assert onnx_report.integer_coverage["matmul"] == (1, 1)
+    assert "conv 20/20, matmul 1/1 run as integer kernels (ONNX Runtime" in onnx_report.format()
+    _, ts_report = optc.compile(model, inputs, backend="torchscript", pipeline=pipeline, calibration_data=[inputs])
+    assert ts_report.integer_coverage["conv"] == (0, 20)
+    # a float program has no such line
+    _, float_report = optc.compile(model, inputs, backend="onnx")
+    assert float_report.integer_coverage is None and "  integer " not in float_report.format()
