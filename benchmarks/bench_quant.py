@@ -1,7 +1,7 @@
 """INT8 on ONNX Runtime: optc's insert-qdq against ONNX Runtime's own quantizer, in one process.
 
     python benchmarks/bench_quant.py [--models resnet50 mobilenet_v2 bert] [--runs 30] [--threads 2]
-                                     [--calibration 16] [--eval 8] [--torchscript] [--tvm] [--json FILE]
+                                     [--calibration 16] [--eval 8] [--torchscript] [--tvm] [--openvino] [--json FILE]
 
 For each zoo model (full size, batch 1), from the same float32 model and the same calibration
 data (``--calibration`` random inputs, ``random_inputs_like`` seeds 1..N: standard normal images,
@@ -25,6 +25,10 @@ token ids within the example's range):
     ONNX Runtime 1.32's CPU SkipLayerNormalization kernel is 8-15x slower than the Add +
     LayerNormalization it fuses; the ONNX backend leaves it out of quantized programs by default
     (``ort_disabled_optimizers``, ``ort_fusions``) and not of float ones: each the other way too;
+``--openvino``
+    OpenVINO with its defaults (``convert_model`` + ``compile_model``, its own precision choice),
+    OpenVINO + NNCF's INT8 (``nncf.quantize`` on the same calibration samples), and optc's INT8
+    program on optc's OpenVINO backend;
 ``--torchscript`` / ``--tvm``
     optc's float32 and INT8 programs on those backends: they lower Q/DQ natively but run conv /
     matmul in float32 on dequantized values (no integer kernels), so they are timed to show it;
@@ -213,6 +217,38 @@ def bench_model(name: str, args: argparse.Namespace, workdir: str) -> dict:
     if args.torchscript:
         optc_candidate("torchscript fp32", "torchscript", "default")
         optc_candidate("torchscript int8 (float kernels)", "torchscript", args.optc_pipeline, calib)
+    if args.openvino:
+        # OpenVINO as its users run it: convert_model + compile_model with its defaults (its own
+        # precision choice), and NNCF's post-training INT8 (nncf.quantize) on the same calibration
+        # samples; then optc's INT8 program on the OpenVINO backend
+        import nncf
+        import openvino as ov
+        leaves = [[t.detach().numpy() for t in pytree.tree_leaves((a, k)) if isinstance(t, torch.Tensor)]
+                  for a, k in calib]
+
+        def ov_runner(compiled_ov):
+            request = compiled_ov.create_infer_request()
+            n_out = len(compiled_ov.outputs)
+
+            def run(a, k):
+                request.infer([t.detach().contiguous().numpy() for t in pytree.tree_leaves((a, k))
+                               if isinstance(t, torch.Tensor)])
+                return [torch.from_numpy(request.get_output_tensor(i).data.copy()) for i in range(n_out)]
+            return run
+        t0 = time.perf_counter()
+        with quiet():
+            ov_model = ov.convert_model(model, example_input=tuple(ex_args))
+        core = ov.Core()
+        runners["openvino (defaults)"] = ov_runner(core.compile_model(ov_model, "CPU", {"INFERENCE_NUM_THREADS": threads}))
+        res["build_s"]["openvino (defaults)"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        with quiet():
+            q_model = nncf.quantize(ov_model, nncf.Dataset(leaves), subset_size=len(leaves))
+        compiled_q = core.compile_model(q_model, "CPU", {"INFERENCE_NUM_THREADS": threads})
+        runners["openvino int8 (nncf.quantize)"] = ov_runner(compiled_q)
+        res["build_s"]["openvino int8 (nncf.quantize)"] = time.perf_counter() - t0
+        compiled, _ = optc_candidate("optc int8 (openvino)", "openvino", args.optc_pipeline, calib, threads=threads)
+        res["integer_coverage"] = {"optc int8 (openvino)": compiled.integer_coverage()}
     if args.tvm:
         optc_candidate("tvm fp32", "tvm", "default", threads=threads)
         optc_candidate("tvm int8 (float kernels)", "tvm", args.optc_pipeline, calib, threads=threads)
@@ -305,6 +341,8 @@ def main(argv=None) -> int:
     ap.add_argument("--optc-pipeline", default="default,insert-qdq")
     ap.add_argument("--torchscript", action="store_true", help="also time optc's TorchScript fp32 and INT8")
     ap.add_argument("--tvm", action="store_true", help="also time optc's TVM fp32 and INT8 (slow to build)")
+    ap.add_argument("--openvino", action="store_true",
+                    help="also OpenVINO (defaults), OpenVINO + NNCF INT8 and optc INT8 on OpenVINO")
     ap.add_argument("--half", action="store_true", help="also time to-half (float16, bfloat16) on ONNX Runtime "
                     "(and TorchScript with --torchscript)")
     ap.add_argument("--json", help="write the results to this file")

@@ -275,3 +275,27 @@ def test_rms_norm_runs_as_one_simplified_layer_norm_kernel(tmp_path):
     ort.InferenceSession(compiled.model_bytes, so, providers=["CPUExecutionProvider"])
     ops = [n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node]
     assert ops.count("SimplifiedLayerNormalization") == 1 and "Sqrt" not in ops, ops
+
+
+def test_a_disk_that_fills_while_streaming_leaves_nothing_behind(convnet, monkeypatch, tmp_path):
+    """The external data is streamed into a private folder; when the disk fills half-way the
+    compile fails with the OS error and the half-written folder is removed."""
+    import errno
+    import tempfile
+
+    from torch.onnx import ONNXProgram
+    model, inputs = convnet
+    program = optc.capture(model, inputs)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    real_save = ONNXProgram.save
+
+    def save_then_fill(self, path, **kw):
+        real_save(self, path, **kw)                  # the files are there ...
+        with open(path + ".data", "ab") as f:
+            f.write(b"\0" * 16)
+        raise OSError(errno.ENOSPC, "No space left on device")    # ... and then the disk is full
+
+    monkeypatch.setattr(ONNXProgram, "save", save_then_fill)
+    with pytest.raises((OSError, LoweringError), match="No space left on device"):
+        lower(program, "cpu", "onnx", external_data_threshold=0)
+    assert [p for p in os.listdir(tmp_path) if p.startswith("optc-onnx-")] == []
