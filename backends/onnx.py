@@ -348,6 +348,7 @@ class ONNXModel(CompiledModel):
             so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, SESSION_OPTIMIZATION[
                 self.backend_options.get("session_optimization", "all")])
             so.intra_op_num_threads = 1
+            so.log_severity_level = 3      # its warning that the optimized model is machine-specific
             so.optimized_model_filepath = os.path.join(d, "optimized.onnx")
             so.add_session_config_entry("session.optimized_model_external_initializers_file_name", "optimized.data")
             so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")

@@ -427,6 +427,12 @@ def _add_compile_parser(sub) -> None:
                    help="threads for torch and, for backends with a 'threads' option (onnx), the runtime "
                         "(default: every core)")
     c.add_argument("--dynamic-batch", action="store_true", help="capture with dim 0 of every input dynamic")
+    c.add_argument("--precision", choices=("fp32", "bf16", "int8", "auto"), default=None,
+                   help="fp32 (the default pipeline), bf16 (default,to-half{dtype=bfloat16}), int8 "
+                        "(default,insert-qdq, calibrated on --calibration-data), or auto: each the backend takes, "
+                        "the fastest whose cosine against eager float32 is >= --min-cosine (the table is printed)")
+    c.add_argument("--min-cosine", type=float, default=0.999, metavar="C",
+                   help="--precision auto: the accuracy budget (default 0.999)")
     c.add_argument("--weights", action="append", default=[], metavar="F",
                    help="the model's tensors from F: a .safetensors file or a folder of them (repeatable); for a "
                         "model built on the meta device (docs/cli.md)")
@@ -460,6 +466,11 @@ def cmd_compile(args: argparse.Namespace) -> int:
     if args.tune is not None and backend.name != "tvm":
         raise OptcError(f"--tune applies to the tvm backend only, not '{backend.name}'")
     backend.check_available(target)
+    if args.precision is not None and args.pipeline != "default":
+        raise OptcError("--precision chooses the pipeline: give --precision or --pipeline, not both")
+    if args.precision in ("fp32", "bf16", "int8"):
+        from optc.tools.precision import PIPELINES
+        args.pipeline = PIPELINES[args.precision]
     PassManager(args.pipeline, target=target)   # a malformed pipeline or an unknown pass fails here
     out = os.path.abspath(args.out)
     if os.path.exists(out) and (not os.path.isdir(out) or (os.listdir(out) and
@@ -480,10 +491,18 @@ def cmd_compile(args: argparse.Namespace) -> int:
         loaded.model = with_weights(loaded.model, args.weights)
     progress = (lambda msg: print(f"optc: {msg}...", file=sys.stderr, flush=True)) if sys.stderr.isatty() else None
     calibration = load_calibration_data(args.calibration_data, loaded.args)
-    compiled, report = optc.compile(loaded.model, loaded.args, example_kwargs=loaded.kwargs or None,
-                                    target=target, pipeline=args.pipeline, progress=progress,
-                                    dynamic_shapes="batch" if args.dynamic_batch else None,
-                                    calibration_data=calibration, check=args.check, **options)
+    if args.precision == "auto":
+        from optc.tools.precision import choose, format_choice
+        compiled, report, best, tried = choose(
+            loaded.model, loaded.args, loaded.kwargs or {}, backend=backend.name, target=target,
+            calibration_data=calibration, min_cosine=args.min_cosine, say=progress,
+            compile_options=dict(options, check=args.check, dynamic_shapes="batch" if args.dynamic_batch else None))
+        print(format_choice(tried, best, args.min_cosine))
+    else:
+        compiled, report = optc.compile(loaded.model, loaded.args, example_kwargs=loaded.kwargs or None,
+                                        target=target, pipeline=args.pipeline, progress=progress,
+                                        dynamic_shapes="batch" if args.dynamic_batch else None,
+                                        calibration_data=calibration, check=args.check, **options)
     compiled.save(out)
     print(report.format())
     if args.quant_report:
