@@ -94,35 +94,26 @@ def record(old: fx.GraphModule, new: fx.GraphModule, pass_name: str) -> int:
             acc |= outs[u] if u in fresh_set else replaced(u, n)
         outs[n] = frozenset(acc)
 
-    forward_cache: dict[str, frozenset[str]] = {}
-    backward_cache: dict[str, frozenset[str]] = {}
+    def walker(step):
+        """Erased old nodes reachable from a name through erased nodes, along ``step`` (users or
+        inputs), cached per start."""
+        cache: dict[str, frozenset[str]] = {}
 
-    def forward(name: str) -> frozenset[str]:
-        """Erased old nodes reachable from ``name`` through erased nodes."""
-        if name not in forward_cache:
-            seen: set[str] = set()
-            stack = [u.name for u in old_nodes[name].users if u.name in erased] if name in old_nodes else []
-            while stack:
-                x = stack.pop()
-                if x in seen:
-                    continue
-                seen.add(x)
-                stack.extend(u.name for u in old_nodes[x].users if u.name in erased)
-            forward_cache[name] = frozenset(seen)
-        return forward_cache[name]
+        def reach(name: str) -> frozenset[str]:
+            if name not in cache:
+                seen: set[str] = set()
+                stack = [x.name for x in step(old_nodes[name]) if x.name in erased] if name in old_nodes else []
+                while stack:
+                    x = stack.pop()
+                    if x not in seen:
+                        seen.add(x)
+                        stack.extend(y.name for y in step(old_nodes[x]) if y.name in erased)
+                cache[name] = frozenset(seen)
+            return cache[name]
+        return reach
 
-    def backward(name: str) -> frozenset[str]:
-        if name not in backward_cache:
-            seen: set[str] = set()
-            stack = [a.name for a in old_nodes[name].all_input_nodes if a.name in erased] if name in old_nodes else []
-            while stack:
-                x = stack.pop()
-                if x in seen:
-                    continue
-                seen.add(x)
-                stack.extend(a.name for a in old_nodes[x].all_input_nodes if a.name in erased)
-            backward_cache[name] = frozenset(seen)
-        return backward_cache[name]
+    forward = walker(lambda n: n.users)
+    backward = walker(lambda n: n.all_input_nodes)
 
     for n in fresh:
         region: set[str] = set()

@@ -30,14 +30,12 @@ Exit status: 0 when the full compile matches (nothing to bisect), 1 when a culpr
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 import torch
 
-from optc.errors import OptcError
 
 
 @dataclass(frozen=True)
@@ -310,16 +308,13 @@ def add_bisect_parser(sub) -> None:
 
 
 def cmd_bisect(args) -> int:
-    import os
     import sys
 
     from optc.passes.manager import PassManager
+    from optc.tools.compare import check_writable, write_json
     from optc.tools.models import load_model, parse_config
     PassManager(args.pipeline, target=args.target)        # a malformed pipeline fails before the load
-    if args.json:
-        d = os.path.dirname(os.path.abspath(args.json))
-        if not os.path.isdir(d) or not os.access(d, os.W_OK):
-            raise OptcError(f"--json '{args.json}': folder '{d}' does not exist or is not writable")
+    check_writable(args.json)
     loaded = load_model(args.model, inputs=args.input, config=parse_config(args.config), tiny=args.tiny,
                         batch=args.batch)
     result = bisect(loaded.model, loaded.args, loaded.kwargs, backend=args.backend, pipeline=args.pipeline,
@@ -327,10 +322,7 @@ def cmd_bisect(args) -> int:
                     progress=lambda msg: print(f"optc: {msg}", file=sys.stderr, flush=True))
     print(result.format())
     if args.json:
-        tmp = args.json + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(result.to_json(), f, indent=1)
-        os.replace(tmp, args.json)
+        write_json(args.json, result.to_json())
     if result.pinned is None:
         return 0
     return 1 if result.found else 3

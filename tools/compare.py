@@ -46,6 +46,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
@@ -419,6 +420,21 @@ def compare(model: torch.nn.Module, args: tuple, kwargs: dict | None = None, *, 
     return result
 
 
+def check_writable(path: str | None, flag: str = "--json") -> None:
+    """A usage error now, before the (slow) work, if ``path``'s folder cannot be written."""
+    if path:
+        d = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(d) or not os.access(d, os.W_OK):
+            raise OptcError(f"{flag} '{path}': folder '{d}' does not exist or is not writable")
+
+
+def write_json(path: str, data: dict) -> None:
+    """``data`` as JSON at ``path``, complete or absent (written to ``path.tmp``, then renamed)."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(data, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
 def add_compare_parser(sub) -> None:
     import argparse
     from optc.tools.bench import add_model_arguments
@@ -447,17 +463,13 @@ def add_compare_parser(sub) -> None:
 
 
 def cmd_compare(args) -> int:
-    import os
     import sys
 
     from optc.passes.manager import PassManager
     from optc.tools.cli import load_calibration_data
     from optc.tools.models import load_model, parse_config
     PassManager(args.pipeline, target=args.target)        # a malformed pipeline fails before the load
-    if args.json:
-        d = os.path.dirname(os.path.abspath(args.json))
-        if not os.path.isdir(d) or not os.access(d, os.W_OK):
-            raise OptcError(f"--json '{args.json}': folder '{d}' does not exist or is not writable")
+    check_writable(args.json)
     loaded = load_model(args.model, inputs=args.input, config=parse_config(args.config), tiny=args.tiny,
                         batch=args.batch)
     progress = (lambda msg: print(f"optc: {msg}...", file=sys.stderr, flush=True)) if sys.stderr.isatty() else None
@@ -468,8 +480,5 @@ def cmd_compare(args) -> int:
                      progress=progress)
     print(result.format())
     if args.json:
-        tmp = args.json + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(result.to_json(), f, indent=1)
-        os.replace(tmp, args.json)
+        write_json(args.json, result.to_json())
     return 0 if result.ok else 1

@@ -271,12 +271,10 @@ def cmd_reduce(args) -> int:
 
     from optc.passes.manager import PassManager
     from optc.tools.models import load_model, parse_config
+    from optc.tools.compare import check_writable, write_json
     PassManager(args.pipeline, target=args.target)
-    for path in (args.json, args.out):
-        if path:
-            d = os.path.dirname(os.path.abspath(path))
-            if not os.path.isdir(d) or not os.access(d, os.W_OK):
-                raise OptcError(f"'{path}': folder '{d}' does not exist or is not writable")
+    check_writable(args.json)
+    check_writable(args.out, "--out")
     loaded = load_model(args.model, inputs=args.input, config=parse_config(args.config), tiny=args.tiny,
                         batch=args.batch)
     result, piece = reduce(loaded.model, loaded.args, loaded.kwargs, backend=args.backend, pipeline=args.pipeline,
@@ -286,9 +284,7 @@ def cmd_reduce(args) -> int:
         save_reduced(result, *piece, args.out)
     print(result.format())
     if args.json:
-        with open(args.json + ".tmp", "w") as f:
-            json.dump(result.to_json(), f, indent=1)
-        os.replace(args.json + ".tmp", args.json)
+        write_json(args.json, result.to_json())
     return 0 if result.pinned is None else 1
 
 

@@ -77,21 +77,6 @@ def test_a_model_that_matches_has_nothing_to_bisect(capsys):
     assert "nothing to bisect" in capsys.readouterr().out
 
 
-@pytest.fixture
-def wrong_mha_translation():
-    pytest.importorskip("onnxruntime")
-    from optc.backends import onnx as onnx_backend
-    from optc.backends import onnx_contrib
-    op = torch.ops.optc.ort_multihead_attention.default
-    right = onnx_backend.onnx_translations()[op]
-
-    def wrong(query, key, value, attention_bias=None, num_heads=1, scale=1.0, unidirectional=False):
-        return onnx_contrib._translate_mha(query, key, value, attention_bias, num_heads, scale * 1.5, unidirectional)
-
-    onnx_backend.register_onnx_translation(op, wrong, replace=True)
-    yield
-    onnx_backend.register_onnx_translation(op, right, replace=True)
-
 
 class Sdpa(torch.nn.Module):
     def __init__(self):

@@ -152,23 +152,6 @@ def test_a_wrong_fused_node_is_located_through_provenance(wrong_fusion):
     assert 4e-3 < first.error < 6e-3          # 2.01 / 2 - 1
 
 
-@pytest.fixture
-def wrong_attention_translation():
-    """The ONNX translation of optc::ort_multihead_attention with a scale 10% off: a backend
-    miscompile inside one ONNX node, which the program-level locate cannot see."""
-    pytest.importorskip("onnxruntime")
-    from optc.backends import onnx as onnx_backend
-    from optc.backends import onnx_contrib
-    op = torch.ops.optc.ort_multihead_attention.default
-    right = onnx_backend.onnx_translations()[op]
-
-    def wrong(query, key, value, attention_bias=None, num_heads=1, scale=1.0, unidirectional=False):
-        return onnx_contrib._translate_mha(query, key, value, attention_bias, num_heads, scale * 1.1, unidirectional)
-
-    onnx_backend.register_onnx_translation(op, wrong, replace=True)
-    yield
-    onnx_backend.register_onnx_translation(op, right, replace=True)
-
 
 class _Attention(torch.nn.Module):
     def __init__(self):
@@ -181,7 +164,7 @@ class _Attention(torch.nn.Module):
         return self.o((p @ v).transpose(1, 2).reshape(1, 6, 16))
 
 
-def test_a_backend_miscompile_is_located_in_the_backend(wrong_attention_translation):
+def test_a_backend_miscompile_is_located_in_the_backend(wrong_mha_translation):
     torch.manual_seed(0)
     result = compare(_Attention().eval(), (torch.randn(1, 6, 16) * 3,), backends=["onnx"], top=3)
     assert not result.ok and result.located

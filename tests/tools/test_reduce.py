@@ -32,20 +32,6 @@ class Net(torch.nn.Module):
         return self.norm(torch.relu(self.out(a)) + h)
 
 
-@pytest.fixture
-def wrong_mha_translation():
-    from optc.backends import onnx as onnx_backend
-    from optc.backends import onnx_contrib
-    op = torch.ops.optc.ort_multihead_attention.default
-    right = onnx_backend.onnx_translations()[op]
-
-    def wrong(query, key, value, attention_bias=None, num_heads=1, scale=1.0, unidirectional=False):
-        return onnx_contrib._translate_mha(query, key, value, attention_bias, num_heads, scale * 1.5, unidirectional)
-
-    onnx_backend.register_onnx_translation(op, wrong, replace=True)
-    yield
-    onnx_backend.register_onnx_translation(op, right, replace=True)
-
 
 def test_reduces_to_the_attention_and_writes_a_reproducer(wrong_mha_translation, tmp_path):
     torch.manual_seed(0)
