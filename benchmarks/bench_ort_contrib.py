@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import statistics
 import sys
 
@@ -34,7 +33,7 @@ import bench_real_models as real  # noqa: E402  (the models, as the real-model b
 
 import optc  # noqa: E402
 from optc.backends.lowering import resolve, run_backend_stage  # noqa: E402
-from optc.tools.bench import machine_info, median_ci, paired_ratios  # noqa: E402
+from optc.tools.bench import median_ci, paired_ratios  # noqa: E402
 from optc.tools.bench.candidates import _ort, max_rel_error  # noqa: E402
 from optc.tools.bench.timing import interleaved  # noqa: E402
 
@@ -122,12 +121,7 @@ def main(argv=None) -> int:
     real.LLAMA_LAYERS = args.llama_layers
     torch.set_num_threads(args.threads)
     if args.kernel:
-        rows = kernel(args.seq, args.runs, args.threads)
-        info = machine_info()
-        print(f"\nmachine: {info}")
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump({"rows": rows, "machine": info, "argv": sys.argv}, f, indent=1, default=str)
+        real.finish(kernel(args.seq, args.runs, args.threads), args.json)
         return 0
     if len(args.seq) != 1:
         ap.error("--seq takes one length for the models (several only with --kernel)")
@@ -149,7 +143,7 @@ def main(argv=None) -> int:
         gc.collect()
         rec = next(r for r in report.records if r.name == "ort-contrib-ops")
         refused = sorted({why for *_, why in rec.rejections}) if rec.rejections else []
-        fns = {"plain": plain, "without": lambda: without(*inputs), "contrib": lambda: contrib(*inputs)}
+        fns = {"plain": plain, "without": lambda w=without: w(*inputs), "contrib": lambda c=contrib: c(*inputs)}
         with torch.no_grad():
             errs = {k: max_rel_error(fns[k](), ref) for k in ("without", "contrib")}
             t = interleaved(fns, runs=args.runs, warmup=args.warmup, pause_s=0.05)
@@ -168,11 +162,7 @@ def main(argv=None) -> int:
                      "median_ms": ms, "max_rel_err": errs, "stage": rec.stats, "refused": refused})
         del model, plain, without, contrib, fns
         gc.collect()
-    info = machine_info()
-    print(f"\nmachine: {info}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"rows": rows, "machine": info, "argv": sys.argv}, f, indent=1, default=str)
+    real.finish(rows, args.json)
     return 0
 
 

@@ -141,12 +141,17 @@ def main(argv=None) -> int:
                      "compile_s": {c.name: c.compile_s for c in res.candidates},
                      "peak_bytes": {c.name: c.peak_bytes for c in res.candidates}})
         del model, res, by
+    finish(rows, args.json)
+    return 0
+
+
+def finish(rows: list, path: str | None) -> None:
+    """Print the machine; with ``path``, write the rows, the machine and the command line as JSON."""
     info = machine_info()
     print(f"\nmachine: {info}")
-    if args.json:
-        with open(args.json, "w") as f:
+    if path:
+        with open(path, "w") as f:
             json.dump({"rows": rows, "machine": info, "argv": sys.argv}, f, indent=1, default=str)
-    return 0
 
 
 if __name__ == "__main__":

@@ -82,19 +82,6 @@ class ReduceResult:
         return "\n".join(lines)
 
 
-def _record(gm: fx.GraphModule, flat_inputs: list) -> dict[str, Any]:
-    values: dict[str, Any] = {}
-
-    class Rec(fx.Interpreter):
-        def run_node(self, n):
-            out = super().run_node(n)
-            values[n.name] = out
-            return out
-    with torch.no_grad():
-        Rec(gm).run(*flat_inputs)
-    return values
-
-
 def _piece(gm: fx.GraphModule, out: fx.Node, cut: set[str], values: dict[str, Any]) -> tuple[fx.GraphModule, list, list[str]]:
     """The graph computing ``out`` from the nodes in ``cut`` (as inputs, with their recorded values)
     and the original inputs it still needs; attributes shared with ``gm``."""
@@ -139,7 +126,7 @@ def reduce(model: torch.nn.Module, args: tuple, kwargs: dict | None = None, *, b
     from optc.backends.lowering import resolve
     from optc.ir.printer import format_text
     from optc.tools.bisect import _signature
-    from optc.tools.compare import _flat, _reference
+    from optc.tools.compare import _flat, _record, _reference
     say = progress or (lambda msg: None)
     kwargs = dict(kwargs or {})
     tgt, be = resolve(target, backend, {})
@@ -164,15 +151,7 @@ def reduce(model: torch.nn.Module, args: tuple, kwargs: dict | None = None, *, b
             return Failure("error", error_type=type(e).__name__, message=(str(e).strip().splitlines() or [""])[0][:200])
 
     def same_kind(f: Failure | None) -> bool:
-        if f is None:
-            return False
-        if f.kind != result.pinned.kind:
-            return False
-        if f.kind == "error":
-            return f.error_type == result.pinned.error_type and f.message == result.pinned.message
-        if math.isinf(result.pinned.decade) or math.isinf(f.decade):
-            return f.decade == result.pinned.decade
-        return abs(f.decade - result.pinned.decade) <= 1
+        return f is not None and f.same_as(result.pinned, any_output=True)
 
     say("pinning the failure of the whole model")
     result.pinned = attempt(model, list(args))
