@@ -329,6 +329,38 @@ class ONNXModel(CompiledModel):
         out = session.run(wanted, feed)
         return {name: torch.from_numpy(v) for name, v in zip(wanted, out)}
 
+    def node_times(self, inputs: list[torch.Tensor], *, runs: int = 10, warmup: int = 2) -> dict[str, float]:
+        """Median seconds per run of each node of the session's optimized graph (ONNX Runtime's
+        profiler: its ``<node>_kernel_time`` events), from a separate profiling session of the same
+        model and options; this model's session is not touched. Nodes ONNX Runtime fused keep the
+        name of the node they were fused into."""
+        import json
+        import statistics
+        import tempfile
+        import onnx
+        if self.model_bytes is not None:
+            model = self.model_bytes
+        else:
+            model = onnx.load(os.path.join(self.model_dir, MODEL_FILE)).SerializeToString()
+        feed = {name: t.detach().cpu().contiguous().numpy() for name, t in zip(self._inputs, inputs) if name is not None}
+        with tempfile.TemporaryDirectory(prefix="optc-profile-") as d:
+            session = _session(model, self.target, self.threads,
+                               self.backend_options.get("ort_disabled_optimizers", ()),
+                               self.backend_options.get("session_optimization", "all"),
+                               profile_prefix=os.path.join(d, "ort"))
+            for _ in range(warmup + runs):
+                session.run(None, feed)
+            path = session.end_profiling()
+            with open(path) as f:
+                events = json.load(f)
+        per_run: dict[str, list[float]] = {}
+        for e in events:
+            name = e.get("name", "")
+            if e.get("cat") == "Node" and name.endswith("_kernel_time"):
+                per_run.setdefault(name[:-len("_kernel_time")], []).append(e.get("dur", 0) * 1e-6)
+        # the last ``runs`` occurrences of each node are the measured runs
+        return {name: statistics.median(ts[-runs:]) for name, ts in per_run.items()}
+
     #: ONNX Runtime's op types for convolutions and matmuls: integer kernels, float kernels
     INTEGER_OPS = {"conv": ("QLinearConv", "ConvInteger"),
                    "matmul": ("QGemm", "QLinearMatMul", "MatMulInteger", "MatMulIntegerToFloat",
@@ -390,9 +422,13 @@ SESSION_OPTIMIZATION = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC
                         "all": "ORT_ENABLE_ALL"}
 
 
-def _session(model, target: Target, threads: int | None, disabled_optimizers=(), level: str = "all"):
+def _session(model, target: Target, threads: int | None, disabled_optimizers=(), level: str = "all",
+             profile_prefix: str | None = None):
     import onnxruntime as ort
     so = ort.SessionOptions()
+    if profile_prefix is not None:
+        so.enable_profiling = True
+        so.profile_file_prefix = profile_prefix
     so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, SESSION_OPTIMIZATION[level])
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.intra_op_num_threads = threads or default_threads()

@@ -126,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_bisect_parser(sub)  # optc bisect: the first pass and rewrite after which the compile stops matching
     from optc.tools.reduce import add_reduce_parser
     add_reduce_parser(sub)  # optc reduce: the smallest part of the graph that still fails the same way
+    from optc.tools.report import add_report_parser
+    add_report_parser(sub)  # optc report: one self-contained HTML page (graph, pipeline history, overlays)
     return parser
 
 
