@@ -37,6 +37,16 @@ a separate ONNX Runtime session of a copy of the model, with those values as ext
 them. The first node whose ONNX value is outside tolerance while its inputs' are inside is
 reported with its ONNX nodes. TorchScript and TVM have no node map yet.
 
+**SQNR per quantized activation** (when the pipeline quantizes: ``insert-qdq``): every activation
+the quantized Program fake-quantizes (the float value ``x`` of each ``Q -> DQ`` pair: the graph
+input, each conv's output or its fused ReLU, integer adds, pass-through ops, the value a linear
+reads) is compared with the same value of the float Program that ``insert-qdq`` ran on, as ONNX
+Runtime's ``qdq_loss_debug`` compares the float model's tensor ``x`` with the QDQ model's
+``x_DequantizeLinear_Output``: ``20 log10(max(|x|, eps) / max(|x - DQ(Q(x))|, eps))`` with the
+norms taken over all samples at once (its ``compute_signal_to_quantization_noice_ratio``), on the
+calibration data (else the example inputs). Listed lowest SQNR first, each with the conv / linear
+/ matmul that computes it.
+
 Exit status: 0 when every candidate is within tolerance, 1 when one is not (or a backend fails to
 lower: the row says why), 2 for a usage error.
 """
@@ -56,7 +66,8 @@ import torch.utils._pytree as pytree
 
 from optc.errors import OptcError
 
-__all__ = ["OutputDiff", "Candidate", "Divergence", "CompareResult", "compare", "locate", "locate_backend"]
+__all__ = ["OutputDiff", "Candidate", "Divergence", "CompareResult", "LayerSQNR", "compare", "locate", "locate_backend",
+           "layer_sqnr", "quantized_activations", "qdq_sqnr_db"]
 
 
 @dataclass
@@ -96,6 +107,27 @@ class Divergence:
 
 
 @dataclass
+class LayerSQNR:
+    """One fake-quantized activation of a quantized Program against the float Program."""
+    node: str                       # the float value quantized (qdq_loss_debug's tensor name)
+    op: str
+    source: str | None
+    sqnr_db: float                  # qdq_loss_debug's SQNR of its dequantized value, dB
+    layer: str | None = None        # the conv / linear / matmul whose output it is (through a ReLU / clamp)
+    module: str = ""                # the module path of the node ("" when unknown)
+
+    # read as the tuple ``(node, op, source, sqnr_db)`` too
+    def __iter__(self):
+        return iter((self.node, self.op, self.source, self.sqnr_db))
+
+    def __getitem__(self, i):
+        return (self.node, self.op, self.source, self.sqnr_db)[i]
+
+    def __len__(self) -> int:
+        return 4
+
+
+@dataclass
 class CompareResult:
     model: str
     pipeline: str
@@ -106,6 +138,10 @@ class CompareResult:
     #: backend -> its first divergences from the optimized Program, node by node (a separate
     #: instrumented run of its artifact; backends with a node map: onnx)
     backend_divergences: dict = field(default_factory=dict)
+    #: quantized programs: each fake-quantized activation's SQNR against the float program, worst first
+    sqnr: list[LayerSQNR] = field(default_factory=list)
+    sqnr_samples: int = 0
+    top: int = 5                    # rows of ``sqnr`` that format() prints
 
     @property
     def ok(self) -> bool:
@@ -118,7 +154,8 @@ class CompareResult:
                 "located": self.located,
                 "first_divergence": _finite(asdict(self.divergences[0])) if self.divergences else None,
                 "divergences": [_finite(asdict(d)) for d in self.divergences],
-                "backend_divergences": {b: [_finite(asdict(d)) for d in ds] for b, ds in self.backend_divergences.items()}}
+                "backend_divergences": {b: [_finite(asdict(d)) for d in ds] for b, ds in self.backend_divergences.items()},
+                "sqnr": [_finite(asdict(s)) for s in self.sqnr], "sqnr_samples": self.sqnr_samples}
 
     def format(self) -> str:
         lines = [f"reference: {self.reference}; pipeline: {self.pipeline}",
@@ -150,6 +187,14 @@ class CompareResult:
                 lines.append(f"{head}: %{d.node} ({d.op}) at {d.source or 'unknown source'}"
                              f"{', created by ' + d.created_by if d.created_by else ''} -> {', '.join(d.backend_nodes)}: "
                              f"error {d.error:.3g} (tolerance {d.tolerance:.1g}); inputs: {ins}")
+        if self.sqnr:
+            lines.append(f"SQNR per quantized activation, worst {min(self.top, len(self.sqnr))} of {len(self.sqnr)} "
+                         f"(qdq_loss_debug's definition, {self.sqnr_samples} sample"
+                         f"{'s' if self.sqnr_samples != 1 else ''}):")
+            for s in self.sqnr[:self.top]:
+                layer = f", output of %{s.layer}" if s.layer and s.layer != s.node else ""
+                lines.append(f"  {s.sqnr_db:7.2f} dB  %{s.node} ({s.op}{layer}) {s.module or '-'} "
+                             f"at {s.source or 'unknown source'}")
         return "\n".join(lines)
 
 
@@ -375,6 +420,118 @@ def locate_backend(compiled, staged, flat_inputs: list, *, rtol: float | None = 
     return _rank(nodes, errors, tols, top, {k: v["nodes"] for k, v in bmap.items()})
 
 
+# ---- quantized programs: SQNR per fake-quantized activation -----------------------------------------
+#: numpy.finfo(float).eps: qdq_loss_debug's floor on both norms
+_SQNR_EPS = 2.220446049250313e-16
+
+
+def qdq_sqnr_db(signal: float, noise: float) -> float:
+    """ONNX Runtime's ``qdq_loss_debug.compute_signal_to_quantization_noice_ratio`` from the sums of
+    squares of the float tensor (``signal``) and of its error (``noise``) over every sample:
+    ``20 log10(max(sqrt(signal), eps) / max(sqrt(noise), eps))`` -- finite where the error is 0."""
+    return 20 * math.log10(max(math.sqrt(signal), _SQNR_EPS) / max(math.sqrt(noise), _SQNR_EPS))
+
+
+def quantized_activations(program) -> list[tuple[fx.Node, fx.Node]]:
+    """``(x, DQ(Q(x)))`` for every activation ``x`` of ``program`` quantized by a per-tensor
+    quantize-dequantize pair (constants -- weights, biases -- are left out)."""
+    optc_ops = torch.ops.optc
+    pairs = []
+    for q in program.graph.nodes:
+        if q.op != "call_function" or q.target is not optc_ops.quantize_per_tensor.default:
+            continue
+        x = q.args[0]
+        if not isinstance(x, fx.Node) or x.op == "get_attr":
+            continue
+        dq = next((u for u in q.users if u.target is optc_ops.dequantize_per_tensor.default), None)
+        if dq is not None:
+            pairs.append((x, dq))
+    return pairs
+
+
+def _producing_layer(x: fx.Node) -> str | None:
+    """The conv / linear / matmul whose output ``x`` is, directly or through its fused ReLU / clamp."""
+    from optc.passes.insert_qdq.sites import _CONVS, _MATMULS
+    aten = torch.ops.aten
+    layers = (*_CONVS, *_MATMULS, aten.linear.default)
+    if x.op == "call_function" and x.target in (aten.relu.default, aten.relu6.default, aten.hardtanh.default,
+                                                aten.clamp.default) and isinstance(x.args[0], fx.Node):
+        x = x.args[0] if x.args[0].op == "call_function" and x.args[0].target in layers else x
+    return x.name if x.op == "call_function" and x.target in layers else None
+
+
+def layer_sqnr(float_program, quant_program, samples: Sequence[Sequence[torch.Tensor]]) -> list[LayerSQNR]:
+    """SQNR (dB) of every fake-quantized activation of ``quant_program`` -- its dequantized value
+    against the same value of ``float_program`` (the program ``insert-qdq`` ran on, or the captured
+    one; matched through provenance -- the captured node whose value each computes -- and by name)
+    -- over ``samples`` (each a flat list of graph inputs, as
+    ``Program.example_flat_inputs()``), as ONNX Runtime's ``qdq_loss_debug`` computes it
+    (:func:`qdq_sqnr_db`); lowest SQNR first. Values of the float program are those of a separate
+    run; neither program is changed."""
+    from optc.ir.calibration import probe_module
+    from optc.ir.queries import module_path
+    from optc.ir.source import node_source
+
+    def value_of(n: fx.Node) -> str:          # the captured node whose value ``n`` computes
+        return n.meta.get("optc_value_of", n.name)
+
+    by_name = {n.name: n for n in float_program.graph.nodes}
+    by_value: dict[str, fx.Node] = {}
+    for n in float_program.graph.nodes:
+        if value_of(n) not in by_value or n.name == value_of(n):
+            by_value[value_of(n)] = n
+    rows = []
+    for x, dq in quantized_activations(quant_program):
+        ref = by_name.get(x.name)
+        if ref is None or value_of(ref) != value_of(x):
+            ref = by_value.get(value_of(x))
+        if ref is not None and ref.op not in ("get_attr", "output"):
+            rows.append((x, dq, ref))
+    if not rows or not samples:
+        return []
+    ref_probe = probe_module(float_program.graph_module, [r for _, _, r in rows])
+    q_probe = probe_module(quant_program.graph_module, [dq for _, dq, _ in rows])
+    energy = [[0.0, 0.0] for _ in rows]
+    with torch.no_grad():
+        for flat in samples:
+            for e, r, g in zip(energy, ref_probe(*flat), q_probe(*flat)):
+                r = r.detach().double()
+                e[0] += float(r.pow(2).sum())
+                e[1] += float((r - g.detach().double()).pow(2).sum())
+    out = []
+    for (x, _, _), (signal, noise) in zip(rows, energy):
+        t = x.target
+        op = f"{t.namespace}.{t._opname}" if isinstance(t, torch._ops.OpOverload) else \
+            str(t) if x.op == "call_function" else x.op
+        path = module_path(x)
+        out.append(LayerSQNR(x.name, op, node_source(x), qdq_sqnr_db(signal, noise), _producing_layer(x),
+                             "" if path is None else str(path)))
+    return sorted(out, key=lambda s: s.sqnr_db)
+
+
+def _optimize(captured, pipeline: str, target: str, calibration_data):
+    """``optc.optimize``, also returning the Program ``insert-qdq`` ran on (None: it did not run)."""
+    from optc.ir.calibration import prepare_calibration_data
+    from optc.passes.manager import Instrument, PassManager
+    from optc.target import resolve_target
+    if calibration_data is not None:
+        calibration_data = prepare_calibration_data(captured, calibration_data)
+
+    class KeepFloatProgram(Instrument):
+        """Keeps the Program the first ``insert-qdq`` ran on (the manager's snapshot before it)."""
+        program = None
+
+        def after(self, record, before, after):
+            if record.name == "insert-qdq" and record.modified and self.program is None:
+                self.program = before
+
+    keep = KeepFloatProgram()
+    pm = PassManager(pipeline, target=resolve_target(target), instruments=[keep],
+                     extra={"calibration_data": calibration_data} if calibration_data is not None else None)
+    optimized, _ = pm.run(captured)
+    return optimized, keep.program
+
+
 # ---- the command's work ----------------------------------------------------------------------------------
 def compare(model: torch.nn.Module, args: tuple, kwargs: dict | None = None, *, pipeline: str = "default",
             backends: Sequence[str] = (), target: str = "cpu", rtol: float | None = None, atol: float | None = None,
@@ -389,7 +546,10 @@ def compare(model: torch.nn.Module, args: tuple, kwargs: dict | None = None, *, 
     ref, ref_note = _reference(model, args, kwargs)
     say("capture and pipeline")
     captured = optc.capture(model, args, kwargs or None)
-    optimized, _ = optc.optimize(captured, pipeline, target, calibration_data=calibration_data)
+    if calibration_data is not None:     # validated, and a generator read once: the pipeline, backends, SQNR
+        from optc.ir.calibration import prepare_calibration_data
+        calibration_data = prepare_calibration_data(captured, calibration_data)
+    optimized, float_program = _optimize(captured, pipeline, target, calibration_data)
     cands = [_candidate("program", optimized, args, kwargs, ref, optimized, rtol, atol)]
     compiled_models = {}
     for b in backends:
@@ -402,7 +562,14 @@ def compare(model: torch.nn.Module, args: tuple, kwargs: dict | None = None, *, 
             continue
         cands.append(_candidate(b, compiled, args, kwargs, ref, optimized, rtol, atol))
         compiled_models[b] = compiled
-    result = CompareResult(label or type(model).__name__, pipeline, ref_note, cands)
+    result = CompareResult(label or type(model).__name__, pipeline, ref_note, cands, top=top)
+    if float_program is not None:
+        say("SQNR per quantized activation")
+        from optc.ir.calibration import calibration_samples
+        samples = calibration_samples(captured, calibration_data, samples=1, pass_name="compare") \
+            if calibration_data is not None else [optimized.example_flat_inputs()]
+        result.sqnr = layer_sqnr(float_program, optimized, samples)
+        result.sqnr_samples = len(samples)
     if locate_divergence or (locate_divergence is None and not result.ok):
         say("locating the first divergence")
         result.divergences = locate(captured, optimized, optimized.example_flat_inputs(), rtol=rtol, top=top)
