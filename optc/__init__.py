@@ -10,7 +10,7 @@ __version__ = "0.1.0"
 
 from optc.errors import (  # noqa: E402  (errors first: every submodule imports them)
     ArtifactError, BackendUnavailableError, CaptureError, InputSpecError, LoweringError, NumericMismatchError,
-    OptcError, PassError, PipelineError, VerificationError, WeightsError,
+    OptcError, ParseError, PassError, PipelineError, VerificationError, WeightsError,
 )
 from optc.target import Target, resolve_target  # noqa: E402
 from optc.ir.program import Program  # noqa: E402
@@ -20,6 +20,6 @@ from optc.recover import recover  # noqa: E402
 
 __all__ = [
     "__version__", "capture", "optimize", "compile", "load", "CompileReport", "Program", "Target", "resolve_target",
-    "recover", "OptcError", "CaptureError", "PipelineError", "PassError", "VerificationError", "NumericMismatchError",
+    "recover", "OptcError", "CaptureError", "ParseError", "PipelineError", "PassError", "VerificationError", "NumericMismatchError",
     "LoweringError", "BackendUnavailableError", "ArtifactError", "InputSpecError", "WeightsError",
 ]

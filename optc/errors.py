@@ -30,6 +30,18 @@ class CaptureError(OptcError):
         super().__init__(msg)
 
 
+class ParseError(OptcError):
+    """IR text does not parse: a syntax error, an unknown op, an undefined value, a type the op does
+    not compute. The message starts ``file:line:column:``; the attributes carry them too."""
+
+    def __init__(self, message: str, *, filename: str = "<text>", line: int = 1, column: int = 1):
+        self.filename = filename
+        self.line = line
+        self.column = column
+        self.message = message
+        super().__init__(f"{filename}:{line}:{column}: {message}")
+
+
 class PipelineError(OptcError):
     """A pipeline string is malformed, or names an unknown pass or option."""
 

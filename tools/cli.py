@@ -40,6 +40,7 @@ MODEL is one of:
   path/to/file.py:factory   imports the file and calls factory()
   package.module:factory    imports the module (the working directory is on the path)
   path/to/model.pt2         a program saved by torch.export.save
+  path/to/program.optc      optc's IR text (a dump, a reproducer), tensors from program.optc.weights
 A factory returns an nn.Module or (model, example_inputs).
 WARNING: loading a .py file, a module or a .pt2 runs code from it; load only what you trust.
 """
@@ -92,7 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also run backend B's stage after the pipeline (its decompositions and legalizations, "
                         "numbered after the pipeline's passes in the dumps); the graph shown is what B lowers")
     d.add_argument("--format", choices=sorted(FORMATS), default="text", help="graph format (default text)")
-    d.add_argument("--out", metavar="FILE", help="write the graph to FILE (atomically) instead of stdout")
+    d.add_argument("--out", metavar="FILE", help="write the graph to FILE (atomically) instead of stdout; a FILE "
+                                                 "ending in .optc also gets FILE.weights (the tensors and example "
+                                                 "inputs): 'optc dump FILE' replays it (text format only)")
     d.add_argument("--print-after-all", metavar="DIR",
                    help="write 00_input.txt and NN_pass.txt (the graph after each pass) into DIR, replacing "
                         "the files of an earlier dump there")
@@ -320,11 +323,18 @@ def cmd_dump(args: argparse.Namespace) -> int:
                          disable=disable, instruments=instruments)
     if args.out:
         _check_writable(args.out)
+        if args.out.endswith(".optc") and args.format != "text":
+            raise OptcError(f"--out '{args.out}' is an .optc program text: it takes --format text, not {args.format}")
 
     loaded = load_model(args.model, inputs=args.input, config=parse_config(args.config), tiny=args.tiny,
                         batch=args.batch)
-    program = optc.capture(loaded.model, loaded.args, loaded.kwargs,
-                           dynamic_shapes="batch" if args.dynamic_batch else None, name=loaded.name)
+    if loaded.program is not None:   # an .optc text: the Program as written, names and all
+        if args.dynamic_batch:
+            raise OptcError(f"--dynamic-batch does not apply to '{args.model}': its text gives the inputs' dims")
+        program = loaded.program
+    else:
+        program = optc.capture(loaded.model, loaded.args, loaded.kwargs,
+                               dynamic_shapes="batch" if args.dynamic_batch else None, name=loaded.name)
     report = None
     before = program
     calibration = load_calibration_data(args.calibration_data, loaded.args)
@@ -352,7 +362,10 @@ def cmd_dump(args: argparse.Namespace) -> int:
         text = format_text(program, with_provenance=True)
     else:
         text = FORMATS[args.format](program)
-    if args.out:
+    if args.out and args.out.endswith(".optc"):   # the text and its tensors, so it replays
+        from optc.ir.parser import save_program_text
+        save_program_text(program, args.out, with_provenance=args.provenance)
+    elif args.out:
         _write_atomic(args.out, text)
     else:
         sys.stdout.write(text)

@@ -1,12 +1,14 @@
 """Resolve a model named on the command line into a module and example inputs.
 
-A model is named one of four ways (``optc dump``, ``optc compile`` and ``optc bench`` share
+A model is named one of five ways (``optc dump``, ``optc compile`` and ``optc bench`` share
 this module)::
 
     zoo:NAME                  a model of optc.tools.zoo (config overrides, --tiny, batch)
     path/to/file.py:factory   import the file by path, call factory()
     package.module:factory    importlib.import_module(package.module).factory()
     path/to/model.pt2         a program saved by torch.export.save; its .module() is used
+    path/to/program.optc      optc's IR text (a dump, a reproducer) with its tensors from
+                              program.optc.weights (optc.ir.parser)
 
 A factory returns an ``nn.Module`` or ``(model, example_inputs)``, where ``example_inputs``
 is a tuple of positional arguments, a single tensor or a dict of keyword arguments. Input
@@ -36,7 +38,8 @@ from optc.errors import OptcError
 from optc.ir.program import dtype_from_short, dtype_short
 from optc.ir.source import user_frame_from_traceback
 
-MODEL_FORMS = ("zoo:NAME", "path/to/file.py:factory", "package.module:factory", "path/to/model.pt2")
+MODEL_FORMS = ("zoo:NAME", "path/to/file.py:factory", "package.module:factory", "path/to/model.pt2",
+               "path/to/program.optc")
 
 
 class ModelLoadError(OptcError):
@@ -52,6 +55,7 @@ class LoadedModel:
     kwargs: dict = field(default_factory=dict)
     label: str = ""          # as the user named it, e.g. "zoo:mlp" or "model.py:make"
     name: str | None = None  # a program name for capture (zoo name), or None for the class name
+    program: Any = None      # the Program itself, for a .optc text (``model`` is its GraphModule)
 
 
 # ---- input specs -------------------------------------------------------------------------
@@ -153,6 +157,8 @@ def load_model(spec: str, *, inputs: Iterable[str | InputSpec] = (), config: dic
         loaded = _load_zoo(spec[4:], config or {}, tiny, 1 if batch is None else batch)
     elif spec.endswith(".pt2"):
         loaded = _load_pt2(spec)
+    elif spec.endswith(".optc"):
+        loaded = _load_optc(spec)
     elif ":" in spec:
         where, _, factory = spec.rpartition(":")
         if not where or not factory:
@@ -168,6 +174,8 @@ def load_model(spec: str, *, inputs: Iterable[str | InputSpec] = (), config: dic
         raise ModelLoadError(f"cannot resolve model '{spec}' (expected one of: {', '.join(MODEL_FORMS)})")
     if input_specs:
         loaded.args, loaded.kwargs = make_inputs(input_specs), {}
+        if loaded.program is not None:
+            loaded.program = _with_inputs(loaded.program, loaded.args, spec)
     if not loaded.args and not loaded.kwargs:
         raise ModelLoadError(f"model '{spec}' comes with no example inputs: pass --input SHAPE[:DTYPE] "
                              "once per positional argument, e.g. --input 1x3x224x224:float32")
@@ -286,6 +294,30 @@ def _load_pt2(path: str) -> LoadedModel:
         args, kwargs = tuple(example[0]), dict(example[1] or {})
     name = re.sub(r"\W", "_", os.path.splitext(os.path.basename(path))[0])
     return LoadedModel(ep.module(), args, kwargs, path, name)
+
+
+def _load_optc(path: str) -> LoadedModel:
+    """An ``.optc`` text and its ``.optc.weights``: no code runs (the weights load with
+    ``weights_only=True``); a ParseError or WeightsError says what is wrong where."""
+    if not os.path.isfile(path):
+        raise ModelLoadError(f"program text '{path}' does not exist")
+    from optc.ir.parser import load_program
+    program = load_program(path)
+    return LoadedModel(program.graph_module, tuple(program.example_args), {}, path, program.name, program)
+
+
+def _with_inputs(program: Any, args: tuple, spec: str) -> Any:
+    """``program`` with ``args`` as its example inputs, which must fit the types of its inputs."""
+    import dataclasses
+    specs = program.input_specs
+    if len(args) != len(specs):
+        raise ModelLoadError(f"'{spec}' takes {len(specs)} inputs, --input gives {len(args)}")
+    for s, t in zip(specs, args):
+        if t.dtype != s.dtype or t.dim() != len(s.shape) or any(
+                isinstance(d, int) and d != n for d, n in zip(s.shape, t.shape)):
+            raise ModelLoadError(f"--input {InputSpec(tuple(t.shape), t.dtype)} does not fit input %{s.name} of "
+                                 f"'{spec}' ({dtype_short(s.dtype)}[{','.join(map(str, s.shape))}])")
+    return dataclasses.replace(program, example_args=tuple(args), example_kwargs={})
 
 
 # ---- helpers -------------------------------------------------------------------------------

@@ -16,11 +16,14 @@ model is **pinned** first, so the reduction cannot slide to another bug.
    inputs) with the failure still reproducing -- a bisection over its ancestors in topological
    order.
 
-What is left is written to ``--out``: ``reduced.pt2`` (``torch.export.save``: ``optc compile
-DIR/reduced.pt2 --backend B`` reproduces it), ``inputs.pt`` (the recorded input values),
-``reduced.txt`` (the piece in optc's IR text, with source lines) and ``failure.json``. Unlike a
-reducer that marks every tensor as an output, each candidate is a whole graph of its own, compiled
-with the fusions it allows.
+What is left is written to ``--out``: ``reduced.optc`` (the piece in optc's IR text, with source
+lines) and ``reduced.optc.weights`` (its tensors and recorded inputs), which ``optc dump`` and
+``optc compare DIR/reduced.optc --backend B`` replay; ``reduced.py``, the piece as a plain-torch
+module whose ``make()`` returns ``(model, inputs)``; ``reduced.pt2`` (``torch.export.save``:
+``optc compile DIR/reduced.pt2 --backend B`` reproduces it); ``inputs.pt`` (the recorded input
+values) and ``failure.json``. The command that shows the failure is printed. Unlike a reducer that
+marks every tensor as an output, each candidate is a whole graph of its own, compiled with the
+fusions it allows.
 
 Exit status: 0 when the whole model matches (nothing to reduce), 1 when a reduced piece was
 written, 2 on a usage error.
@@ -55,6 +58,8 @@ class ReduceResult:
     failure: Failure | None = None   # how the piece fails
     tries: int = 0
     files: list[str] = field(default_factory=list)
+    target: str = "cpu"
+    replay: str = ""                 # the command that shows the failure of the written piece
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -79,6 +84,8 @@ class ReduceResult:
         lines.append(self.text.rstrip())
         if self.files:
             lines.append("written: " + ", ".join(self.files))
+        if self.replay:
+            lines.append(f"replay (exit status 1 on the failure): {self.replay}")
         return "\n".join(lines)
 
 
@@ -135,7 +142,8 @@ def reduce(model: torch.nn.Module, args: tuple, kwargs: dict | None = None, *, b
     values = _record(gm, program.example_flat_inputs())
     calls = [n for n in gm.graph.nodes if n.op == "call_function" and isinstance(values.get(n.name), torch.Tensor)
              and values[n.name].is_floating_point()]
-    result = ReduceResult(label or type(model).__name__, be.name, pipeline, None, nodes_before=len(calls))
+    result = ReduceResult(label or type(model).__name__, be.name, pipeline, None, nodes_before=len(calls),
+                          target=str(target))
 
     def attempt(module: torch.nn.Module, inputs: list) -> Failure | None:
         result.tries += 1
@@ -207,23 +215,113 @@ def reduce(model: torch.nn.Module, args: tuple, kwargs: dict | None = None, *, b
 
 
 def save_reduced(result: ReduceResult, piece, inputs: list, directory: str) -> list[str]:
-    """``reduced.pt2``, ``inputs.pt``, ``reduced.txt`` and ``failure.json`` into ``directory``
-    (each written to a temporary name first)."""
+    """``reduced.optc`` and ``reduced.optc.weights``, ``reduced.py``, ``reduced.pt2``, ``inputs.pt`` and
+    ``failure.json`` into ``directory`` (each written to a temporary name first); sets ``result.replay``."""
+    from optc.ir.parser import save_program_text
     os.makedirs(directory, exist_ok=True)
     ep = torch.export.export(piece, tuple(inputs), strict=False)
-    written = []
+    written = save_program_text(piece, os.path.join(directory, "reduced.optc"), inputs=inputs)
 
     def put(name, write):
         path = os.path.join(directory, name)
         write(path + ".tmp")
         os.replace(path + ".tmp", path)
         written.append(path)
+    import shlex
+    result.replay = " ".join(["optc", "compare", shlex.quote(os.path.join(directory, "reduced.optc")), "--backend",
+                              shlex.quote(result.backend), "--pipeline", shlex.quote(result.pipeline), "--target",
+                              shlex.quote(result.target)])
+    put("reduced.py", lambda p: _write_text(p, standalone_python(piece, result)))
     put("reduced.pt2", lambda p: torch.export.save(ep, p))
     put("inputs.pt", lambda p: torch.save(list(inputs), p))
-    put("reduced.txt", lambda p: open(p, "w").write(result.text))
     result.files = written + [os.path.join(directory, "failure.json")]
     put("failure.json", lambda p: open(p, "w").write(json.dumps(result.to_json(), indent=1)))
     return result.files
+
+
+def _write_text(path: str, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+
+
+_STANDALONE = '''"""The piece of {model} that optc reduce cut down: it still fails as the whole model did
+({failure}).
+
+Plain torch: forward is fx's Python code of the piece; its tensors come from reduced.optc.weights
+and its inputs from inputs.pt, next to this file. Shown failing by
+
+    {replay}
+"""
+
+import os
+
+import torch
+{imports}
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+class Reduced(torch.nn.Module):
+    def __init__(self, tensors):
+        super().__init__()
+        for target, t in tensors.items():
+            *path, name = target.split(".")
+            module = self
+            for atom in path:
+                if not hasattr(module, atom):
+                    module.add_module(atom, torch.nn.Module())
+                module = getattr(module, atom)
+            module.register_buffer(name, t)
+
+{forward}
+
+def make():
+    """The piece and the inputs it fails on: ``(model, inputs)``."""
+    tensors = torch.load(os.path.join(HERE, "reduced.optc.weights"), weights_only=True)
+    inputs = torch.load(os.path.join(HERE, "inputs.pt"), weights_only=True)
+    model = Reduced({{k: v for k, v in tensors.items() if not k.startswith("%")}})
+    return model.eval(), tuple(inputs)
+
+
+if __name__ == "__main__":
+    model, inputs = make()
+    with torch.no_grad():
+        print(model(*inputs))
+'''
+
+
+def standalone_python(piece: fx.GraphModule, result: ReduceResult) -> str:
+    """``reduced.py``: the piece as a module of plain torch calls (fx's generated code as ``forward``)."""
+    import importlib
+    import textwrap
+    code = piece.graph.python_code(root_module="self")
+    imports = []
+    for name, obj in sorted(code.globals.items()):
+        if name == "torch":
+            continue
+        if isinstance(obj, float):
+            imports.append(f"{name} = float({str(obj)!r})")
+        elif obj is type(None):
+            imports.append(f"{name} = type(None)")
+        elif isinstance(obj, type(os)):
+            imports.append(f"import {obj.__name__} as {name}")
+        else:
+            module, qual = getattr(obj, "__module__", None), getattr(obj, "__qualname__", "")
+            try:
+                found = importlib.import_module(module) if module else None
+                for atom in qual.split("."):
+                    found = getattr(found, atom)
+            except (ImportError, AttributeError, TypeError):
+                found = None
+            if found is obj and "." not in qual:
+                imports.append(f"from {module} import {qual} as {name}")
+            else:
+                imports.append(f"raise ImportError('reduced.py cannot import {name} ({obj!r}); replay reduced.optc')")
+    if any(n.op == "call_function" and getattr(n.target, "namespace", None) == "optc" for n in piece.graph.nodes):
+        imports.append("import optc.ir.ops, optc.ir.quant_ops, optc.ir.layout_ops  # noqa: E401 - the optc:: ops")
+    failure = result.failure.describe() if result.failure is not None else "see failure.json"
+    return _STANDALONE.format(model=result.model, failure=failure, replay=result.replay or "optc compare ...",
+                              imports="\n".join(imports) + ("\n" if imports else ""),
+                              forward=textwrap.indent(code.src.strip(), "    ") + "\n")
 
 
 # ---- the command ------------------------------------------------------------------------------------------
@@ -239,7 +337,8 @@ def add_reduce_parser(sub) -> None:
     p.add_argument("--target", default="cpu", help="cpu or cuda (default: cpu)")
     p.add_argument("--rtol", type=float, default=None, help="tolerance relative to the output scale")
     p.add_argument("--atol", type=float, default=None, help="also pass outputs whose max abs error is within this")
-    p.add_argument("--out", metavar="DIR", default=None, help="write reduced.pt2, inputs.pt, reduced.txt, failure.json")
+    p.add_argument("--out", metavar="DIR", default=None,
+                   help="write reduced.optc (+ .weights), reduced.py, reduced.pt2, inputs.pt, failure.json")
     p.add_argument("--json", metavar="OUT", default=None, help="also write the result as JSON")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging and tracebacks")
     p.set_defaults(func=cmd_reduce)
@@ -267,4 +366,4 @@ def cmd_reduce(args) -> int:
     return 0 if result.pinned is None else 1
 
 
-__all__ = ["reduce", "ReduceResult", "save_reduced", "add_reduce_parser", "cmd_reduce"]
+__all__ = ["reduce", "ReduceResult", "save_reduced", "standalone_python", "add_reduce_parser", "cmd_reduce"]
