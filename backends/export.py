@@ -105,6 +105,9 @@ def export_program(program: Program) -> torch.export.ExportedProgram:
             _check_still_dynamic(ep, dynamic)
         if _rename_clashing_attrs(gm, ep):
             ep = torch.export.export(gm, tuple(flat), dynamic_shapes=dynamic, strict=False)
+    # the graph the export traced: each exported node's ``from_node`` names a node of it (node maps
+    # match on this graph's identity, not on names, which later decompositions reuse)
+    ep.optc_source_graph = gm.graph
     return ep
 
 

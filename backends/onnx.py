@@ -548,7 +548,7 @@ class ONNXBackend(Backend):
             if ort_fusions is True or (ort_fusions == "auto" and not quantized and _has_op(proto, "LayerNormalization")):
                 proto, options["ort_fusions"] = ort_transformer_fusions(proto, program, target, threads)
             model_bytes = proto.SerializeToString()
-            maps = backend_map(proto, ep, program)
+            maps = backend_map(proto, onnx_program.exported_program or ep, program, ep.optc_source_graph)
             try:
                 return ONNXModel(signature, target, model_bytes=model_bytes, threads=threads, backend_options=options,
                                  backend_map=maps)
@@ -573,7 +573,8 @@ class ONNXBackend(Backend):
                 raise LoweringError(f"the exporter wrote {written}, expected {MODEL_FILE} and {DATA_FILE}",
                                     backend=self.name)
             onnx.checker.check_model(path, full_check=True)
-            maps = backend_map(onnx.load(path, load_external_data=False), ep, program)
+            maps = backend_map(onnx.load(path, load_external_data=False), onnx_program.exported_program or ep, program,
+                               ep.optc_source_graph)
             model = ONNXModel(signature, target, model_dir=workdir, threads=threads, backend_options=options,
                               backend_map=maps)
         except BaseException:
@@ -603,21 +604,27 @@ class BackendMap(dict):
     "value": ONNX value name or None}``."""
 
 
-def backend_map(proto, ep: torch.export.ExportedProgram, program: Program) -> BackendMap:
+def backend_map(proto, ep: torch.export.ExportedProgram, program: Program,
+                source_graph: "torch.fx.Graph | None" = None) -> BackendMap:
     """Which ONNX nodes each node of ``program`` became, and the ONNX value holding its result.
 
-    The exporter writes, on each ONNX node, the torch.export node it translated
-    (``pkg.torch.onnx.fx_node``: ``%name : ...``), and names that node's result value after it;
-    torch.export records, on each of its nodes, the node of ``program`` it was traced from
-    (``from_node``). A node with no ONNX node left (folded by the exporter's optimizer, fused by
-    ONNX Runtime's transformer optimizer) is absent."""
+    The exporter writes, on each ONNX node, the node of the ExportedProgram it translated
+    (``pkg.torch.onnx.fx_node``: ``%name : ...``; ``ep`` must be the exporter's own program, after
+    its decompositions: ``ONNXProgram.exported_program``), and names that node's result value after
+    it; torch.export records, on each of its nodes, the chain of nodes it was traced from
+    (``from_node``). The chain is followed to the node of ``source_graph`` -- the graph
+    :func:`~optc.backends.export.export_program` traced, a copy of ``program``'s with its names --
+    matched by that graph's identity: names alone are not enough, a decomposition's new nodes
+    reuse names (``flatten`` traced as a new ``view_3``). A node with no ONNX node left (folded by
+    the exporter's optimizer, fused by ONNX Runtime's transformer optimizer) is absent."""
     names = {n.name for n in program.graph.nodes}
+    source_id = id(source_graph) if source_graph is not None else None
     ep_to_optc: dict[str, str] = {}
     for n in ep.graph.nodes:
         stack = list(n.meta.get("from_node") or [])
         while stack:
             src = stack.pop(0)
-            if getattr(src, "name", None) in names:
+            if getattr(src, "name", None) in names and (source_id is None or getattr(src, "graph_id", None) == source_id):
                 ep_to_optc[n.name] = src.name
                 break
             stack.extend(getattr(src, "from_node", None) or [])

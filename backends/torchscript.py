@@ -53,8 +53,12 @@ class TorchScriptModel(CompiledModel):
 
     backend = "torchscript"
 
-    def __init__(self, frozen: torch.jit.ScriptModule, signature: Signature, target: Target, **kw):
+    def __init__(self, frozen: torch.jit.ScriptModule, signature: Signature, target: Target, *,
+                 source_lines: tuple[str, dict[int, str]] | None = None, **kw):
         super().__init__(signature, target, **kw)
+        #: (the FX code's file name, {line: FX node}) of the code traced or scripted; None once loaded
+        self._source_lines = source_lines
+        self._backend_map: dict | None = None
         workdir = tempfile.mkdtemp(prefix="optc-torchscript-")
         weakref.finalize(self, shutil.rmtree, workdir, True)
         self._path = os.path.join(workdir, ARTIFACT)
@@ -67,6 +71,59 @@ class TorchScriptModel(CompiledModel):
 
     def run_flat(self, inputs):
         return flat_outputs(self.module(*inputs))
+
+    # ---- the node map and an instrumented run ----------------------------------------------------------
+    @property
+    def backend_map(self) -> dict | None:
+        """optc node (of the staged Program) -> its TorchScript nodes and the value holding its
+        result, in the graph that runs (frozen and, on CPU, optimized for inference); None for a
+        model loaded from an artifact. TorchScript records, on each node it traced or scripted, the
+        line of the FX code that made it (``<eval_with_key>.N(LINE)``), and each line of that code
+        is one FX node. A node TorchScript's own passes created (``prim::mkldnn_convolution``, a
+        linear's ``matmul`` + ``add``) has no line: its FX node keeps the nodes it still has but no
+        value when a value it has feeds such an unattributed computation (the value would not be the
+        FX node's result)."""
+        if self._backend_map is None and self._source_lines is not None:
+            self._backend_map = torchscript_backend_map(self.module.graph, *self._source_lines)
+        return self._backend_map
+
+    def intermediate_values(self, inputs: list[torch.Tensor], names: list[str]) -> dict[str, torch.Tensor]:
+        """The TorchScript values ``names`` (debug names, as :attr:`backend_map` gives them) on
+        ``inputs``, from a copy of the running graph that returns them too, run as a separate
+        function; this model's module is not touched. MKLDNN tensors come back dense."""
+        graph = self.module.graph
+        where = {o.debugName(): (i, j) for i, n in enumerate(graph.nodes()) for j, o in enumerate(n.outputs())}
+        wanted = [n for n in dict.fromkeys(names) if n in where]
+        if not wanted:
+            return {}
+        copy = graph.copy()
+        nodes = list(copy.nodes())
+        # each value cloned where it is made: later in-place ops (add_, relu_ on a buffer it
+        # aliases) would otherwise change it before the run returns it
+        none = copy.insertConstant(None)
+        none.node().moveBefore(nodes[0])
+        extras = []
+        for n in wanted:
+            producer = nodes[where[n][0]]
+            value = list(producer.outputs())[where[n][1]]
+            clone = copy.create("aten::clone", [value, none])
+            clone.output().setType(value.type())
+            clone.insertAfter(producer)
+            extras.append(clone.output())
+        ret = copy.return_node()
+        original = ret.inputsAt(0)
+        tup = copy.create("prim::TupleConstruct", [original, *extras])
+        tup.output().setType(torch._C.TupleType([original.type(), *[e.type() for e in extras]]))
+        tup.insertBefore(ret)
+        ret.replaceInput(0, tup.output())
+        fn = torch._C._create_function_from_graph("optc_instrumented", copy)
+        with torch.no_grad():
+            out = fn(self.module._c, *inputs)
+        values = {}
+        for name, v in zip(wanted, out[1:]):
+            if isinstance(v, torch.Tensor):
+                values[name] = (v.to_dense() if v.is_mkldnn else v).detach().cpu()
+        return values
 
     def integer_coverage(self) -> dict:
         """Counted in the frozen graph: optc's TorchScript lowering of a quantized program runs every
@@ -132,7 +189,7 @@ class TorchScriptBackend(Backend):
             else:
                 module = torch.jit.script(_scriptable(gm))
             module = torch.jit.freeze(module.eval())
-        return TorchScriptModel(module, signature, target,
+        return TorchScriptModel(module, signature, target, source_lines=_fx_lines(gm),
                                 backend_options={"method": method, "optimize": bool(optimize)})
 
     def load(self, directory: str, manifest: dict) -> TorchScriptModel:
@@ -155,3 +212,64 @@ def _scriptable(gm: fx.GraphModule) -> fx.GraphModule:
             node.target = node.target.overloadpacket
     gm.recompile()
     return gm
+
+
+def _fx_lines(gm: fx.GraphModule) -> tuple[str, dict[int, str], dict[str, list[str]]] | None:
+    """The file name TorchScript records for ``gm``'s generated code, ``{line: FX node name}``
+    (each line of FX code assigns one node: ``name = torch.ops.aten....``) and each node's users."""
+    import linecache
+    import re
+    filename = getattr(gm.forward, "__code__", None) and gm.forward.__code__.co_filename
+    if not filename:
+        return None
+    names = {n.name for n in gm.graph.nodes}
+    lines = {}
+    for i, line in enumerate(linecache.getlines(filename), 1):
+        m = re.match(r"\s+(\w+) = ", line)
+        if m and m.group(1) in names:
+            lines[i] = m.group(1)
+    users = {n.name: [u.name for u in n.users] for n in gm.graph.nodes}
+    return filename, lines, users
+
+
+def torchscript_backend_map(graph, filename: str, lines: dict[int, str], users: dict[str, list[str]]) -> dict:
+    """``{FX node: {"nodes": [...], "value": debug name or None}}`` for the top-level nodes of a
+    TorchScript ``graph`` (see :attr:`TorchScriptModel.backend_map`).
+
+    The value of an FX node's last TorchScript node is its result when every node reading it is
+    another FX node's, the graph's output, a conversion back to dense, or a node without a line
+    while some FX user of the node has no TorchScript node with a line either (a linear that
+    ``optimize_for_inference`` made ``matmul`` + ``add``: that is the user). A node without a line
+    that reads it while every FX user is accounted for continues the same FX node (``addmm`` as
+    ``mm`` with a line, then ``add`` without one): no value."""
+    import re
+    pattern = re.compile(re.escape(filename) + r"\((\d+)\)")
+    owner: dict = {}
+    for node in graph.nodes():
+        m = pattern.search(node.sourceRange() or "")
+        fx_name = lines.get(int(m.group(1))) if m else None
+        if fx_name is not None and node.kind() != "prim::Constant":
+            owner[node] = fx_name
+    out: dict[str, dict] = {}
+    for node, fx_name in owner.items():
+        entry = out.setdefault(fx_name, {"nodes": [], "value": None})
+        entry["nodes"].append(f"{node.kind()} %{node.outputsAt(0).debugName()}" if node.outputsSize() else node.kind())
+    for fx_name, entry in out.items():
+        last = [n for n, f in owner.items() if f == fx_name][-1]
+        if last.outputsSize() != 1:
+            continue
+        value = last.outputsAt(0)
+        while True:   # through a layout conversion back to dense
+            uses = [u.user for u in value.uses()]
+            if len(uses) == 1 and uses[0].kind() == "aten::to_dense" and uses[0] not in owner:
+                value = uses[0].outputsAt(0)
+                continue
+            break
+        uses = [u.user for u in value.uses()]
+        unseen_user = any(x not in out for x in users.get(fx_name, ()) if x != "output")
+        final = all(u in owner and owner[u] != fx_name or u.kind() in ("prim::TupleConstruct", "prim::Return")
+                    or u.kind() == "aten::to_dense" or (u not in owner and unseen_user) for u in uses)
+        in_place = any(u.kind().endswith("_") and u.kind() != "aten::to_dense" for u in uses)
+        if final and not in_place and isinstance(value.type(), torch._C.TensorType):
+            entry["value"] = value.debugName()
+    return out

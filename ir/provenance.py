@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import torch
 import torch.fx as fx
-import torch.utils._pytree
 
 ORIGIN = "optc_origin"
 PASS = "optc_pass"
@@ -57,10 +56,12 @@ def record(old: fx.GraphModule, new: fx.GraphModule, pass_name: str) -> int:
     old_nodes = {n.name: n for n in old.graph.nodes}
     new_nodes = list(new.graph.nodes)
     fresh = [n for n in new_nodes if n.name not in old_nodes and n.op != "output"]
-    if not fresh:
-        return 0
     present = {n.name for n in new_nodes}
     erased = {name for name in old_nodes if name not in present}
+    if erased:
+        _took_the_place(old_nodes, new_nodes, erased, pass_name)
+    if not fresh:
+        return 0
     fresh_set = set(fresh)
 
     # the surviving (old) inputs of each new node, through other new nodes, in topological order
@@ -72,19 +73,13 @@ def record(old: fx.GraphModule, new: fx.GraphModule, pass_name: str) -> int:
         ins[n] = frozenset(acc)
     # ... and the erased nodes each one took the place of: where a surviving user now reads the
     # new node (directly or through other new nodes), the node it read at that argument before
-    def leaves(node):
-        return [a for a in torch.utils._pytree.tree_leaves((node.args, node.kwargs))]
-
     def replaced(user: fx.Node, n: fx.Node) -> set[str]:
         before = old_nodes.get(user.name)
         if before is None:
             return set()
-        was, now = leaves(before), leaves(user)
-        if len(was) == len(now):
-            hit = {w.name for w, x in zip(was, now)
-                   if x is n and isinstance(w, fx.Node) and w.name in erased}
-            if hit:
-                return hit
+        hit = {w.name for w, x in _aligned(before, user) if x is n and isinstance(w, fx.Node) and w.name in erased}
+        if hit:
+            return hit
         return {a.name for a in before.all_input_nodes if a.name in erased}
 
     outs: dict[fx.Node, frozenset[str]] = {}
@@ -142,6 +137,57 @@ def record(old: fx.GraphModule, new: fx.GraphModule, pass_name: str) -> int:
             elif origin(anchor) == (anchor.name,):
                 n.meta[VALUE_OF] = anchor.name
     return len(fresh)
+
+
+def _took_the_place(old_nodes: dict, new_nodes: list, erased: set, pass_name: str) -> None:
+    """A node that survived a pass but now stands where an erased node was read (``x * 2`` folded
+    into the linear that computed ``x``: the linear, its weights changed, now computes the product)
+    computes the erased node's value: it gets that node's ``optc_value_of`` and origin, and the pass."""
+    for n in new_nodes:
+        before = old_nodes.get(n.name)
+        if before is None or n.op in ("placeholder", "get_attr", "output"):
+            continue
+        took: set[str] = set()
+        for u in n.users:
+            u_before = old_nodes.get(u.name)
+            if u_before is None:
+                continue
+            took |= {w.name for w, x in _aligned(u_before, u)
+                     if x is n and isinstance(w, fx.Node) and w.name in erased}
+        if not took:
+            continue
+        n.meta[PASS] = pass_name
+        acc = set(origin(n))
+        for name in took:
+            acc.update(origin(old_nodes[name]))
+        n.meta[ORIGIN] = tuple(sorted(acc))
+        if len(took) == 1:
+            anchor = old_nodes[next(iter(took))]
+            if VALUE_OF in anchor.meta:
+                n.meta[VALUE_OF] = anchor.meta[VALUE_OF]
+            elif origin(anchor) == (anchor.name,):
+                n.meta[VALUE_OF] = anchor.name
+            else:
+                n.meta.pop(VALUE_OF, None)
+        else:   # it stands for several values at once: nothing to compare it with
+            n.meta[VALUE_OF] = None
+
+
+def _aligned(before: fx.Node, after: fx.Node):
+    """``(old, new)`` argument pairs of one node before and after a pass, position by position (and
+    keyword by keyword), so an argument added or dropped elsewhere (a bias that became a node)
+    does not shift the others."""
+    def pairs(a, b):
+        if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+            if len(a) == len(b):
+                for x, y in zip(a, b):
+                    yield from pairs(x, y)
+        else:
+            yield a, b
+    yield from pairs(tuple(before.args), tuple(after.args)[:len(before.args)])
+    for k, v in before.kwargs.items():
+        if k in after.kwargs:
+            yield from pairs(v, after.kwargs[k])
 
 
 def describe(node: fx.Node) -> str:

@@ -310,6 +310,14 @@ def _node_error(ref: torch.Tensor, got: torch.Tensor) -> float | None:
 
 def locate(captured, optimized, flat_inputs: list, *, rtol: float | None = None, top: int = 5) -> list[Divergence]:
     """The divergences of ``optimized`` from ``captured`` run in float64 (module docstring)."""
+    errors, tols = node_errors(captured, optimized, flat_inputs, rtol=rtol)
+    return _rank([n for n in optimized.graph.nodes if n.op == "call_function"], errors, tols, top)
+
+
+def node_errors(captured, optimized, flat_inputs: list, *, rtol: float | None = None
+                ) -> tuple[dict[str, float], dict[str, float]]:
+    """Every compared node of ``optimized``: its relative error against ``captured`` run in float64,
+    and its tolerance (both keyed by the optimized node's name)."""
     from optc.backends.check import TOLERANCE
     gm64 = copy.deepcopy(captured.graph_module)
     for name, t in list(gm64.state_dict(keep_vars=True).items()):
@@ -347,8 +355,7 @@ def locate(captured, optimized, flat_inputs: list, *, rtol: float | None = None,
             if e is not None:
                 errors[n.name] = e
                 tols[n.name] = rtol if rtol is not None else TOLERANCE.get(got[n.name].dtype, 1e-4)
-
-    return _rank(nodes, errors, tols, top)
+    return errors, tols
 
 
 def _rank(nodes: list[fx.Node], errors: dict[str, float], tols: dict[str, float], top: int,
@@ -580,8 +587,12 @@ def compare(model: torch.nn.Module, args: tuple, kwargs: dict | None = None, *, 
             if compiled is None or getattr(compiled, "backend_map", None) is None or (c.ok and not locate_divergence):
                 continue
             say(f"locating the first divergence in {c.name}")
+            # the program the backend lowered: the pipeline for the backend's own target (its default
+            # pipeline may differ from the plain target's), then its stage -- the node names the
+            # backend's node map uses
             tgt, be = resolve(target, c.name, {})
-            staged, _ = run_backend_stage(optimized, be, tgt)
+            backend_optimized, _ = _optimize(captured, pipeline, tgt, calibration_data)
+            staged, _ = run_backend_stage(backend_optimized, be, tgt)
             result.backend_divergences[c.name] = locate_backend(compiled, staged, optimized.example_flat_inputs(),
                                                                 rtol=rtol, top=top)
     return result

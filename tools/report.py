@@ -241,17 +241,21 @@ def time_overlay(compiled, flat_inputs, runs: int = 10) -> Overlay:
         for onnx_node in entry.get("nodes", []):
             owner.setdefault(onnx_node, name)
     values: dict[str, float] = {}
-    unattributed = 0.0
+    missed: dict[str, float] = {}
     for onnx_node, t in times.items():
-        o = owner.get(onnx_node)
+        # a node ONNX Runtime fused keeps the name of the node it fused into, with a suffix
+        # ("node_MatMul_8/MatMulAddFusion")
+        o = owner.get(onnx_node) or owner.get(onnx_node.split("/", 1)[0])
         if o is None:
-            unattributed += t
+            missed[onnx_node] = t
         else:
             values[o] = values.get(o, 0.0) + t
     total = sum(times.values()) or 1.0
+    worst = ", ".join(n for n, _ in sorted(missed.items(), key=lambda x: -x[1])[:3])
     return Overlay("time", "time (ONNX Runtime profiler)", "s", "sum", values=values,
-                   note=f"median of {runs} profiled runs; {unattributed / total:.0%} of kernel time is in ONNX "
-                        f"Runtime nodes the node map does not name (its own fusions)")
+                   note=f"median of {runs} profiled runs of a separate profiling session; "
+                        f"{sum(missed.values()) / total:.0%} of kernel time is in {len(missed)} ONNX Runtime "
+                        f"node(s) the node map does not name (nodes its fusions made{': ' + worst if worst else ''})")
 
 
 # ---- the report ------------------------------------------------------------------------------------------
@@ -273,12 +277,14 @@ def build_report(model: torch.nn.Module, args: tuple, kwargs: dict | None = None
     if calibration_data is not None:
         from optc.ir.calibration import prepare_calibration_data
         extra = {"calibration_data": prepare_calibration_data(captured, calibration_data)}
-    pm = PassManager(pipeline, target=target, instruments=[history], extra=extra)
+    tgt = target
+    if backend:   # the backend's own target: its default pipeline is what optc.compile runs
+        from optc.backends.lowering import resolve, run_backend_stage
+        tgt, be = resolve(target, backend, {})
+    pm = PassManager(pipeline, target=tgt, instruments=[history], extra=extra)
     optimized, preport = pm.run(captured)
     shown, compiled, notes = optimized, None, []
     if backend:
-        from optc.backends.lowering import resolve, run_backend_stage
-        tgt, be = resolve(target, backend, {})
         say(f"{backend} stage")
         shown, _ = run_backend_stage(optimized, be, tgt, first_index=len(preport.records) + 1,
                                      instruments=[history])
@@ -300,9 +306,7 @@ def build_report(model: torch.nn.Module, args: tuple, kwargs: dict | None = None
         notes.append(f"no time overlay: the {backend} backend has no per-node profiler in optc")
     quantized = any("quantize" in str(n.target) for n in optimized.graph.nodes if n.op == "call_function")
     if quantized:
-        sqnr = _sqnr_overlay(captured, optimized, flat)
-        if sqnr is not None:
-            overlays.append(sqnr)
+        overlays.append(_sqnr_overlay(captured, optimized, flat))
     overlays += stats_overlays(shown)
     data = graph_data(shown, backend_map=getattr(compiled, "backend_map", None))
     names = [n["n"] for n in data["nodes"]]
@@ -326,18 +330,10 @@ class Report:
     overlays: list
 
 
-def _sqnr_overlay(captured, optimized, flat) -> Overlay | None:
-    """Per-layer SQNR of a quantized program against its float program, where compare has it."""
-    try:
-        from optc.tools.compare import layer_sqnr
-    except ImportError:
-        return None
-    rows = layer_sqnr(captured, optimized, [flat])
-    values = {}
-    for r in rows:
-        node = r["node"] if isinstance(r, dict) else r[0]
-        db = r["sqnr_db"] if isinstance(r, dict) else r[-1]
-        values[node] = float(db)
+def _sqnr_overlay(captured, optimized, flat) -> Overlay:
+    """SQNR of each fake-quantized activation against the captured program (``optc compare``'s)."""
+    from optc.tools.compare import layer_sqnr
+    values = {r.node: float(r.sqnr_db) for r in layer_sqnr(captured, optimized, [flat])}
     return Overlay("sqnr", "quantization SQNR", "dB", "min", values=values, better="high",
                    note="signal-to-quantization-noise ratio of each quantized layer's output against the float "
                         "program (as ONNX Runtime's qdq_loss_debug computes it)")

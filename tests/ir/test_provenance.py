@@ -124,3 +124,28 @@ def test_cli_dump_provenance(capsys):
     assert main(["dump", "zoo:bert", "--tiny", "--pipeline", "default", "--provenance"]) == 0
     out = capsys.readouterr().out
     assert "by fuse-attention" in out and "by merge-parallel-linear" in out
+
+
+class ScaledLinear(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return torch.relu(self.lin(x) * 2)
+
+
+def test_a_surviving_node_that_took_an_erased_nodes_place_computes_its_value():
+    # fold-binary folds `* 2` into the linear's weights: the linear keeps its name but now computes
+    # the product, so it must be compared with the captured `mul`, not with the captured `linear`
+    torch.manual_seed(0)
+    model = ScaledLinear().eval()
+    captured = optc.capture(model, (torch.randn(2, 8),))
+    optimized, report = optc.optimize(captured, "fold-binary")
+    assert report.record("fold-binary").modified
+    lin = _by_target(optimized, torch.ops.aten.linear.default)
+    assert [n.name for n in lin] == ["linear"] and not _by_target(optimized, torch.ops.aten.mul.Tensor)
+    assert lin[0].meta[provenance.VALUE_OF] == "mul" and lin[0].meta[provenance.PASS] == "fold-binary"
+    assert set(provenance.origin(lin[0])) == {"linear", "mul"}
+    from optc.tools.compare import locate
+    assert locate(captured, optimized, optimized.example_flat_inputs()) == []

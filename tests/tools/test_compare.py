@@ -9,6 +9,7 @@ import textwrap
 import pytest
 import torch
 
+import optc
 from optc.tools.cli import main
 from optc.tools.compare import compare
 
@@ -183,3 +184,54 @@ def test_backend_locate_on_request_finds_nothing_in_a_right_model():
     assert result.ok and result.backend_divergences == {"onnx": []}
     data = result.to_json()
     assert data["backend_divergences"] == {"onnx": []}
+
+
+class _ConvNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3)
+        self.fc = torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        h = torch.sigmoid(self.conv(x)) * 1.5
+        return self.fc(h.mean((2, 3)) - 0.25)
+
+
+@pytest.fixture
+def wrong_torchscript_sigmoid(monkeypatch):
+    """TorchScript lowering planted to compute ``sigmoid`` as ``tanh`` (in the FX code it traces,
+    after the stage: the optimized Program and the staged one are right)."""
+    from optc.backends import torchscript_quant
+    real = torchscript_quant.lower_quant_ops
+
+    def planted(gm):
+        real(gm)
+        for n in gm.graph.nodes:
+            if n.target == torch.ops.aten.sigmoid.default:
+                n.target = torch.ops.aten.tanh.default
+        gm.recompile()
+    monkeypatch.setattr(torchscript_quant, "lower_quant_ops", planted)
+
+
+def test_torchscript_node_map_and_instrumented_values():
+    torch.manual_seed(0)
+    model, x = _ConvNet().eval(), torch.randn(1, 3, 10, 10)
+    compiled, _ = optc.compile(model, (x,), backend="torchscript")
+    bmap = compiled.backend_map
+    assert {"sigmoid", "mul", "mean", "sub"} <= set(bmap)
+    assert all(bmap[k]["value"] for k in ("sigmoid", "mul", "mean", "sub"))
+    values = compiled.intermediate_values([x], [bmap["mul"]["value"], bmap["sub"]["value"]])
+    h = torch.sigmoid(model.conv(x)) * 1.5
+    torch.testing.assert_close(values[bmap["mul"]["value"]], h, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(values[bmap["sub"]["value"]], h.mean((2, 3)) - 0.25, rtol=1e-5, atol=1e-6)
+    # the instrumented run is separate: the model still returns one output
+    assert isinstance(compiled.run_flat([x]), (list, tuple)) and len(compiled.run_flat([x])) == 1
+
+
+def test_a_torchscript_miscompile_is_located_in_the_backend(wrong_torchscript_sigmoid):
+    torch.manual_seed(0)
+    result = compare(_ConvNet().eval(), (torch.randn(1, 3, 10, 10),), backends=["torchscript"], top=3)
+    assert not result.ok and result.divergences == []
+    first = result.backend_divergences["torchscript"][0]
+    assert first.node == "sigmoid" and first.backend_nodes == [n for n in first.backend_nodes if "tanh" in n]
+    assert first.backend_nodes and first.error > 1e-2 and all(e <= 1e-4 for _, e in first.inputs)
