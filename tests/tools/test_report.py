@@ -4,7 +4,6 @@ Chromium is installed (or installable: the ``headless_chromium`` fixture in conf
 from __future__ import annotations
 
 import json
-import os
 import re
 import textwrap
 
@@ -12,7 +11,6 @@ import pytest
 import torch
 import torch.fx as fx
 
-import optc
 from optc.tools.cli import main
 from optc.tools.report import CHUNK, MAX_CHILDREN, build_report, graph_data, render_html
 
