@@ -16,6 +16,10 @@ Rewrite (``D`` the last ``k`` dims of ``%x``, ``N = x.shape[-k:]``)::
 ``eps`` is a scalar constant (0 when no ``add`` is found); the affine ``mul``/``add`` are
 absorbed only when the normalised value has no other user.
 
+The structure is a pattern of :mod:`optc.ir.pattern`'s combinators (``_NORMALISED``: its
+alternatives are the spellings above, and a refusal names the node that refused); the arithmetic
+conditions below are checked on what it binds.
+
 Preconditions (each refusal reported with its reason): the mean and the variance reduce
 over the same dims, which are the last dims of ``%x``, with ``keepdim=True``; the variance
 is the biased one (``correction=0``); ``eps`` is added to the variance inside the square
@@ -32,6 +36,7 @@ import operator
 import torch
 import torch.fx as fx
 
+from optc.ir.pattern import Alt, Const, Op, Var, describe, match
 from optc.ir.queries import scalar, val
 from optc.ir.rewrite import MatchResult, RewriteRule, apply_rules, arg, call, erase_if_unused, is_op
 from optc.passes.base import PassContext, PassResult, register_pass
@@ -53,14 +58,6 @@ def _norm_dims(dims, rank: int) -> list[int] | None:
     return sorted(d % rank for d in dims)
 
 
-def _getitem(node, index: int, targets) -> fx.Node | None:
-    """The multi-output node behind ``getitem(node, index)`` if it is one of ``targets``."""
-    if isinstance(node, fx.Node) and node.op == "call_function" and node.target is operator.getitem \
-            and node.args[1] == index and is_op(node.args[0], *targets):
-        return node.args[0]
-    return None
-
-
 def _correction(node: fx.Node) -> float:
     """Bessel's correction of a var/var_mean call (1 when unbiased, the default)."""
     if is_op(node, aten.var.dim, aten.var_mean.dim):
@@ -77,110 +74,72 @@ def _keepdim(node: fx.Node) -> bool:
     return bool(node.kwargs.get("keepdim", False))
 
 
-def _mean_of(node) -> tuple[fx.Node, fx.Node] | None:
-    """``(x, reduction)`` if ``node`` is a mean of ``x`` (mean.dim or var_mean's mean)."""
-    if is_op(node, aten.mean.dim):
-        return node.args[0], node
-    vm = _getitem(node, 1, _VAR_MEAN)
-    if vm is not None:
-        return vm.args[0], vm
-    return None
-
-
-def _centered(node) -> tuple[fx.Node, fx.Node, fx.Node] | None:
-    """``(x, mean, reduction)`` if ``node`` is ``x - mean(x)``."""
-    if not is_op(node, aten.sub.Tensor) or len(node.args) != 2 or node.kwargs.get("alpha", 1) != 1:
-        return None
-    x, mean = node.args
-    m = _mean_of(mean)
-    if m is None or m[0] is not x:
-        return None
-    return x, mean, m[1]
-
-
 def _same_centered(a, d: fx.Node) -> bool:
     """``a`` is ``d`` or another ``sub`` node with the same operands."""
     return a is d or (is_op(a, aten.sub.Tensor) and a.args == d.args and a.kwargs == d.kwargs)
+
+
+# ---- the pattern (optc.ir.pattern's combinators) -------------------------------------------------------
+def _is_1(c):
+    return c == 1
+
+
+_MEAN = Alt(Op(aten.mean.dim, Var("x"), ..., name="mean_red"),
+            Op(operator.getitem, Op(_VAR_MEAN, Var("x"), ..., name="mean_red"), Const(_is_1)))
+#: x - mean(x)
+_CENTERED = Op(aten.sub.Tensor, Var("x"), _MEAN.bind("mean"), name="d").where(
+    lambda d, m: d.kwargs.get("alpha", 1) == 1, "x - alpha * mean with alpha != 1")
+#: the same x - mean(x) again (the node itself, or an identical sub CSE has not merged yet)
+_D_AGAIN = Var().where(lambda v, m: _same_centered(v, m["d"]), lambda v, m: f"{describe(v)} is not x - mean")
+_SQUARE = Alt(Op(aten.pow.Tensor_Scalar, _D_AGAIN, Const(lambda c: c == 2.0, why="a power other than 2")),
+              Op(aten.mul.Tensor, _D_AGAIN, _D_AGAIN))
+_VARIANCE = Alt(
+    Op(aten.mean.dim, _SQUARE.bind("square"), ..., name="var_red"),
+    Op(_VAR, Var("x"), ..., name="var_red"),
+    Op(operator.getitem, Op(_VAR_MEAN, Var("x"), ..., name="var_red"), Const(lambda c: c == 0)),
+).bind("var")
+#: var + eps (eps a constant; 0 when there is no add)
+_VAR_EPS = Alt(Op(aten.add.Tensor, _VARIANCE, Const(name="eps"), commutative=True, name="ve"), _VARIANCE)
+_ROOT = Op(aten.sqrt.default, _VAR_EPS, name="root")
+_INV_ROOT_OF = Alt(Op(aten.rsqrt.default, _VAR_EPS),
+                   Op(aten.pow.Tensor_Scalar, _VAR_EPS, Const(lambda c: c == -0.5, why="a power other than -1/2")),
+                   Op(aten.reciprocal.default, _ROOT))
+#: the anchors: (x - mean) * 1/sqrt(var + eps), or (x - mean) / sqrt(var + eps)
+_NORMALISED = Alt(Op(aten.mul.Tensor, _CENTERED, _INV_ROOT_OF, commutative=True),
+                  Op(aten.div.Tensor, _CENTERED, _ROOT))
 
 
 class FuseLayerNorm(RewriteRule):
     name = "fuse-layer-norm"
 
     def match(self, node: fx.Node, ctx: PassContext) -> MatchResult | None:
+        # candidates: (x - mean(x)) multiplied by an inverse root or divided by something
         if is_op(node, aten.mul.Tensor) and len(node.args) == 2:
-            d, scale = node.args
-            if _centered(d) is None:
-                d, scale = scale, d
-            if _centered(d) is None or not is_op(scale, *_INV_ROOT):
+            operands = [(d, s) for d, s in (node.args, node.args[::-1]) if match(_CENTERED, d).failure is None]
+            if not operands or not is_op(operands[0][1], *_INV_ROOT):
                 return None                              # e.g. (x - mean)^2 as d * d: not a candidate
-            kind = "mul"
-        elif is_op(node, aten.div.Tensor) and len(node.args) == 2 and _centered(node.args[0]) is not None:
-            d, scale = node.args
-            kind = "div"
+            scale = operands[0][1]
+            if is_op(scale, aten.reciprocal.default) and _sqrt_plus_eps(scale.args[0]):
+                return MatchResult.fail("eps added outside the sqrt: d / (sqrt(var) + eps)")
+        elif is_op(node, aten.div.Tensor) and len(node.args) == 2 and match(_CENTERED, node.args[0]).failure is None:
+            if _sqrt_plus_eps(node.args[1]):
+                return MatchResult.fail("eps added outside the sqrt: d / (sqrt(var) + eps)")
         else:
             return None                                  # not (x - mean(x)) scaled by something
-        x, mean, mean_red = _centered(d)
+        m = match(_NORMALISED, node)
+        if m.failure is not None:
+            return MatchResult.fail(str(m.failure))
+        x, d, mean_red, var_red, var = m["x"], m["d"], m["mean_red"], m["var_red"], m["var"]
+        eps = float(m.get("eps", 0.0))
         xv, dv, yv = val(x), val(d), val(node)
         if None in (xv, dv, yv):
             return MatchResult.fail("missing shape metadata")
         rank = xv.dim()
-
-        # 1/sqrt(var + eps)
-        ve = None
-        if kind == "mul":
-            if is_op(scale, aten.rsqrt.default):
-                ve = scale.args[0]
-            elif is_op(scale, aten.pow.Tensor_Scalar) and scalar(scale.args[1]) == -0.5:
-                ve = scale.args[0]
-            elif is_op(scale, aten.reciprocal.default) and is_op(scale.args[0], aten.sqrt.default):
-                ve = scale.args[0].args[0]
-            elif is_op(scale, aten.reciprocal.default) and _sqrt_plus_eps(scale.args[0]):
-                return MatchResult.fail("eps added outside the sqrt: d / (sqrt(var) + eps)")
-            else:
-                return MatchResult.fail(f"x - mean is multiplied by %{getattr(scale, 'name', scale)}, "
-                                        f"not rsqrt(var + eps)")
-        else:
-            if is_op(scale, aten.sqrt.default):
-                ve = scale.args[0]
-            elif _sqrt_plus_eps(scale):
-                return MatchResult.fail("eps added outside the sqrt: d / (sqrt(var) + eps)")
-            else:
-                return MatchResult.fail(f"x - mean is divided by %{getattr(scale, 'name', scale)}, "
-                                        f"not sqrt(var + eps)")
-        eps, var = 0.0, ve
-        if is_op(ve, aten.add.Tensor) and len(ve.args) == 2 and ve.kwargs.get("alpha", 1) == 1:
-            a, b = ve.args
-            if scalar(b) is not None:
-                var, eps = a, scalar(b)
-            elif scalar(a) is not None:
-                var, eps = b, scalar(a)
-            else:
-                return MatchResult.fail(f"%{ve.name} adds a tensor to the variance, not a constant eps")
         if not math.isfinite(eps) or eps < 0:
             return MatchResult.fail(f"eps {eps!r} is not a finite non-negative constant")
-
-        # the variance, over the same dims as the mean
-        vm = _getitem(var, 0, _VAR_MEAN)
-        if is_op(var, aten.mean.dim):
-            sq = var.args[0]
-            if is_op(sq, aten.pow.Tensor_Scalar) and scalar(sq.args[1]) == 2.0:
-                ok = _same_centered(sq.args[0], d)
-            elif is_op(sq, aten.mul.Tensor) and len(sq.args) == 2:
-                ok = _same_centered(sq.args[0], d) and _same_centered(sq.args[1], d)
-            else:
-                ok = False
-            if not ok:
-                return MatchResult.fail(f"%{var.name} is not the mean of (x - mean)^2")
-            var_red = var
-        elif is_op(var, *_VAR) or vm is not None:
-            var_red = var if vm is None else vm
-            if var_red.args[0] is not x:
-                return MatchResult.fail(f"the variance %{var_red.name} is not of x %{x.name}")
-            if _correction(var_red) != 0:
-                return MatchResult.fail(f"unbiased variance (correction={_correction(var_red):g}); "
-                                        f"layer norm uses the biased one")
-        else:
-            return MatchResult.fail(f"%{getattr(var, 'name', var)} is not a variance of x")
+        if not is_op(var_red, aten.mean.dim) and _correction(var_red) != 0:
+            return MatchResult.fail(f"unbiased variance (correction={_correction(var_red):g}); "
+                                    f"layer norm uses the biased one")
         if var_red.kwargs.get("dtype") is not None or mean_red.kwargs.get("dtype") is not None:
             return MatchResult.fail("a reduction computes in another dtype")
         mean_dims = _norm_dims(arg(mean_red, 1, "dim"), rank)
@@ -200,7 +159,7 @@ class FuseLayerNorm(RewriteRule):
         if list(yv.shape) != list(xv.shape):
             return MatchResult.fail(f"result shape {list(yv.shape)} differs from x's {list(xv.shape)}")
 
-        # affine: absorb a following * gamma and + beta of shape N
+        # optional affine steps: absorb a following * gamma and + beta of shape N
         last, gamma, beta, affine = node, None, None, []
         u = _only_user(last)
         if is_op(u, aten.mul.Tensor):
@@ -215,9 +174,9 @@ class FuseLayerNorm(RewriteRule):
                 last, beta = u, b
                 affine.append(u)
         # users before operands, so that each erase_if_unused frees the next
-        root = [scale.args[0]] if is_op(scale, aten.reciprocal.default) else []
-        square = [var.args[0], *var.args[0].args[:2]] if is_op(var, aten.mean.dim) else []
-        erase = [*reversed(affine), node, scale, *root, ve, var, var_red, *square, d, mean, mean_red]
+        square = m.get("square")
+        again = [a for a in square.args[:2] if isinstance(a, fx.Node)] if square is not None else []
+        erase = [*reversed(affine), *reversed(m.nodes), *again, var, d, m["mean"], mean_red]
         return MatchResult.success(x=x, shape=shape, gamma=gamma, beta=beta, eps=eps, last=last, erase=erase)
 
     def rewrite(self, node: fx.Node, m: MatchResult, ctx: PassContext) -> None:
