@@ -131,6 +131,7 @@ def _load_default_translations() -> None:
         _TRANSLATIONS.setdefault(torch.ops.aten.rms_norm.default, rms_norm)
         _TRANSLATIONS.setdefault(torch.ops.optc.channel_affine.default, channel_affine)
         _TRANSLATIONS.setdefault(torch.ops.optc.ort_multihead_attention.default, _onnx_contrib._translate_mha)
+        _TRANSLATIONS.setdefault(torch.ops.optc.ort_group_query_attention.default, _onnx_contrib._translate_gqa)
         _TABLE_VERSION[0] += 1
         _DEFAULTS_LOADED[0] = True
 

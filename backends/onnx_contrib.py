@@ -13,10 +13,24 @@ CPU showed the kernel faster than the standard ONNX ops ONNX Runtime runs otherw
     key/value heads, dropout, a dtype other than float32, a causal mask over a query and key of
     different lengths (ONNX Runtime aligns it differently), dims unknown at compile time.
 
+``ort-group-query-attention`` (tried first)
+    ``scaled_dot_product_attention`` whose key and value are grouped -- ``enable_gqa=True``, or
+    HF's ``repeat_kv`` (``x[:, :, None].expand(B, Nkv, n_rep, T, H).reshape(B, Nkv*n_rep, T, H)``)
+    on both -> ``GroupQueryAttention`` on the heads before the repeat (the repeat is gone), no
+    key/value cache (``total_sequence_length`` and ``seqlens_k`` from the key's length at run
+    time), the float mask as ``attention_bias`` with ``causal=0``, or ``is_causal`` as ``causal=1``.
+    Refused (the MultiHeadAttention rule then takes the repeated operands): a query and key of
+    different lengths (the kernel without a cache attends a prefill to itself), head sizes that
+    differ, the same conditions as above otherwise.
+
+Both take float masks only: a boolean mask is refused (a fully masked row is NaN in ONNX
+Runtime's kernels and zeros in torch's SDPA, so converting it to ``-inf`` would not be exact).
+An additive mask that is ``-inf`` on a whole row has the same difference; HF's masks use the
+dtype's minimum, which is finite.
+
 Left as standard ONNX (measured, same section): ``rms_norm`` already becomes ONNX Runtime's
 SimplifiedLayerNormalization in the session (``backends/onnx.py``); ``SkipLayerNormalization`` is
-slower than what it replaces on CPU; ``GroupQueryAttention`` and ``RotaryEmbedding`` are not
-written (not measured).
+slower than what it replaces on CPU; ``RotaryEmbedding`` is not written (not measured).
 """
 
 from __future__ import annotations
@@ -28,7 +42,7 @@ import torch
 import torch.fx as fx
 
 from optc.backends.legalize.common import GraphFacts, Legalization, arg, val
-from optc.ir.rewrite import MatchResult, apply_rules
+from optc.ir.rewrite import MatchResult, apply_rules, is_op
 from optc.passes.base import PassContext, PassResult, register_pass
 
 aten = torch.ops.aten
@@ -97,11 +111,207 @@ def _translate_mha(query, key, value, attention_bias=None, num_heads: int = 1, s
                                    scale=float(scale), unidirectional=int(bool(unidirectional)))
 
 
+# ---- optc::ort_group_query_attention ---------------------------------------------------------------
+@torch.library.custom_op("optc::ort_group_query_attention", mutates_args=())
+def ort_group_query_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                              attention_bias: Optional[torch.Tensor], num_heads: int, kv_num_heads: int,
+                              scale: float, causal: bool) -> torch.Tensor:
+    """Reference kernel of ONNX Runtime's ``com.microsoft.GroupQueryAttention`` as optc writes it
+    (no key/value cache: a prefill): ``query`` ``[B, S, N*H]``, ``key``/``value`` ``[B, S, Nkv*H]``
+    (query head ``i`` reads key/value head ``i // (N / Nkv)``), ``attention_bias`` added to the
+    scaled scores (broadcast to ``[B, N, S, S]``), ``causal``: the causal mask. Returns
+    ``[B, S, N*H]``."""
+    b, s, _ = query.shape
+    q = query.reshape(b, s, num_heads, -1).transpose(1, 2)
+    k = key.reshape(b, key.shape[1], kv_num_heads, -1).transpose(1, 2)
+    v = value.reshape(b, value.shape[1], kv_num_heads, -1).transpose(1, 2)
+    rep = num_heads // kv_num_heads
+    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attention_bias, is_causal=causal,
+                                                           scale=scale)
+    return out.transpose(1, 2).flatten(2)
+
+
+@ort_group_query_attention.register_fake
+def _(query, key, value, attention_bias, num_heads, kv_num_heads, scale, causal):
+    return query.new_empty((query.shape[0], query.shape[1], num_heads * (value.shape[-1] // kv_num_heads)))
+
+
+def _register_gqa_schema() -> None:
+    """``com.microsoft.GroupQueryAttention``'s first eleven inputs and first output as an ONNX
+    schema (as ONNX Runtime 1.32 declares them), registered once per process if nobody has."""
+    import onnx
+    from onnx.defs import OpSchema
+    try:
+        onnx.defs.get_schema("GroupQueryAttention", 1, "com.microsoft")
+        return
+    except onnx.defs.SchemaError:
+        pass
+    single, optional = OpSchema.FormalParameterOption.Single, OpSchema.FormalParameterOption.Optional
+    inputs = [OpSchema.FormalParameter(name, t, "", param_option=option) for name, t, option in (
+        ("query", "T", single), ("key", "T", optional), ("value", "T", optional), ("past_key", "T", optional),
+        ("past_value", "T", optional), ("seqlens_k", "M", single), ("total_sequence_length", "M", single),
+        ("cos_cache", "T", optional), ("sin_cache", "T", optional), ("position_ids", "P", optional),
+        ("attention_bias", "T", optional))]
+    attrs = [OpSchema.Attribute("num_heads", OpSchema.AttrType.INT, "query heads"),
+             OpSchema.Attribute("kv_num_heads", OpSchema.AttrType.INT, "key/value heads"),
+             OpSchema.Attribute("scale", OpSchema.AttrType.FLOAT, "scale of Q*K'", required=False),
+             OpSchema.Attribute("causal", OpSchema.AttrType.INT, "causal mask", required=False)]
+    schema = OpSchema("GroupQueryAttention", "com.microsoft", 1, doc="ONNX Runtime's grouped-query attention",
+                      inputs=inputs, outputs=[OpSchema.FormalParameter("output", "T", "")],
+                      type_constraints=[("T", ["tensor(float)", "tensor(float16)"], ""),
+                                        ("M", ["tensor(int32)"], ""), ("P", ["tensor(int64)"], "")],
+                      attributes=attrs)
+    onnx.defs.register_schema(schema)
+
+
+def _translate_gqa(query, key, value, attention_bias=None, num_heads: int = 1, kv_num_heads: int = 1,
+                   scale: float = 1.0, causal: bool = False):
+    """No cache: ``total_sequence_length`` is the key's length and every row's ``seqlens_k`` that
+    length minus one (all keys valid), both computed from the key's shape (dynamic lengths work)."""
+    import onnx
+    import onnxscript
+    from optc.backends.onnx import onnx_opset
+    _register_gqa_schema()
+    op = onnx_opset()
+    msft = onnxscript.values.Opset("com.microsoft", 1)
+    total = op.Cast(op.Squeeze(op.Shape(key, start=1, end=2)), to=onnx.TensorProto.INT32)
+    seqlens = op.Expand(op.Sub(total, op.CastLike(op.Constant(value_int=1), total)), op.Shape(key, start=0, end=1))
+    return msft.GroupQueryAttention(query, key, value, None, None, seqlens,
+                                    total, None, None, None, attention_bias, num_heads=num_heads,
+                                    kv_num_heads=kv_num_heads, scale=float(scale), causal=int(bool(causal)))
+
+
 def _int(d):
     """``d`` as an int, or None for a symbolic dim (never guards on it)."""
     if isinstance(d, torch.SymInt):
         return d.node.maybe_as_int()
     return int(d)
+
+
+def _mask_refusal(mask, qv, n: int, kernel: str) -> str | None:
+    """Why ``mask`` cannot be the kernel's additive ``attention_bias`` (None when it can)."""
+    if mask is None:
+        return None
+    mv = val(mask)
+    if not isinstance(mv, torch.Tensor):
+        return "a mask without a shape"
+    if mv.dtype == torch.bool:
+        return f"a boolean mask ({kernel} adds a float bias)"
+    if mv.dtype != torch.float32:
+        return f"a {mv.dtype} mask"
+    if mv.dim() > 4:
+        return f"a mask of rank {mv.dim()}"
+    full = mv.dim() >= 2 and (mv.shape[-2] is qv.shape[2] or mv.shape[-2] == qv.shape[2])
+    if not full and not (mv.dim() >= 2 and mv.shape[-2] == 1):
+        return "a mask whose query dim is neither the query length nor 1"
+    lead = list(mv.shape[:-2])
+    lead = [1] * (2 - len(lead)) + lead
+    if not (lead[1] == 1 or lead[1] == n):
+        return "a mask whose head dim is neither the head count nor 1"
+    return None
+
+
+def _as_bias(rule: Legalization, node: fx.Node, mask, q):
+    """The mask as ``[B|1, N|1, S, T]``: padding masks ``[B, 1, 1, T]`` expanded to a row per query."""
+    if mask is None:
+        return None
+    bias, mv = mask, val(mask)
+    while mv.dim() < 4:
+        bias = rule.emit(node, aten.unsqueeze.default, (bias, 0))
+        mv = val(bias)
+    if not (mv.shape[-2] is val(q).shape[2] or mv.shape[-2] == val(q).shape[2]):
+        s = rule.emit(node, aten.sym_size.int, (q, 2))
+        bias = rule.emit(node, aten.expand.default, (bias, [-1, -1, s, -1]))
+    return bias
+
+
+def _same(a, b) -> bool:
+    return a is b or a == b
+
+
+def _unrepeated(t) -> tuple[fx.Node, int] | None:
+    """``(x, n_rep)`` when ``t`` is ``x`` ``[B, Nkv, T, H]`` with each head repeated ``n_rep`` times
+    as HF's ``repeat_kv`` writes it: ``x[:, :, None].expand(B, Nkv, n_rep, T, H).reshape(B,
+    Nkv * n_rep, T, H)`` (captured as ``view``/``reshape``, or as ``clone`` then ``_unsafe_view``)."""
+    if not is_op(t, aten.reshape.default, aten.view.default, aten._unsafe_view.default):
+        return None
+    e = t.args[0]
+    if is_op(e, aten.clone.default):     # reshape of an expanded (non-contiguous) tensor: a copy first
+        e = e.args[0]
+    if not is_op(e, aten.expand.default):
+        return None
+    u = e.args[0]
+    if not (is_op(u, aten.unsqueeze.default) and u.args[1] in (2, -3)):
+        return None
+    x = u.args[0]
+    xv, ev, tv = val(x), val(e), val(t)
+    if not all(isinstance(v, torch.Tensor) for v in (xv, ev, tv)) or xv.dim() != 4 or ev.dim() != 5:
+        return None
+    rep = _int(ev.shape[2])
+    if rep is None or not all(_same(ev.shape[i], xv.shape[j]) for i, j in ((0, 0), (1, 1), (3, 2), (4, 3))):
+        return None
+    nkv = _int(xv.shape[1])
+    if nkv is None or _int(tv.shape[1]) != nkv * rep or not all(_same(tv.shape[i], xv.shape[i]) for i in (0, 2, 3)):
+        return None
+    return x, rep
+
+
+class SdpaAsOrtGroupQueryAttention(Legalization):
+    """Grouped-query attention -> ``GroupQueryAttention`` (module docstring). Not a candidate: an
+    attention whose key and value are not grouped (the MultiHeadAttention rule takes it)."""
+
+    name = "ort-group-query-attention"
+    backends = ("onnx",)
+    targets = (aten.scaled_dot_product_attention.default,)
+    kernel = "GroupQueryAttention"
+
+    def check(self, node):
+        q, k, v = node.args[:3]
+        gqa = bool(arg(node, 7, "enable_gqa", False))
+        rk, rv = _unrepeated(k), _unrepeated(v)
+        if gqa:
+            k0, v0, rep = k, v, None
+        elif rk is not None and rv is not None and rk[1] == rv[1]:
+            (k0, rep), (v0, _) = rk, rv
+        else:
+            return None
+        qv, kv, vv = val(q), val(k0), val(v0)
+        if not all(isinstance(t, torch.Tensor) for t in (qv, kv, vv)) or not qv.dim() == kv.dim() == vv.dim() == 4:
+            return MatchResult.fail("operands that are not [B, N, S, H]")
+        if not (qv.dtype == kv.dtype == vv.dtype == torch.float32):
+            return MatchResult.fail(f"{qv.dtype} operands (ONNX Runtime's CPU kernel is float32)")
+        if float(arg(node, 4, "dropout_p", 0.0) or 0.0) != 0.0:
+            return MatchResult.fail("dropout")
+        if any(_int(t.shape[d]) is None for t in (qv, kv, vv) for d in (1, 3)):
+            return MatchResult.fail("the head count or head size is not known at compile time")
+        n, nkv = int(qv.shape[1]), int(kv.shape[1])
+        if int(vv.shape[1]) != nkv or n % nkv or (rep is not None and n != nkv * rep):
+            return MatchResult.fail(f"{n} query heads do not share {nkv} key/value heads evenly")
+        if not int(qv.shape[-1]) == int(kv.shape[-1]) == int(vv.shape[-1]):
+            return MatchResult.fail("query, key and value head sizes differ")
+        if not _same(qv.shape[2], kv.shape[2]):
+            return MatchResult.fail("query and key lengths differ (GroupQueryAttention without a key/value "
+                                    "cache attends a prefill to itself)")
+        if not _same(kv.shape[0], qv.shape[0]):
+            return MatchResult.fail("query and key batch sizes differ")
+        mask = arg(node, 3, "attn_mask")
+        why = _mask_refusal(mask, qv, n, self.kernel)
+        if why:
+            return MatchResult.fail(why)
+        scale = arg(node, 6, "scale")
+        scale = 1.0 / math.sqrt(int(qv.shape[-1])) if scale is None else float(scale)
+        return MatchResult.success(q=q, k=k0, v=v0, mask=mask, n=n, nkv=nkv, h=int(qv.shape[-1]), scale=scale,
+                                   causal=bool(arg(node, 5, "is_causal", False)))
+
+    def apply(self, node, m):
+        q3, k3, v3 = (self.emit(node, aten.flatten.using_ints, (self.emit(node, aten.transpose.int, (x, 1, 2)), 2, 3))
+                      for x in (m["q"], m["k"], m["v"]))
+        bias = _as_bias(self, node, m["mask"], m["q"])
+        out = self.emit(node, torch.ops.optc.ort_group_query_attention.default,
+                        (q3, k3, v3, bias, m["n"], m["nkv"], m["scale"], m["causal"]))
+        out4 = self.emit(node, aten.unflatten.int, (out, 2, [m["n"], m["h"]]))
+        self.replace(node, self.emit(node, aten.transpose.int, (out4, 1, 2)))
 
 
 class SdpaAsOrtMultiHeadAttention(Legalization):
@@ -110,6 +320,7 @@ class SdpaAsOrtMultiHeadAttention(Legalization):
     name = "ort-multihead-attention"
     backends = ("onnx",)
     targets = (aten.scaled_dot_product_attention.default,)
+    kernel = "MultiHeadAttention"
 
     def check(self, node):
         q, k, v = node.args[:3]
@@ -137,23 +348,9 @@ class SdpaAsOrtMultiHeadAttention(Legalization):
         if causal and not (qv.shape[2] is kv.shape[2] or qv.shape[2] == kv.shape[2]):
             return MatchResult.fail("a causal mask over a query and key of different lengths")
         mask = arg(node, 3, "attn_mask")
-        if mask is not None:
-            mv = val(mask)
-            if not isinstance(mv, torch.Tensor):
-                return MatchResult.fail("a mask without a shape")
-            if mv.dtype == torch.bool:
-                return MatchResult.fail("a boolean mask (MultiHeadAttention adds a float bias)")
-            if mv.dtype != torch.float32:
-                return MatchResult.fail(f"a {mv.dtype} mask")
-            if mv.dim() > 4:
-                return MatchResult.fail(f"a mask of rank {mv.dim()}")
-            full = mv.dim() >= 2 and (mv.shape[-2] is qv.shape[2] or mv.shape[-2] == qv.shape[2])
-            if not full and not (mv.dim() >= 2 and mv.shape[-2] == 1):
-                return MatchResult.fail("a mask whose query dim is neither the query length nor 1")
-            lead = list(mv.shape[:-2])
-            lead = [1] * (2 - len(lead)) + lead
-            if not (lead[1] == 1 or lead[1] == n):
-                return MatchResult.fail("a mask whose head dim is neither the head count nor 1")
+        why = _mask_refusal(mask, qv, n, self.kernel)
+        if why:
+            return MatchResult.fail(why)
         scale = arg(node, 6, "scale")
         scale = 1.0 / math.sqrt(hq) if scale is None else float(scale)
         return MatchResult.success(q=q, k=k, v=v, mask=mask, n=n, hv=int(vv.shape[-1]), scale=scale,
@@ -163,16 +360,7 @@ class SdpaAsOrtMultiHeadAttention(Legalization):
         # [B, N, L, H] -> [B, L, N*H]: the transpose cancels against the one that split the heads
         q3, k3, v3 = (self.emit(node, aten.flatten.using_ints, (self.emit(node, aten.transpose.int, (x, 1, 2)), 2, 3))
                       for x in (m["q"], m["k"], m["v"]))
-        bias = m["mask"]
-        if bias is not None:
-            mv = val(bias)
-            while mv.dim() < 4:
-                bias = self.emit(node, aten.unsqueeze.default, (bias, 0))
-                mv = val(bias)
-            if not (mv.shape[-2] is val(m["q"]).shape[2] or mv.shape[-2] == val(m["q"]).shape[2]):
-                # a padding mask [B, 1, 1, T]: ONNX Runtime's bias holds a row per query
-                s = self.emit(node, aten.sym_size.int, (m["q"], 2))
-                bias = self.emit(node, aten.expand.default, (bias, [-1, -1, s, -1]))
+        bias = _as_bias(self, node, m["mask"], m["q"])   # ONNX Runtime's bias holds a row per query
         out = self.emit(node, torch.ops.optc.ort_multihead_attention.default,
                         (q3, k3, v3, bias, m["n"], m["scale"], m["causal"]))
         out4 = self.emit(node, aten.unflatten.int, (out, 2, [m["n"], m["hv"]]))
@@ -182,7 +370,8 @@ class SdpaAsOrtMultiHeadAttention(Legalization):
 @register_pass("ort-contrib-ops", exact=True,
                description="ONNX: fused ops as ONNX Runtime's com.microsoft kernels, where they measured faster")
 def ort_contrib_ops(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-    rules = [SdpaAsOrtMultiHeadAttention(GraphFacts(gm))]
+    facts = GraphFacts(gm)
+    rules = [SdpaAsOrtGroupQueryAttention(facts), SdpaAsOrtMultiHeadAttention(facts)]
     n = apply_rules(gm, rules, ctx)
     if n:
         gm.graph.eliminate_dead_code()
@@ -190,4 +379,5 @@ def ort_contrib_ops(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     return PassResult(gm, n > 0, dict(ctx.stats))
 
 
-__all__ = ["ort_multihead_attention", "ort_contrib_ops", "SdpaAsOrtMultiHeadAttention"]
+__all__ = ["ort_multihead_attention", "ort_group_query_attention", "ort_contrib_ops", "SdpaAsOrtMultiHeadAttention",
+           "SdpaAsOrtGroupQueryAttention"]

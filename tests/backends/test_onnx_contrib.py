@@ -1,4 +1,5 @@
-"""The ONNX backend's ort-contrib-ops stage: attention as ONNX Runtime's MultiHeadAttention kernel.
+"""The ONNX backend's ort-contrib-ops stage: attention as ONNX Runtime's MultiHeadAttention and
+GroupQueryAttention kernels.
 
 Each case compiles a module whose attention the default pipeline fuses to
 ``scaled_dot_product_attention`` and checks the ONNX model ONNX Runtime receives: how many
@@ -106,16 +107,81 @@ def test_dynamic_batch_and_padding_mask_expanded_per_query():
             check_close(model(*inputs), compiled(*inputs), rtol=1e-5)
 
 
-def test_grouped_heads_repeated_still_run_the_kernel():
-    """Llama's repeat_kv expands key/value to every query head before the product: the kernel
-    takes the repeated operands."""
+@pytest.mark.parametrize("mask", ["causal", "padding", "none"])
+def test_grouped_heads_run_group_query_attention_on_the_unrepeated_heads(mask):
+    """Llama's repeat_kv expands key/value to every query head before the product: the stage
+    gives GroupQueryAttention the key/value heads before the repeat (the repeat is gone)."""
     torch.manual_seed(0)
-    model = Attn(mask="causal", kv_heads=2).eval()
+    model = Attn(mask=mask, kv_heads=2).eval()
     inputs = _inputs()
-    compiled, _ = optc.compile(model, inputs, backend="onnx")
-    assert _count(compiled, "MultiHeadAttention") == 1
+    compiled, report = optc.compile(model, inputs, backend="onnx")
+    assert _stage_record(report).stats == {"ort-group-query-attention": 1}
+    assert _count(compiled, "GroupQueryAttention") == 1 and _count(compiled, "MultiHeadAttention") == 0
+    # no repeat left (the padding mask's one Expand gives it a row per query)
+    assert _count(compiled, "Expand") == (1 if mask == "padding" else 0) and _count(compiled, "Softmax") == 0
+    gqa = next(n for n in _proto(compiled).graph.node if n.op_type == "GroupQueryAttention")
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in gqa.attribute}
+    assert attrs["num_heads"] == 4 and attrs["kv_num_heads"] == 2
     with torch.no_grad():
         check_close(model(*inputs), compiled(*inputs), rtol=1e-5)
+        other = _inputs(seed=3)
+        check_close(model(*other), compiled(*other), rtol=1e-5)
+
+
+def test_grouped_heads_with_a_dynamic_sequence_length():
+    # total_sequence_length and seqlens_k come from the key's shape at run time
+    # (with a dynamic length the run-time causal mask stays boolean: refused by both kernels, a
+    # boolean mask's fully masked rows are NaN in ONNX Runtime and 0 in torch; no mask here)
+    torch.manual_seed(0)
+    model = Attn(mask="none", kv_heads=2).eval()
+    s = torch.export.Dim("s", min=2, max=64)
+    compiled, _ = optc.compile(model, _inputs(), backend="onnx", dynamic_shapes=({1: s}, {1: s}))
+    assert _count(compiled, "GroupQueryAttention") == 1
+    with torch.no_grad():
+        for length in (3, 7, 12):
+            inputs = _inputs(s=length, seed=length)
+            check_close(model(*inputs), compiled(*inputs), rtol=1e-5)
+
+
+def test_enable_gqa_runs_group_query_attention():
+    class Gqa(nn.Module):
+        def forward(self, q, k, v):
+            return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    q, k, v = torch.randn(1, 4, 5, 8), torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8)
+    compiled, report = optc.compile(Gqa(), (q, k, v), backend="onnx")
+    assert _stage_record(report).stats == {"ort-group-query-attention": 1}
+    assert _count(compiled, "GroupQueryAttention") == 1
+    check_close(Gqa()(q, k, v), compiled(q, k, v), rtol=1e-5)
+
+
+def test_grouped_cross_attention_falls_back_to_multihead_attention_with_the_reason():
+    # GroupQueryAttention without a cache attends a prefill to itself: a key of another length is
+    # refused by that rule and the repeated operands run MultiHeadAttention
+    class Cross(nn.Module):
+        def forward(self, q, k, v):
+            b, n, t, h = k.shape
+            k = k[:, :, None].expand(b, n, 2, t, h).reshape(b, 2 * n, t, h)
+            v = v[:, :, None].expand(b, n, 2, t, h).reshape(b, 2 * n, t, h)
+            return F.scaled_dot_product_attention(q, k, v)
+    q, k, v = torch.randn(1, 4, 3, 8), torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8)
+    compiled, report = optc.compile(Cross(), (q, k, v), backend="onnx")
+    rec = _stage_record(report)
+    assert any(rule == "ort-group-query-attention" and "lengths differ" in why for rule, _, why in rec.rejections)
+    assert rec.stats.get("ort-multihead-attention") == 1 and _count(compiled, "GroupQueryAttention") == 0
+    check_close(Cross()(q, k, v), compiled(q, k, v), rtol=1e-5)
+
+
+def test_gqa_reference_kernel_is_sdpa_on_repeated_heads():
+    q, k, v = torch.randn(2, 6, 5, 4), torch.randn(2, 2, 5, 4), torch.randn(2, 2, 5, 4)
+    bias = torch.randn(2, 1, 5, 5)
+    flat = [x.transpose(1, 2).flatten(2) for x in (q, k, v)]
+    got = torch.ops.optc.ort_group_query_attention(*flat, bias, 6, 2, 0.3, False)
+    want = F.scaled_dot_product_attention(q, k.repeat_interleave(3, 1), v.repeat_interleave(3, 1), attn_mask=bias,
+                                          scale=0.3).transpose(1, 2).flatten(2)
+    torch.testing.assert_close(got, want)
+    got = torch.ops.optc.ort_group_query_attention(*flat, None, 6, 2, 0.5, True)
+    want = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.5, enable_gqa=True).transpose(1, 2).flatten(2)
+    torch.testing.assert_close(got, want)
 
 
 def test_boolean_mask_is_refused_with_the_reason():
@@ -129,18 +195,6 @@ def test_boolean_mask_is_refused_with_the_reason():
     assert _count(compiled, "MultiHeadAttention") == 0
     with torch.no_grad():
         check_close(model(*inputs), compiled(*inputs), rtol=1e-5)
-
-
-def test_enable_gqa_is_refused_with_the_reason():
-    class Gqa(nn.Module):
-        def forward(self, q, k, v):
-            return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
-    q, k, v = torch.randn(1, 4, 5, 8), torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8)
-    compiled, report = optc.compile(Gqa(), (q, k, v), backend="onnx")
-    rec = _stage_record(report)
-    assert any("enable_gqa" in why for _, _, why in rec.rejections)
-    assert _count(compiled, "MultiHeadAttention") == 0
-    check_close(Gqa()(q, k, v), compiled(q, k, v), rtol=1e-5)
 
 
 def test_cross_attention_with_causal_and_different_lengths_is_refused():

@@ -168,3 +168,20 @@ def test_llama_decode_step_with_a_growing_cache(backend):
         assert got[1].shape[3] == past + 1
         for r, o in zip(ref, got):
             assert float((r - o).abs().max() / r.abs().max()) < 1e-5
+
+
+@pytest.mark.parametrize("name, rule", [("llama", "ort-group-query-attention"),
+                                        ("gpt_bigcode", "ort-group-query-attention"),
+                                        ("gpt_neox", "ort-multihead-attention")])
+def test_onnx_attention_kernels_on_grouped_and_plain_heads(name, rule):
+    # Llama's repeat_kv (captured as clone + _unsafe_view) and GPT-BigCode's single key/value head
+    # run GroupQueryAttention on the heads before the repeat; GPT-NeoX's plain heads MultiHeadAttention
+    import onnx
+    pytest.importorskip("onnxruntime")
+    model, inputs = hf_corpus.build(name)
+    compiled, report = optc.compile(model, inputs, backend="onnx")
+    record = next(r for r in report.backend_stage.records if r.name == "ort-contrib-ops")
+    assert record.stats == {rule: 2} and record.rejections == []
+    kernel = "GroupQueryAttention" if rule == "ort-group-query-attention" else "MultiHeadAttention"
+    assert sum(n.op_type == kernel for n in onnx.load_from_string(compiled.model_bytes).graph.node) == 2
+    _check_numerics(name, model, inputs, compiled, optc.capture(model, inputs))
