@@ -66,6 +66,16 @@ def on_elementwise(cg: ChannelGraph, node: fx.Node) -> Layout:
     return merged
 
 
+def _repeated_along(x, dims) -> bool:
+    """``x`` is an ``expand`` (through a ``clone``) that broadcast every one of ``dims`` from 1."""
+    if isinstance(x, fx.Node) and x.op == "call_function" and x.target == torch.ops.aten.clone.default:
+        x = x.args[0]
+    if not (isinstance(x, fx.Node) and x.op == "call_function" and x.target == torch.ops.aten.expand.default):
+        return False
+    src = shape_of(x.args[0])
+    return bool(dims) and len(src) == len(shape_of(x)) and all(static(src[d]) == 1 for d in dims)
+
+
 def on_reshape(cg: ChannelGraph, node: fx.Node) -> Layout:
     lay = cg.only_input(node)
     x = node.args[0]
@@ -98,6 +108,9 @@ def on_reshape(cg: ChannelGraph, node: fx.Node) -> Layout:
             pieces = tuple(Piece(p.space, p.start, p.stop) if p.space is not None
                            else Piece(None, 0, p.stop * inner) for p in lay.pieces)
             res = Layout(non1_out[0], pieces)
+        elif _repeated_along(x, non1_in[1:]):
+            raise Refused("grouped-query attention repeats the key/value heads for the query heads here "
+                          "(repeat_kv: expand + reshape); pruning heads through that repeat is not supported")
         else:
             raise Refused("a reshape merges the channel axis with other dims")
     elif non1_in == [lay.axis] and len(non1_out) == 2 and sub is None and \

@@ -185,3 +185,14 @@ def test_onnx_attention_kernels_on_grouped_and_plain_heads(name, rule):
     kernel = "GroupQueryAttention" if rule == "ort-group-query-attention" else "MultiHeadAttention"
     assert sum(n.op_type == kernel for n in onnx.load_from_string(compiled.model_bytes).graph.node) == 2
     _check_numerics(name, model, inputs, compiled, optc.capture(model, inputs))
+
+
+def test_pruning_llama_heads_is_refused_naming_the_key_value_repeat():
+    # grouped-query attention: a key/value head serves several query heads through repeat_kv;
+    # pruning through that repeat is not supported, and the refusal says so (not a generic reshape)
+    model, inputs = hf_corpus.build("llama")
+    optimized, report = optc.optimize(optc.capture(model, inputs), "default,prune-heads", "cpu")
+    record = next(r for r in report.records if r.name.startswith("prune"))
+    assert record.stats["pruned"] == 0
+    repeat = [why for _, _, why in record.rejections if "repeat_kv" in why]
+    assert len(repeat) == 4, record.rejections      # key and value of both layers
