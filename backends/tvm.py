@@ -5,8 +5,10 @@ Lowering:
 1. ``optc::`` ops with a registered Relax translation (:func:`register_tvm_translation`) stay and
    are translated by the importer's custom convert map; the others are replaced by their ATen
    decomposition (:func:`~optc.backends.base.export_program`, which also keeps symbolic dims);
-2. ``tvm.relax.frontend.torch.from_exported_program`` (never ``from_fx``: it computes eval-mode
-   BatchNorm wrongly in 0.27), weights bound as constants, so the library is self-contained;
+2. ``tvm.relax.frontend.torch.from_exported_program``'s steps (``run_decompositions``, then its
+   ``ExportedProgramImporter``, whose fx node -> Relax table the node map keeps; never ``from_fx``:
+   it computes eval-mode BatchNorm wrongly in 0.27), weights bound as constants, so the library
+   is self-contained;
 3. the pre-schedule pipeline (:func:`~optc.backends.tvm_schedule.pre_schedule_passes`):
    inference decompositions, fast math, conv2d to the ``layout`` (Relax ``ConvertLayout``; a no-op
    for a Program ``convert-layout`` converted already), legalization, operator
@@ -24,6 +26,12 @@ Lowering:
    ``export_library`` to ``model.so``, which the model loads back and runs with the Relax VM:
    what runs is what is saved.
 
+Steps 3-6 run in a ``PassContext`` that leaves out the optional passes named by
+``disabled_passes`` (:data:`OPTIONAL_PASSES`; ``optc bisect`` switches them) and records, with a
+pass instrument, what the node map follows bindings through (``backends/tvm_map.py``): the
+lowered model has a :attr:`~TVMModel.backend_map`, :meth:`~TVMModel.intermediate_values` (a
+separate build) and :meth:`~TVMModel.node_times` (a separate VM over the same library).
+
 Calls pass torch tensors to the VM with DLPack both ways (a copy only for an input that is not
 contiguous or not 64-byte aligned), on a TVM thread pool of ``threads`` workers.
 """
@@ -40,7 +48,7 @@ import tempfile
 import threading
 import time
 import weakref
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
@@ -53,10 +61,30 @@ from optc.ir.program import Program
 from optc.ir.source import node_source
 from optc.target import Target
 
+if TYPE_CHECKING:
+    from optc.backends.tvm_map import BackendMap
+
 log = logging.getLogger("optc.backends.tvm")
 
 LIBRARY = "model.so"
 LAYOUTS = ("NHWC", "NCHW")
+#: The passes of optc's Relax build pipeline that a model compiles without (``disabled_passes``),
+#: in pipeline order: option name -> the TVM pass names it leaves out of the ``PassContext``.
+#: Legalization, ``call_tir`` lowering and the VM's own lowering cannot be left out.
+OPTIONAL_PASSES: dict[str, tuple[str, ...]] = {
+    "FastMathTransform": ("FastMathTransform",),          # polynomial exp / tanh / erf
+    "ConvertLayout": ("ConvertLayout",),                  # conv2d to the ``layout``
+    "FoldConstant": ("FoldConstant", "FoldConstantCallTIR"),   # constants (and weight repacking) at compile time
+    "FuseOps": ("FuseOps", "FuseTIR"),                    # operator fusion
+    "AttachAttrLayoutFreeBuffers": ("AttachAttrLayoutFreeBuffers", "SplitLayoutRewritePreproc"),  # CPU weight repacking
+    "MetaScheduleApplyDatabase": ("MetaScheduleApplyDatabase",),   # tuned kernels
+    "ApplyDefaultSchedule": ("ApplyDefaultSchedule",),    # the default schedules (CPU only: CUDA needs them)
+    "RewriteDataflowReshape": ("RewriteDataflowReshape",),   # reshape as a view
+    "StaticPlanBlockMemory": ("StaticPlanBlockMemory",),  # memory planning
+    "KillAfterLastUse": ("KillAfterLastUse",),            # early frees
+}
+#: ``OPTIONAL_PASSES`` that a CUDA build cannot leave out
+CUDA_REQUIRED = ("ApplyDefaultSchedule",)
 TUNE_HINT = "tvm: tuning needs xgboost and psutil: pip install optc[tune]"
 #: ``tune=True``: this many MetaSchedule trials for each kernel that has a reduction.
 TUNE_TRIALS_PER_TASK = 64
@@ -129,10 +157,17 @@ class TVMModel(CompiledModel):
     backend = "tvm"
 
     def __init__(self, signature: Signature, target: Target, *, library_path: str, threads: int | None = None,
-                 **kw):
+                 backend_map: "BackendMap | None" = None, relax_module=None, build: Callable | None = None, **kw):
         super().__init__(signature, target, **kw)
         import tvm
         from tvm import relax
+        #: optc node (of the staged Program) -> its kernel calls and the Relax variable holding its
+        #: result (``backends/tvm_map.py``); None for a model loaded from an artifact
+        self.backend_map = backend_map
+        # the imported Relax module (its constants share the Program's weights through DLPack) and
+        # the build that made the library: what intermediate_values builds again, with outputs added
+        self._relax_module = relax_module
+        self._build = build
         self.library_path = library_path
         self.threads = threads or default_threads()
         if target.device == "cuda":
@@ -157,6 +192,81 @@ class TVMModel(CompiledModel):
         if self.target.device == "cuda":
             self._dev.sync()
         return [torch.from_dlpack(o) for o in _flatten(out)]
+
+    # ---- the node map, an instrumented build, per-kernel times ----------------------------------------------
+    def _args(self, inputs) -> list:
+        import tvm
+        return [tvm.runtime.from_dlpack(_aligned(t.to(self.device))) for t in inputs]
+
+    def intermediate_values(self, inputs: list[torch.Tensor], names: list[str]) -> dict[str, torch.Tensor]:
+        """The Relax variables ``names`` (as :attr:`backend_map` names them) on ``inputs`` (flat, as
+        :meth:`run_flat` takes them), from a separate build of a copy of the imported module whose
+        ``main`` also returns them (a variable of a dataflow block leaves it as an output of the
+        block), with the same pipeline and options (tuned records aside: the copy gets the default
+        schedules); this model's library is not touched. A value is thus the one TVM computes for
+        that variable of the imported program, whatever the passes did to it in between (a layout
+        conversion, a fusion): the numbers cannot be another variable's. Where a value was internal
+        to a fused kernel, the copy writes it out, so its kernels may differ from the library's by
+        that. Empty for a model loaded from an artifact (it has no imported module)."""
+        from tvm import relax
+
+        from optc.backends.tvm_map import with_outputs
+        if self._relax_module is None or self._build is None:
+            return {}
+        mod, wanted = with_outputs(self._relax_module, list(names))
+        if not wanted:
+            return {}
+        vm = relax.VirtualMachine(self._build(mod), self._dev)
+        if self.target.device != "cuda":
+            from optc.backends.tvm_schedule import configure_threads
+            configure_threads(self.threads)
+        out = vm["main"](*self._args(inputs))
+        if self.target.device == "cuda":
+            self._dev.sync()
+        return {name: torch.from_dlpack(v).detach().cpu().clone() for name, v in zip(wanted, _flatten(out[1]))}
+
+    def node_times(self, inputs: list[torch.Tensor], *, runs: int = 10, warmup: int = 2) -> dict[str, float]:
+        """Median seconds per run of each kernel call of the library, keyed as the ``"nodes"`` of
+        :attr:`backend_map` name them (``fused_matmul_add1``, ``add#3`` for the third call of
+        ``add``): a separate VM over the same library, whose instrument (``set_instrument``) times
+        each call of a PrimFunc between its before- and after-call hooks (on CUDA after a device
+        synchronisation each side). This model's VM is not touched; VM builtins (allocation, shape
+        checks) are not counted."""
+        import statistics
+
+        from tvm import relax
+
+        from optc.backends.tvm_map import call_names
+        vm = relax.VirtualMachine(self.library, self._dev)
+        cuda = self.target.device == "cuda"
+        calls: list[tuple[str, float]] = []
+        start = [0.0]
+
+        def instrument(func, symbol, before_run, ret_value, *args):
+            if symbol.startswith("vm."):
+                return 0
+            if cuda:
+                self._dev.sync()
+            if before_run:
+                start[0] = time.perf_counter()
+            else:
+                calls.append((symbol, time.perf_counter() - start[0]))
+            return 0
+
+        vm.set_instrument(instrument)
+        if not cuda:
+            from optc.backends.tvm_schedule import configure_threads
+            configure_threads(self.threads)
+        args = self._args(inputs)
+        per_call: dict[str, list[float]] = {}
+        for i in range(warmup + runs):
+            calls.clear()
+            vm["main"](*args)
+            if i < warmup:
+                continue
+            for name, (_, t) in zip(call_names([c for c, _ in calls]), calls):
+                per_call.setdefault(name, []).append(t)
+        return {name: statistics.median(ts) for name, ts in per_call.items()}
 
     def save_artifacts(self, directory):
         shutil.copyfile(self.library_path, os.path.join(directory, LIBRARY))
@@ -243,7 +353,8 @@ class TVMBackend(Backend):
         return frozenset(_TRANSLATIONS)
 
     def lower(self, program: Program, target: Target, *, threads: int | None = None, tune: int | bool = 0,
-              tuning_db: str | None = None, layout: str | None = None) -> TVMModel:
+              tuning_db: str | None = None, layout: str | None = None,
+              disabled_passes: tuple | list = ()) -> TVMModel:
         """``threads``: TVM thread-pool workers and the target's ``num-cores`` (default: every core
         this process may use). ``tune``: MetaSchedule trial budget (0 or False: off, the default
         schedules only; True: :data:`TUNE_TRIALS_PER_TASK` trials per kernel with a reduction). ``tuning_db``: the tuning database folder (default: a folder per model under
@@ -251,7 +362,10 @@ class TVMBackend(Backend):
         without tuning. ``layout``: the layout convolutions run in, ``"NHWC"`` or ``"NCHW"``; None
         (default) is the target's (``optc.target.LAYOUTS``: NHWC on CPU, NCHW on CUDA), the layout
         the target's default pipeline already converted the Program to (``convert-layout``), so
-        Relax's ``ConvertLayout`` only converts what the pass left (docs/layout.md)."""
+        Relax's ``ConvertLayout`` only converts what the pass left (docs/layout.md).
+        ``disabled_passes``: names of :data:`OPTIONAL_PASSES` the build leaves out (TVM's
+        ``PassContext(disabled_pass=...)``), saved in the manifest -- ``optc bisect`` switches them
+        to find the TVM pass that brings a miscompile."""
         import tvm
         from optc.backends import tvm_schedule as ts
 
@@ -268,6 +382,15 @@ class TVMBackend(Backend):
             layout = target.layout if target.layout in LAYOUTS else "NCHW"
         if layout not in LAYOUTS:
             raise LoweringError(f"unknown layout {layout!r} (valid: {', '.join(LAYOUTS)})", backend=self.name)
+        if isinstance(disabled_passes, str) or not all(isinstance(p, str) for p in disabled_passes):
+            raise LoweringError(f"disabled_passes must be a list of pass names, got {disabled_passes!r}",
+                                backend=self.name)
+        optional = [p for p in OPTIONAL_PASSES if not (target.device == "cuda" and p in CUDA_REQUIRED)]
+        unknown = [p for p in disabled_passes if p not in optional]
+        if unknown:
+            raise LoweringError(f"disabled_passes: {', '.join(unknown)} cannot be left out of the TVM build "
+                                f"(optional passes: {', '.join(optional)})", backend=self.name)
+        disabled_passes = [p for p in optional if p in disabled_passes]      # pipeline order, once each
         if tune and any(importlib.util.find_spec(m) is None for m in ("xgboost", "psutil")):
             raise BackendUnavailableError(TUNE_HINT)
         n_threads = threads or default_threads()
@@ -279,27 +402,63 @@ class TVMBackend(Backend):
         tvm_target = tvm.target.Target(tdict)
         signature = Signature.of(program)
 
-        t0 = time.perf_counter()
-        mod = self._import(program)
-        t1 = time.perf_counter()
-        mod = ts.pre_schedule_pipeline(tvm_target, layout)(mod)
-        database, tuning = None, {}
-        if tune or tuning_db:
+        from optc.backends import tvm_map
+        recorder = tvm_map.Recorder()
+        disabled = [name for p in disabled_passes for name in OPTIONAL_PASSES[p]]
+
+        def context(instruments=()):
+            """The caller's PassContext, leaving out ``disabled`` too, with ``instruments`` added."""
+            cur = tvm.transform.PassContext.current()
+            return tvm.transform.PassContext(
+                opt_level=cur.opt_level, required_pass=list(cur.required_pass),
+                disabled_pass=[*cur.disabled_pass, *disabled], instruments=[*cur.instruments, *instruments],
+                config=dict(cur.config))
+
+        tuning: dict = {}
+
+        def tuned(mod):
+            """MetaSchedule on the pre-scheduled module: its checked records (``tuning`` is set)."""
+            nonlocal tuning
             db_dir = os.path.abspath(os.path.expanduser(tuning_db)) if tuning_db else \
                 os.path.join(default_tuning_root(), model_key(mod, tdict))
             database, tuning = ts.tune(mod, tvm_target, trials=tune, db_dir=db_dir, threads=n_threads)
+            return database
+
+        def build(mod, *, tuning_records=None, instruments=()):
+            """The pre-schedule pipeline, ``tuning_records(module)`` (the database to apply), then the
+            build: (the pre-scheduled module, the executable)."""
+            with context(instruments):
+                # a new module object: a Python pass of the pipeline may assign into the module it
+                # is given, and the imported one is kept for intermediate_values
+                mod = ts.pre_schedule_pipeline(tvm_target, layout)(tvm.IRModule(dict(mod.functions), attrs=mod.attrs))
+                database = tuning_records(mod) if tuning_records is not None else None
+                executable = tvm.compile(mod, target=tvm_target, relax_pipeline=ts.build_pipeline(
+                    tvm_target, layout, database, pre_scheduled=True))
+            return mod, executable
+
+        t0 = time.perf_counter()
+        with context():
+            imported = self._import(program)
+        t1 = time.perf_counter()
+        scheduled, executable = build(imported.mod, tuning_records=tuned if (tune or tuning_db) else None,
+                                      instruments=[recorder.instrument])
         t2 = time.perf_counter()
-        executable = tvm.compile(mod, target=tvm_target,
-                                 relax_pipeline=ts.build_pipeline(tvm_target, layout, database, pre_scheduled=True))
+        maps = None
+        try:
+            maps = tvm_map.build_map(imported, program, tvm_map.kernel_calls(recorder, scheduled, imported.mod["main"]))
+        except Exception as e:  # noqa: BLE001 - a debugging aid must not cost the compile
+            log.warning("tvm: no node map (%s: %s)", type(e).__name__, (str(e).strip().splitlines() or [""])[0][:160])
         workdir = tempfile.mkdtemp(prefix="optc-tvm-")
         try:
             path = os.path.join(workdir, LIBRARY)
             executable.export_library(path)
             t3 = time.perf_counter()
-            log.info("tvm: import %.1fs, tuning %.1fs, build+export %.1fs", t1 - t0, t2 - t1, t3 - t2)
+            log.info("tvm: import %.1fs, tuning+build %.1fs, map+export %.1fs", t1 - t0, t2 - t1, t3 - t2)
             options = {"threads": threads, "layout": layout, "tune": tuning.get("trials", tune), "target": tdict,
-                       "tuned_kernels": tuning.get("applied", 0)}
-            model = TVMModel(signature, target, library_path=path, threads=threads, backend_options=options)
+                       "tuned_kernels": tuning.get("applied", 0), "disabled_passes": list(disabled_passes)}
+            model = TVMModel(signature, target, library_path=path, threads=threads, backend_options=options,
+                             backend_map=maps, relax_module=imported.mod,
+                             build=lambda mod: build(mod)[1])   # default schedules: no tuning
         except BaseException:
             shutil.rmtree(workdir, ignore_errors=True)
             raise
@@ -308,11 +467,12 @@ class TVMBackend(Backend):
         return model
 
     def _import(self, program: Program):
-        """The Program as a Relax module (weights bound as constants)."""
-        from tvm.relax.frontend.torch import from_exported_program
+        """The Program as a Relax module (weights bound as constants), with what the importer knew
+        (:class:`~optc.backends.tvm_map.Imported`: ``from_exported_program``'s steps, its ``env`` kept)."""
+        from optc.backends.tvm_map import import_program
         ep = export_program(program)
         try:
-            return from_exported_program(ep, keep_params_as_input=False, custom_convert_map=_convert_map() or None)
+            return import_program(ep, _convert_map() or None)
         except AssertionError as e:  # "Unsupported function types ['foo.default']"
             text = str(e)
             if "Unsupported function types" not in text:
@@ -344,7 +504,7 @@ class TVMBackend(Backend):
             raise ArtifactError(f"{directory}: TVM cannot load '{LIBRARY}': {first}") from e
 
 
-__all__ = ["TVMBackend", "TVMModel", "LIBRARY", "register_tvm_translation",
+__all__ = ["TVMBackend", "TVMModel", "LIBRARY", "OPTIONAL_PASSES", "register_tvm_translation",
            "default_tuning_root", "model_key", "default_threads"]
 
 from optc.backends import tvm_quant as _tvm_quant  # noqa: E402,F401  (R.quantize / R.dequantize translations)

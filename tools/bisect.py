@@ -22,7 +22,11 @@ The search, each step a bisection over a range whose upper end reproduces:
    (``legalize``, ``ort-contrib-ops``, ...), the pipeline left out, then their rewrites;
 4. if it reproduces with neither: the backend's own optimiser, where it can be switched -- ONNX
    Runtime's graph optimization levels (``disable``, ``basic``, ``extended``, ``all``): the lowest
-   that fails. Failing with every optimization off means the exporter or a kernel.
+   that fails; TVM's optional passes (``optc.backends.tvm.OPTIONAL_PASSES``: ``FastMathTransform``,
+   ``FuseOps``, the default schedules, memory planning, ...; the backend option
+   ``disabled_passes``): with all of them off first, then the first k of them on, in pipeline
+   order, bisected -- the pass whose turn brings the failure, checked by leaving out that one
+   alone. Failing with every optimization off means the exporter (importer) or a kernel.
 
 Exit status: 0 when the full compile matches (nothing to bisect), 1 when a culprit was found,
 2 on a usage error, 3 when the search could not attribute the failure (it stopped reproducing).
@@ -76,6 +80,7 @@ class Try:
     rewrites: int | None           # rewrite budget in the bisected part (None: all)
     session: str | None            # ONNX Runtime's optimization level (None: the default)
     outcome: str                   # "reproduces", "matches" or "fails differently: ..."
+    disabled: list[str] | None = None   # TVM's optional passes left out (None: none)
 
 
 @dataclass
@@ -90,6 +95,7 @@ class BisectResult:
     first_pass: dict | None = None          # {"index", "pass"}: index counted over the pipeline, then the stage
     first_rewrite: dict | None = None       # {"count", "pass", "rule", "node", "source"}
     session_level: str | None = None        # the lowest ONNX Runtime level that fails
+    backend_pass: str | None = None         # TVM: the optional pass whose turn brings the failure
     note: str = ""
     tries: list[Try] = field(default_factory=list)
 
@@ -120,6 +126,10 @@ class BisectResult:
                 where += f", first {t.rewrites} rewrites"
             if t.session is not None:
                 where += f", ONNX Runtime optimization {t.session}"
+            if t.disabled:
+                d = t.disabled
+                where += f", TVM without {', '.join(d)}" if len(d) <= 2 else \
+                    f", TVM without {d[0]} .. {d[-1]} ({len(d)} optional passes)"
             lines.append(f"  try {i}: {where}: {t.outcome}")
         if self.first_pass:
             lines.append(f"first failing pass: #{self.first_pass['index']} {self.first_pass['pass']} ({self.culprit})")
@@ -129,6 +139,8 @@ class BisectResult:
                          + (f" ({r['source']})" if r.get("source") else ""))
         if self.session_level:
             lines.append(f"ONNX Runtime: fails from optimization level '{self.session_level}' on")
+        if self.backend_pass:
+            lines.append(f"TVM: fails from optional pass {self.backend_pass} on")
         if self.note:
             lines.append(self.note)
         return "\n".join(lines)
@@ -163,7 +175,7 @@ def bisect(model: torch.nn.Module, args: tuple, kwargs: dict | None = None, *, b
     result = BisectResult(label or type(model).__name__, be.name, pipeline, None)
 
     def attempt(passes: int | None, stage: int | None, rewrites: int | None = None, where: str = "pipeline",
-                session: str | None = None) -> tuple[Failure | None, Any, Any]:
+                session: str | None = None, disabled: list[str] | None = None) -> tuple[Failure | None, Any, Any]:
         """Run a prefix; returns (failure or None, pipeline report, stage report)."""
         prep = srep = None
         try:
@@ -175,6 +187,8 @@ def bisect(model: torch.nn.Module, args: tuple, kwargs: dict | None = None, *, b
                                              max_rewrites=rewrites if where == "stage" else None)
             be.check_ops(staged, tgt)
             options = {"session_optimization": session} if session is not None else {}
+            if disabled is not None:
+                options["disabled_passes"] = list(disabled)
             compiled = be.lower(staged, tgt, **options)
             with torch.no_grad():
                 got = _flat(compiled(*args, **kwargs))
@@ -184,15 +198,15 @@ def bisect(model: torch.nn.Module, args: tuple, kwargs: dict | None = None, *, b
                               message=(str(e).strip().splitlines() or [""])[0][:200])
         return failure, prep, srep
 
-    def reproduces(passes, stage, rewrites=None, where="pipeline", session=None):
-        failure, prep, srep = attempt(passes, stage, rewrites, where, session)
+    def reproduces(passes, stage, rewrites=None, where="pipeline", session=None, disabled=None):
+        failure, prep, srep = attempt(passes, stage, rewrites, where, session, disabled)
         if failure is None:
             outcome = "matches"
         elif failure.same_as(result.pinned):
             outcome = "reproduces"
         else:
             outcome = f"fails differently: {failure.describe()}"
-        result.tries.append(Try(passes or 0, stage, rewrites, session, outcome))
+        result.tries.append(Try(passes or 0, stage, rewrites, session, outcome, disabled))
         say(f"try {len(result.tries)}: {outcome}")
         return outcome == "reproduces", prep, srep
 
@@ -284,9 +298,40 @@ def bisect(model: torch.nn.Module, args: tuple, kwargs: dict | None = None, *, b
         else:
             result.note = "no try reproduced the pinned failure: not attributed"
         return result
+    if be.name == "tvm":
+        return _blame_tvm_pass(result, tgt, lambda disabled: reproduces(0, None if n_stage == 0 else n_stage,
+                                                                        disabled=disabled)[0], first_true)
     result.culprit = "backend"
     result.note = (f"it fails with no optc pass; {be.name}'s own optimiser cannot be switched from optc: the "
                    f"backend (optc compare --backend {be.name} compares it)")
+    return result
+
+
+def _blame_tvm_pass(result: BisectResult, target, reproduces_without: Callable[[list[str]], bool],
+                    first_true: Callable) -> BisectResult:
+    """Step 4 for TVM: the optional pass (``OPTIONAL_PASSES``, pipeline order) whose turn brings the
+    failure -- every one off, then the first k on, bisected; ``reproduces_without(disabled)``."""
+    from optc.backends.tvm import CUDA_REQUIRED, OPTIONAL_PASSES
+    switches = [p for p in OPTIONAL_PASSES if not (target.device == "cuda" and p in CUDA_REQUIRED)]
+    if reproduces_without(switches):
+        result.culprit = "backend"
+        result.note = ("it fails with every optional TVM pass off, with no optc pass: the importer, legalization "
+                       "or a kernel (optc compare --backend tvm locates the node)")
+        return result
+    if not result.tries[-1].outcome == "matches":
+        result.note = "with every optional TVM pass off it fails another way: not attributed"
+        return result
+    k = first_true(0, len(switches), lambda k: reproduces_without(switches[k:]))
+    culprit = switches[k - 1]
+    result.culprit = "backend optimizer"
+    result.backend_pass = culprit
+    if reproduces_without([culprit]):
+        result.note = (f"TVM's {culprit} brings it when it runs after {', '.join(switches[:k - 1]) or 'no other'} "
+                       "optional pass, but leaving it out alone does not remove it (a later optional pass "
+                       "brings it too)")
+    else:
+        result.note = (f"TVM's {culprit} brings it (the passes before it match); the model compiles right "
+                       f"without it: backend option disabled_passes=['{culprit}']")
     return result
 
 

@@ -29,13 +29,17 @@ Each is reported with its op, the pass that created it (if one did), the user's 
 its inputs' errors. The values come from a separate interpreted run of the two Programs; the
 artifacts the user runs are not changed.
 
-**In a backend** (ONNX): a backend candidate that fails (every one, with ``--locate``) is located
-too, against the staged Program it was lowered from, run by optc's reference kernels: the
-lowering's node map (``backend_map``: each optc node's ONNX nodes and result value, from the
-exporter's node metadata and torch.export's ``from_node``) names the ONNX value of each node, and
-a separate ONNX Runtime session of a copy of the model, with those values as extra outputs, gives
-them. The first node whose ONNX value is outside tolerance while its inputs' are inside is
-reported with its ONNX nodes. TorchScript and TVM have no node map yet.
+**In a backend** (ONNX, TorchScript, TVM): a backend candidate that fails (every one, with
+``--locate``) is located too, against the staged Program it was lowered from, run by optc's
+reference kernels: the lowering's node map (``backend_map``: each optc node's backend nodes and
+result value -- ONNX from the exporter's node metadata and torch.export's ``from_node``,
+TorchScript from the FX code lines it records, TVM from the importer's fx node -> Relax variable
+table and ``from_node``) names the backend value of each node, and a separate instrumented run
+gives them (ONNX: a session of a copy of the model with those values as extra outputs;
+TorchScript: a copy of the frozen graph returning them; TVM: a separate build of the imported
+Relax module whose ``main`` returns them). The first node whose backend value is outside
+tolerance while its inputs' are inside is reported with its backend nodes (TVM: the kernel calls
+of the library that compute it).
 
 **SQNR per quantized activation** (when the pipeline quantizes: ``insert-qdq``): every activation
 the quantized Program fake-quantizes (the float value ``x`` of each ``Q -> DQ`` pair: the graph
@@ -136,7 +140,7 @@ class CompareResult:
     divergences: list[Divergence] = field(default_factory=list)
     located: bool = False
     #: backend -> its first divergences from the optimized Program, node by node (a separate
-    #: instrumented run of its artifact; backends with a node map: onnx)
+    #: instrumented run of its artifact; backends with a node map: onnx, torchscript, tvm)
     backend_divergences: dict = field(default_factory=dict)
     #: quantized programs: each fake-quantized activation's SQNR against the float program, worst first
     sqnr: list[LayerSQNR] = field(default_factory=list)
@@ -185,7 +189,8 @@ class CompareResult:
                 head = f"{b}: first divergence" if i == 0 else f"{b}: divergence {i + 1}"
                 ins = ", ".join(f"%{n} {e:.2g}" for n, e in d.inputs) or "none compared"
                 lines.append(f"{head}: %{d.node} ({d.op}) at {d.source or 'unknown source'}"
-                             f"{', created by ' + d.created_by if d.created_by else ''} -> {', '.join(d.backend_nodes)}: "
+                             f"{', created by ' + d.created_by if d.created_by else ''}"
+                             f"{' -> ' + ', '.join(d.backend_nodes) if d.backend_nodes else ''}: "
                              f"error {d.error:.3g} (tolerance {d.tolerance:.1g}); inputs: {ins}")
         if self.sqnr:
             lines.append(f"SQNR per quantized activation, worst {min(self.top, len(self.sqnr))} of {len(self.sqnr)} "

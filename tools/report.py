@@ -233,8 +233,14 @@ def error_overlay(captured, shown, flat_inputs) -> Overlay:
                         f"(optc compare); {bad} node(s) outside their dtype's tolerance")
 
 
+#: who times a backend's kernels (``compiled.node_times``), and what a kernel is called there
+_PROFILERS = {"onnx": ("ONNX Runtime profiler", "ONNX Runtime node", "nodes its fusions made"),
+              "tvm": ("TVM VM instrument", "TVM kernel call", "layout conversions TVM added")}
+
+
 def time_overlay(compiled, flat_inputs, runs: int = 10) -> Overlay:
-    """Seconds per node from ONNX Runtime's profiler, through the lowering's node map."""
+    """Seconds per node from the backend's profiler (ONNX Runtime's; TVM's VM instrument),
+    through the lowering's node map."""
     times = compiled.node_times(list(flat_inputs), runs=runs)
     owner: dict[str, str] = {}
     for name, entry in (compiled.backend_map or {}).items():
@@ -252,10 +258,11 @@ def time_overlay(compiled, flat_inputs, runs: int = 10) -> Overlay:
             values[o] = values.get(o, 0.0) + t
     total = sum(times.values()) or 1.0
     worst = ", ".join(n for n, _ in sorted(missed.items(), key=lambda x: -x[1])[:3])
-    return Overlay("time", "time (ONNX Runtime profiler)", "s", "sum", values=values,
+    profiler, kernel, made = _PROFILERS.get(compiled.backend, _PROFILERS["onnx"])
+    return Overlay("time", f"time ({profiler})", "s", "sum", values=values,
                    note=f"median of {runs} profiled runs of a separate profiling session; "
-                        f"{sum(missed.values()) / total:.0%} of kernel time is in {len(missed)} ONNX Runtime "
-                        f"node(s) the node map does not name (nodes its fusions made{': ' + worst if worst else ''})")
+                        f"{sum(missed.values()) / total:.0%} of kernel time is in {len(missed)} {kernel}"
+                        f"(s) the node map does not name ({made}{': ' + worst if worst else ''})")
 
 
 # ---- the report ------------------------------------------------------------------------------------------

@@ -69,8 +69,10 @@ def _calls(mod: tvm.IRModule, op_name: str) -> bool:
 def _if_calls(op_name: str, inner):
     """``inner`` applied only to modules that call ``op_name``. ConvertLayout on a module without
     a conv2d (a layer norm and a 1-d average pool, found by optc fuzz) aborts with std::bad_alloc
-    in 0.27; with no conv2d it has nothing to convert anyway."""
-    @tvm.transform.module_pass(opt_level=0, name=f"OptcIfCalls[{op_name}]")
+    in 0.27; with no conv2d it has nothing to convert anyway. Named as ``inner``, so that
+    ``PassContext(disabled_pass=[inner's name])`` leaves it out (``inner`` itself is called
+    directly, which no ``PassContext`` checks)."""
+    @tvm.transform.module_pass(opt_level=0, name=inner.info.name)
     def _pass(mod, ctx):
         return inner(mod) if _calls(mod, op_name) else mod
     return _pass

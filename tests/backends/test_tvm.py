@@ -296,3 +296,154 @@ def test_cuda_matches_eager(captured_structured):
         got = compiled(x.cuda(), bias=bias.cuda())
         assert got["act"].is_cuda
         check_close(model(x, bias=bias), got)
+
+
+# ---- node map, instrumented values, kernel times ------------------------------------------------
+class _SquareConvNet(torch.nn.Module):
+    """Channels == height == width: a value in the other layout would have the same shape."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.bn = torch.nn.BatchNorm2d(8)
+        self.fc = torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        h = torch.sigmoid(self.bn(self.conv(x))) * 1.5
+        return self.fc(h.mean((2, 3)) - 0.25)
+
+
+class _Attention(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.qkv, self.o = torch.nn.Linear(16, 48), torch.nn.Linear(16, 16)
+
+    def forward(self, x):
+        q, k, v = (t.view(1, 6, 2, 8).transpose(1, 2) for t in self.qkv(x).split(16, -1))
+        p = (q @ k.transpose(-1, -2) / 8 ** 0.5).softmax(-1)
+        return self.o((p @ v).transpose(1, 2).reshape(1, 6, 16))
+
+
+def _staged_and_compiled(model, inputs, pipeline="default", **options):
+    """The staged Program the backend lowers and its compiled model (what optc compare pairs)."""
+    from optc.backends.lowering import resolve, run_backend_stage
+    tgt, be = resolve("cpu", "tvm", {})
+    optimized, _ = optc.optimize(optc.capture(model, inputs), pipeline, tgt)
+    staged, _ = run_backend_stage(optimized, be, tgt)
+    return staged, be.lower(staged, tgt, **options)
+
+
+@pytest.mark.parametrize("case", ["convnet", "convnet-tvm-layout", "convnet-unfused", "attention"])
+def test_node_map_values_are_the_staged_programs(case):
+    from optc.tools.compare import _record
+    torch.manual_seed(0)
+    if case == "attention":
+        model, x = _Attention().eval(), torch.randn(1, 6, 16)
+    else:
+        model, x = _SquareConvNet().eval(), torch.randn(1, 8, 8, 8)
+        model.bn.running_mean.uniform_(-0.5, 0.5)
+        model.bn.running_var.uniform_(0.5, 2.0)
+    # convnet-tvm-layout: the Program stays NCHW and TVM's ConvertLayout makes the convolution NHWC
+    pipeline = "fold-conv-bn" if case == "convnet-tvm-layout" else "default"
+    options = {"disabled_passes": list(tvm_backend.OPTIONAL_PASSES)} if case == "convnet-unfused" else {}
+    staged, compiled = _staged_and_compiled(model, (x,), pipeline, **options)
+    bmap = compiled.backend_map
+    calls = [n.name for n in staged.graph.nodes if n.op == "call_function"]
+    assert set(bmap) == set(calls)
+    want = {name: e["value"] for name, e in bmap.items() if e["value"]}
+    assert len(want) >= len(calls) - (2 if case == "attention" else 0)     # the split (a tuple) has none
+    got = compiled.intermediate_values([x], list(want.values()))
+    ref = _record(staged.graph_module, [x])
+    assert set(got) == set(want.values())
+    for name, value in want.items():
+        torch.testing.assert_close(got[value], ref[name], rtol=1e-4, atol=1e-5, msg=f"%{name} ({value})")
+    # every kernel call of the library is named by the map, and timed -- but the input's layout
+    # conversion that TVM's ConvertLayout added: no node of the Program computes it
+    times = compiled.node_times([x], runs=2, warmup=1)
+    kernels = {k for e in bmap.values() for k in e["nodes"]}
+    assert kernels <= set(times) and all(t > 0 for t in times.values())
+    extra = [k for k in times if k not in kernels]
+    assert extra == [] if case != "convnet-tvm-layout" else len(extra) == 1 and extra[0].startswith("transpose")
+    fused = any(k.startswith("fused_") for k in kernels)
+    assert fused == (case != "convnet-unfused")
+    if case.startswith("convnet"):
+        assert bmap["sigmoid"]["nodes"] and all("sigmoid" in k for k in bmap["sigmoid"]["nodes"])
+    # the instrumented build is separate: the model still returns its one output
+    assert len(compiled.run_flat([x])) == 1
+
+
+@pytest.fixture
+def wrong_tvm_sigmoid(monkeypatch):
+    """TVM's translation of ``sigmoid`` planted to compute ``tanh`` (the importer's custom convert
+    map: the optimized Program and the staged one are right)."""
+    from tvm import relax
+    real = tvm_backend._convert_map
+
+    def wrong(node, importer):
+        return importer.block_builder.emit(relax.op.tanh(importer.env[node.args[0]]))
+    monkeypatch.setattr(tvm_backend, "_convert_map", lambda: {**real(), "sigmoid.default": wrong})
+
+
+def test_a_tvm_miscompile_is_located_at_its_node(wrong_tvm_sigmoid):
+    from optc.tools.compare import compare
+    torch.manual_seed(0)
+    result = compare(_SquareConvNet().eval(), (torch.randn(1, 8, 8, 8),), backends=["tvm"], top=3)
+    assert not result.ok and result.divergences == []           # the optimized Program itself is right
+    first = result.backend_divergences["tvm"][0]
+    assert first.node == "sigmoid" and first.op == "aten.sigmoid"
+    assert first.backend_nodes and all("tanh" in k for k in first.backend_nodes)
+    assert first.error > 1e-2 and first.inputs and all(e <= 1e-4 for _, e in first.inputs)
+    assert "tvm: first divergence: %sigmoid" in result.format()
+
+
+@pytest.mark.parametrize("name", ["bert", "resnet18"])
+def test_tvm_node_map_of_zoo_models_has_no_false_divergence(name):
+    from optc.tools.compare import compare
+    from optc.tools.models import load_model
+    loaded = load_model(f"zoo:{name}", tiny=True)
+    result = compare(loaded.model, loaded.args, loaded.kwargs, backends=["tvm"], locate_divergence=True)
+    assert result.ok and result.divergences == []
+    assert result.backend_divergences == {"tvm": []}
+
+
+def test_bert_kernels_are_followed_through_shared_fused_functions():
+    # FuseOps makes one fused function for the same group of each layer: its own variables are the
+    # first layer's, so the second layer's calls must be matched by what they compute
+    from optc.tools.models import load_model
+    loaded = load_model("zoo:bert", tiny=True)
+    staged, compiled = _staged_and_compiled(loaded.model, loaded.args)
+    bmap = compiled.backend_map
+    calls = [n for n in staged.graph.nodes if n.op == "call_function"]
+    assert set(bmap) == {n.name for n in calls}
+    assert sum(1 for e in bmap.values() if e["value"]) == len(calls) - 2          # the two splits' tuples
+    no_kernel = {n.name for n in calls if not bmap[n.name]["nodes"]}
+    assert {n.name for n in calls if "getitem" not in n.name} - no_kernel == \
+        {n.name for n in calls if "getitem" not in n.name} - {"zeros_like", "embedding_1"}   # folded constants
+    # the second layer's calls are its own, not the first layer's
+    second = [n for n in calls if "layers.1." in str(n.meta.get("nn_module_stack", ""))]
+    first = [n for n in calls if "layers.0." in str(n.meta.get("nn_module_stack", ""))]
+    assert second and first
+    assert not {k for n in first for k in bmap[n.name]["nodes"]} & {k for n in second for k in bmap[n.name]["nodes"]}
+    times = compiled.node_times(list(staged.example_flat_inputs()), runs=1, warmup=1)
+    assert set(times) == {k for e in bmap.values() for k in e["nodes"]}
+
+
+def test_disabled_passes_are_checked(captured_structured):
+    _, program = captured_structured()
+    with pytest.raises(LoweringError, match="LegalizeOps cannot be left out of the TVM build"):
+        lower(program, "cpu", "tvm", disabled_passes=["LegalizeOps"])
+    with pytest.raises(LoweringError, match="disabled_passes must be a list of pass names"):
+        lower(program, "cpu", "tvm", disabled_passes="FuseOps")
+    compiled = lower(program, "cpu", "tvm", disabled_passes=["KillAfterLastUse", "FuseOps"])
+    assert compiled.backend_options["disabled_passes"] == ["FuseOps", "KillAfterLastUse"]    # pipeline order
+
+
+def test_report_times_tvm_kernels_through_the_node_map():
+    from optc.tools.report import build_report
+    torch.manual_seed(0)
+    report = build_report(_SquareConvNet().eval(), (torch.randn(1, 8, 8, 8),), backend="tvm", with_error=False)
+    time = {o["key"]: o for o in report.data["overlays"]}["time"]
+    assert time["label"] == "time (TVM VM instrument)" and "0% of kernel time is in 0 TVM kernel call" in time["note"]
+    timed = {n["n"]: t for n, t in zip(report.data["nodes"], time["values"]) if t is not None}
+    # a fused kernel's time goes to the first node it computes: the convolution, not the sigmoid after it
+    assert "conv2d" in timed and "sigmoid" not in timed and all(t > 0 for t in timed.values())

@@ -123,3 +123,70 @@ def test_bad_session_optimization_is_a_clear_error():
     from optc.errors import LoweringError
     with pytest.raises(LoweringError, match="session_optimization must be one of"):
         optc.compile(Net().eval(), (torch.randn(3, 8),), backend="onnx", session_optimization="max")
+
+
+@pytest.fixture
+def wrong_tvm_fast_math(monkeypatch):
+    """TVM's FastMathTransform planted to also compute ``sigmoid`` as ``tanh``: a bug inside an
+    optional pass of TVM's build (``optc.backends.tvm.OPTIONAL_PASSES``)."""
+    tvm = pytest.importorskip("tvm")
+    from tvm import relax
+    real = relax.transform.FastMathTransform
+
+    @relax.expr_functor.mutator
+    class SigmoidAsTanh(relax.PyExprMutator):
+        def visit_call_(self, call):  # noqa: N802 (TVM's visitor naming)
+            call = super().visit_call_(call)
+            if isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.sigmoid":
+                return relax.op.tanh(call.args[0])
+            return call
+
+    @tvm.transform.module_pass(opt_level=0, name="FastMathTransform")
+    def planted(mod, _ctx):
+        mod = real()(mod)
+        for gv, func in list(mod.functions.items()):
+            if isinstance(func, relax.Function):
+                mod[gv] = SigmoidAsTanh().visit_expr(func)
+        return mod
+
+    monkeypatch.setattr(relax.transform, "FastMathTransform", lambda: planted)
+
+
+class SigmoidNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(8, 8), torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.b(torch.sigmoid(self.a(x)) * 2.0)
+
+
+def test_a_bug_in_an_optional_tvm_pass_is_named(wrong_tvm_fast_math):
+    torch.manual_seed(0)
+    result = bisect(SigmoidNet().eval(), (torch.randn(3, 8),), backend="tvm")
+    assert result.culprit == "backend optimizer" and result.backend_pass == "FastMathTransform"
+    assert result.first_pass is None and "disabled_passes=['FastMathTransform']" in result.note
+    # every optional pass off matches; the last try leaves out the culprit alone, and matches too
+    from optc.backends.tvm import OPTIONAL_PASSES
+    off = [t for t in result.tries if t.disabled == list(OPTIONAL_PASSES)]
+    assert len(off) == 1 and off[0].outcome == "matches"
+    assert result.tries[-1].disabled == ["FastMathTransform"] and result.tries[-1].outcome == "matches"
+    assert "TVM: fails from optional pass FastMathTransform on" in result.format()
+    data = json.loads(json.dumps(result.to_json()))
+    assert data["backend_pass"] == "FastMathTransform"
+
+
+def test_a_tvm_bug_outside_its_optional_passes_is_the_backend(monkeypatch):
+    pytest.importorskip("tvm")
+    from tvm import relax
+
+    from optc.backends import tvm as tvm_backend
+    real = tvm_backend._convert_map
+
+    def wrong(node, importer):       # the importer's translation of sigmoid planted as tanh
+        return importer.block_builder.emit(relax.op.tanh(importer.env[node.args[0]]))
+    monkeypatch.setattr(tvm_backend, "_convert_map", lambda: {**real(), "sigmoid.default": wrong})
+    torch.manual_seed(0)
+    result = bisect(SigmoidNet().eval(), (torch.randn(3, 8),), backend="tvm")
+    assert result.culprit == "backend" and result.backend_pass is None
+    assert "every optional TVM pass off" in result.note
