@@ -21,7 +21,8 @@ CPU showed the kernel faster than the standard ONNX ops ONNX Runtime runs otherw
     time), the float mask as ``attention_bias`` with ``causal=0``, or ``is_causal`` as ``causal=1``.
     Refused (the MultiHeadAttention rule then takes the repeated operands): a query and key of
     different lengths (the kernel without a cache attends a prefill to itself), head sizes that
-    differ, the same conditions as above otherwise.
+    differ or are not a multiple of 8 (the CPU kernel fails at run time on those), the same
+    conditions as above otherwise.
 
 Both take float masks only: a boolean mask is refused (a fully masked row is NaN in ONNX
 Runtime's kernels and zeros in torch's SDPA, so converting it to ``-inf`` would not be exact).
@@ -290,6 +291,10 @@ class SdpaAsOrtGroupQueryAttention(Legalization):
             return MatchResult.fail(f"{n} query heads do not share {nkv} key/value heads evenly")
         if not int(qv.shape[-1]) == int(kv.shape[-1]) == int(vv.shape[-1]):
             return MatchResult.fail("query, key and value head sizes differ")
+        if int(qv.shape[-1]) % 8:
+            # ONNX Runtime 1.32's CPU kernel fails at run time otherwise (found by optc fuzz)
+            return MatchResult.fail(f"head size {int(qv.shape[-1])} is not a multiple of 8 (GroupQueryAttention's "
+                                    "CPU kernel requires it)")
         if not _same(qv.shape[2], kv.shape[2]):
             return MatchResult.fail("query and key lengths differ (GroupQueryAttention without a key/value "
                                     "cache attends a prefill to itself)")

@@ -171,6 +171,19 @@ def test_grouped_cross_attention_falls_back_to_multihead_attention_with_the_reas
     check_close(Cross()(q, k, v), compiled(q, k, v), rtol=1e-5)
 
 
+def test_grouped_heads_of_a_size_not_a_multiple_of_8_run_multihead_attention():
+    # ONNX Runtime's GroupQueryAttention fails at run time on them (found by optc fuzz's idioms)
+    class Gqa(nn.Module):
+        def forward(self, q, k, v):
+            return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    q, k, v = torch.randn(1, 4, 5, 6), torch.randn(1, 2, 5, 6), torch.randn(1, 2, 5, 6)
+    compiled, report = optc.compile(Gqa(), (q, k, v), backend="onnx")
+    rec = _stage_record(report)
+    assert any(rule == "ort-group-query-attention" and "multiple of 8" in why for rule, _, why in rec.rejections)
+    assert _count(compiled, "GroupQueryAttention") == 0
+    check_close(Gqa()(q, k, v), compiled(q, k, v), rtol=1e-5)
+
+
 def test_gqa_reference_kernel_is_sdpa_on_repeated_heads():
     q, k, v = torch.randn(2, 6, 5, 4), torch.randn(2, 2, 5, 4), torch.randn(2, 2, 5, 4)
     bias = torch.randn(2, 1, 5, 5)
