@@ -660,8 +660,8 @@ def save_program_text(program: Program | fx.GraphModule, path: str, *, inputs: l
     text = format_text(program, with_provenance=with_provenance)
     tensors = program_tensors(program, inputs)
     weights_path = path + WEIGHTS_SUFFIX
-    _write_atomic(weights_path, lambda f: torch.save(tensors, f))
-    _write_atomic(path, lambda f: f.write(text.encode()))
+    write_atomic(weights_path, lambda f: torch.save(tensors, f))
+    write_atomic(path, lambda f: f.write(text.encode()))
     return [path, weights_path]
 
 
@@ -690,7 +690,9 @@ def load_program(path: str, *, weights_path: str | None = None) -> Program:
         raise
 
 
-def _write_atomic(path: str, write: Callable) -> None:
+def write_atomic(path: str, write: Callable, *, what: str = "") -> None:
+    """``write(binary file)`` into ``path``, complete or absent: a temporary file beside it, renamed
+    over it (with the usual mode); an OSError is an :class:`OptcError` naming ``what`` and the path."""
     parent = os.path.dirname(os.path.abspath(path))
     try:
         fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
@@ -706,7 +708,7 @@ def _write_atomic(path: str, write: Callable) -> None:
                 os.remove(tmp)
             raise
     except OSError as e:
-        raise OptcError(f"cannot write '{path}': {e.strerror or e}") from None
+        raise OptcError(f"cannot write {what + ' ' if what else ''}'{path}': {e.strerror or e}") from None
 
 
-__all__ = ["parse_program", "resolve_op", "program_tensors", "save_program_text", "load_program", "WEIGHTS_SUFFIX"]
+__all__ = ["write_atomic", "parse_program", "resolve_op", "program_tensors", "save_program_text", "load_program", "WEIGHTS_SUFFIX"]

@@ -18,7 +18,6 @@ import logging
 import os
 import re
 import sys
-import tempfile
 import traceback
 import warnings
 from contextlib import contextmanager
@@ -403,22 +402,8 @@ def _check_writable(path: str) -> None:
 
 
 def _write_atomic(path: str, text: str) -> None:
-    parent = os.path.dirname(os.path.abspath(path))
-    try:
-        fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(text)
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)   # mkstemp makes 0600; give the file the usual mode
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
-    except OSError as e:
-        raise OptcError(f"cannot write --out '{path}': {e.strerror or e}") from None
+    from optc.ir.parser import write_atomic
+    write_atomic(path, lambda f: f.write(text.encode()), what="--out")
 
 
 # ---- optc compile --------------------------------------------------------------------------

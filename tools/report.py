@@ -363,15 +363,8 @@ def render_html(data: dict) -> str:
 
 def write_report(path: str, page: str) -> None:
     """``page`` at ``path``, complete or absent."""
-    tmp = path + ".tmp"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(page)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    from optc.ir.parser import write_atomic
+    write_atomic(path, lambda f: f.write(page.encode("utf-8")), what="--out")
 
 
 # ---- the command -----------------------------------------------------------------------------------------

@@ -2,8 +2,38 @@
 
 from __future__ import annotations
 
+import textwrap
+
 import pytest
 import torch
+
+OVERFLOW = textwrap.dedent("""\
+    import torch
+
+
+    class Overflow(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(8, 8)
+
+        def forward(self, x):
+            h = self.lin(x)
+            y = h * 300
+            z = y * y
+            return z.sum(-1)
+
+
+    def make():
+        torch.manual_seed(0)
+        return Overflow().eval(), (torch.randn(4, 8) * 3,)
+    """)
+
+
+@pytest.fixture
+def overflow_file(tmp_path):
+    path = tmp_path / "overflow.py"
+    path.write_text(OVERFLOW)
+    return str(path)
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ first diverging node."""
 from __future__ import annotations
 
 import json
-import textwrap
 
 import pytest
 import torch
@@ -12,35 +11,6 @@ import torch
 import optc
 from optc.tools.cli import main
 from optc.tools.compare import compare
-
-OVERFLOW = textwrap.dedent("""\
-    import torch
-
-
-    class Overflow(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.lin = torch.nn.Linear(8, 8)
-
-        def forward(self, x):
-            h = self.lin(x)
-            y = h * 300
-            z = y * y
-            return z.sum(-1)
-
-
-    def make():
-        torch.manual_seed(0)
-        return Overflow().eval(), (torch.randn(4, 8) * 3,)
-    """)
-
-
-@pytest.fixture
-def overflow_file(tmp_path):
-    path = tmp_path / "overflow.py"
-    path.write_text(OVERFLOW)
-    return str(path)
-
 
 def test_float16_overflow_names_the_multiply_and_its_line(overflow_file, tmp_path, capsys):
     # y * y overflows in float16 (|y| reaches ~3,000): the first divergence is that multiply, at

@@ -15,28 +15,6 @@ from optc.tools.cli import main
 from optc.tools.report import CHUNK, MAX_CHILDREN, build_report, graph_data, render_html
 
 
-OVERFLOW = textwrap.dedent("""\
-    import torch
-
-
-    class Overflow(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.lin = torch.nn.Linear(8, 8)
-
-        def forward(self, x):
-            h = self.lin(x)
-            y = h * 300
-            z = y * y
-            return z.sum(-1)
-
-
-    def make():
-        torch.manual_seed(0)
-        return Overflow().eval(), (torch.randn(4, 8) * 3,)
-    """)
-
-
 class Block(torch.nn.Module):
     def __init__(self, d):
         super().__init__()
@@ -117,11 +95,9 @@ def test_history_has_each_changed_pass_as_a_diff_and_refusals():
             assert any(line.startswith(("+", "-")) for line in h["diff"].splitlines())
 
 
-def test_overlays_error_flops_params_and_the_float16_overflow(tmp_path):
-    path = tmp_path / "overflow.py"
-    path.write_text(OVERFLOW)
+def test_overlays_error_flops_params_and_the_float16_overflow(tmp_path, overflow_file):
     out = tmp_path / "r.html"
-    rc = main(["report", f"{path}:make", "--pipeline", "to-half{dtype=float16,range_check=false}",
+    rc = main(["report", f"{overflow_file}:make", "--pipeline", "to-half{dtype=float16,range_check=false}",
                "--out", str(out)])
     assert rc == 0
     data = _page_data(out.read_text())
@@ -164,10 +140,9 @@ def test_the_page_is_self_contained_and_escapes_the_data():
     assert _page_data(page)["title"] == report.data["title"]
 
 
-def test_bad_input(tmp_path, capsys):
+def test_bad_input(tmp_path, capsys, overflow_file):
     torch.manual_seed(0)
-    path = tmp_path / "overflow.py"
-    path.write_text(OVERFLOW)
+    path = overflow_file
     missing = tmp_path / "no" / "such" / "r.html"
     assert main(["report", f"{path}:make", "--out", str(missing)]) == 2
     assert "not writable" in capsys.readouterr().err
