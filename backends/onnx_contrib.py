@@ -76,31 +76,36 @@ def _(query, key, value, attention_bias, num_heads, scale, unidirectional):
     return query.new_empty((query.shape[0], query.shape[1], width))
 
 
-def _register_onnx_schema() -> None:
-    """``com.microsoft.MultiHeadAttention`` as an ONNX schema (its first six inputs and first
-    output, as ONNX Runtime 1.32 declares them), so that onnxscript can build the node and
-    ``onnx.checker`` can check it. Registered once per process, only if nobody has."""
+def _register_schema(name: str, doc: str, inputs, attributes, types) -> None:
+    """``com.microsoft.<name>`` as an ONNX schema -- ``inputs`` ``(name, type, optional)``,
+    ``attributes`` ``(name, "int" | "float", required)``, ``types`` ``(type, [allowed])``, one
+    output -- so that onnxscript can build the node and ``onnx.checker`` can check it. Registered
+    once per process, only if nobody has."""
     import onnx
     from onnx.defs import OpSchema
     try:
-        onnx.defs.get_schema("MultiHeadAttention", 1, "com.microsoft")
+        onnx.defs.get_schema(name, 1, "com.microsoft")
         return
     except onnx.defs.SchemaError:
         pass
-    single, optional = OpSchema.FormalParameterOption.Single, OpSchema.FormalParameterOption.Optional
-    inputs = [OpSchema.FormalParameter(name, t, "", param_option=option) for name, t, option in (
-        ("query", "T", single), ("key", "T", optional), ("value", "T", optional), ("bias", "T", optional),
-        ("key_padding_mask", "M", optional), ("attention_bias", "T", optional))]
-    attrs = [OpSchema.Attribute("num_heads", OpSchema.AttrType.INT, "number of attention heads"),
-             OpSchema.Attribute("scale", OpSchema.AttrType.FLOAT, "scale of Q*K'", required=False),
-             OpSchema.Attribute("unidirectional", OpSchema.AttrType.INT, "causal", required=False),
-             OpSchema.Attribute("mask_filter_value", OpSchema.AttrType.FLOAT, "fill of masked keys", required=False)]
-    schema = OpSchema("MultiHeadAttention", "com.microsoft", 1, doc="ONNX Runtime's fused attention",
-                      inputs=inputs, outputs=[OpSchema.FormalParameter("output", "T", "")],
-                      type_constraints=[("T", ["tensor(float)", "tensor(float16)"], ""),
-                                        ("M", ["tensor(int32)"], "")],
-                      attributes=attrs)
+    option = {False: OpSchema.FormalParameterOption.Single, True: OpSchema.FormalParameterOption.Optional}
+    kinds = {"int": OpSchema.AttrType.INT, "float": OpSchema.AttrType.FLOAT}
+    schema = OpSchema(name, "com.microsoft", 1, doc=doc,
+                      inputs=[OpSchema.FormalParameter(n, t, "", param_option=option[opt]) for n, t, opt in inputs],
+                      outputs=[OpSchema.FormalParameter("output", "T", "")],
+                      type_constraints=[(t, allowed, "") for t, allowed in types],
+                      attributes=[OpSchema.Attribute(n, kinds[k], n, required=req) for n, k, req in attributes])
     onnx.defs.register_schema(schema)
+
+
+def _register_onnx_schema() -> None:
+    """``MultiHeadAttention``'s first six inputs and first output, as ONNX Runtime 1.32 declares them."""
+    _register_schema("MultiHeadAttention", "ONNX Runtime's fused attention",
+                     [("query", "T", False), ("key", "T", True), ("value", "T", True), ("bias", "T", True),
+                      ("key_padding_mask", "M", True), ("attention_bias", "T", True)],
+                     [("num_heads", "int", True), ("scale", "float", False), ("unidirectional", "int", False),
+                      ("mask_filter_value", "float", False)],
+                     [("T", ["tensor(float)", "tensor(float16)"]), ("M", ["tensor(int32)"])])
 
 
 def _translate_mha(query, key, value, attention_bias=None, num_heads: int = 1, scale: float = 1.0,
@@ -139,31 +144,15 @@ def _(query, key, value, attention_bias, num_heads, kv_num_heads, scale, causal)
 
 
 def _register_gqa_schema() -> None:
-    """``com.microsoft.GroupQueryAttention``'s first eleven inputs and first output as an ONNX
-    schema (as ONNX Runtime 1.32 declares them), registered once per process if nobody has."""
-    import onnx
-    from onnx.defs import OpSchema
-    try:
-        onnx.defs.get_schema("GroupQueryAttention", 1, "com.microsoft")
-        return
-    except onnx.defs.SchemaError:
-        pass
-    single, optional = OpSchema.FormalParameterOption.Single, OpSchema.FormalParameterOption.Optional
-    inputs = [OpSchema.FormalParameter(name, t, "", param_option=option) for name, t, option in (
-        ("query", "T", single), ("key", "T", optional), ("value", "T", optional), ("past_key", "T", optional),
-        ("past_value", "T", optional), ("seqlens_k", "M", single), ("total_sequence_length", "M", single),
-        ("cos_cache", "T", optional), ("sin_cache", "T", optional), ("position_ids", "P", optional),
-        ("attention_bias", "T", optional))]
-    attrs = [OpSchema.Attribute("num_heads", OpSchema.AttrType.INT, "query heads"),
-             OpSchema.Attribute("kv_num_heads", OpSchema.AttrType.INT, "key/value heads"),
-             OpSchema.Attribute("scale", OpSchema.AttrType.FLOAT, "scale of Q*K'", required=False),
-             OpSchema.Attribute("causal", OpSchema.AttrType.INT, "causal mask", required=False)]
-    schema = OpSchema("GroupQueryAttention", "com.microsoft", 1, doc="ONNX Runtime's grouped-query attention",
-                      inputs=inputs, outputs=[OpSchema.FormalParameter("output", "T", "")],
-                      type_constraints=[("T", ["tensor(float)", "tensor(float16)"], ""),
-                                        ("M", ["tensor(int32)"], ""), ("P", ["tensor(int64)"], "")],
-                      attributes=attrs)
-    onnx.defs.register_schema(schema)
+    """``GroupQueryAttention``'s first eleven inputs and first output, as ONNX Runtime 1.32 declares them."""
+    _register_schema("GroupQueryAttention", "ONNX Runtime's grouped-query attention",
+                     [("query", "T", False), ("key", "T", True), ("value", "T", True), ("past_key", "T", True),
+                      ("past_value", "T", True), ("seqlens_k", "M", False), ("total_sequence_length", "M", False),
+                      ("cos_cache", "T", True), ("sin_cache", "T", True), ("position_ids", "P", True),
+                      ("attention_bias", "T", True)],
+                     [("num_heads", "int", True), ("kv_num_heads", "int", True), ("scale", "float", False),
+                      ("causal", "int", False)],
+                     [("T", ["tensor(float)", "tensor(float16)"]), ("M", ["tensor(int32)"]), ("P", ["tensor(int64)"])])
 
 
 def _translate_gqa(query, key, value, attention_bias=None, num_heads: int = 1, kv_num_heads: int = 1,
