@@ -152,7 +152,7 @@ def test_dynamic_scheme_on_torchscript_and_tvm(backend):
 def test_tvm_imports_relax_quantize_and_dequantize():
     from optc.backends.tvm import TVMBackend
     _, _, q, _ = quantized("small_cnn")
-    text = TVMBackend()._import(q).script()
+    text = TVMBackend()._import(q).mod.script()
     n_q = sum(1 for n in q.graph.nodes if n.target is torch.ops.optc.quantize_per_tensor.default)
     assert text.count("R.quantize(") == n_q > 0
     assert "R.dequantize(" in text and "R.round(" not in text      # native ops, not the decomposition
