@@ -31,7 +31,8 @@ dtype's minimum, which is finite.
 
 Left as standard ONNX (measured, same section): ``rms_norm`` already becomes ONNX Runtime's
 SimplifiedLayerNormalization in the session (``backends/onnx.py``); ``SkipLayerNormalization`` is
-slower than what it replaces on CPU; ``RotaryEmbedding`` is not written (not measured).
+slower than what it replaces on CPU; ``RotaryEmbedding`` is faster as a kernel but not lowered
+(it needs cos/sin proven to hold each angle twice, which ``fuse-rotary`` does not record).
 """
 
 from __future__ import annotations
