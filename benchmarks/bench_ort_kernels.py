@@ -1,6 +1,6 @@
 """Two more of ONNX Runtime's contrib kernels, alone, against the standard ops they would replace.
 
-    python benchmarks/bench_ort_kernels.py [SEQ ...]          (default: 128 512)
+    python benchmarks/bench_ort_kernels.py [SEQ ...] [--runs 30]      (default: 128 512)
 
 - ``RotaryEmbedding`` (input ``[B, N, S, H]``, position ids, cos/sin caches ``[S, H/2]``) against
   the ops torchlib writes for ``optc::rotary_embedding``'s decomposition (Slice, Neg, Concat, Mul,
@@ -75,17 +75,23 @@ def run(name, models, feeds, runs=30):
     print(f"| {name} | {statistics.median(r):.3f} [{median_ci(r)[0]:.3f}, {median_ci(r)[1]:.3f}] | {ms['std']:.3f}, {ms['fused']:.3f} | {float(np.abs(a - b).max()):.1e} |", flush=True)
 
 def main() -> int:
+    import argparse
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("seq", type=int, nargs="*", default=[128, 512])
+    ap.add_argument("--runs", type=int, default=30)
+    args = ap.parse_args()
     rng = np.random.default_rng(0)
     print("| kernel, seq | fused / standard [95% CI] | ms: standard, fused | max abs diff |")
     print("|---|---|---|---|")
-    for s in [int(a) for a in sys.argv[1:]] or [128, 512]:
+    for s in args.seq:
         x = rng.standard_normal((B, N, s, H)).astype(np.float32)
         inv = 1.0 / (10000 ** (np.arange(0, H, 2) / H)); fr = np.outer(np.arange(s), inv).astype(np.float32)
         cos, sin = np.cos(np.concatenate([fr, fr], -1)), np.sin(np.concatenate([fr, fr], -1))
         run(f"RotaryEmbedding, {s}", rope_models(s), [{"x": x, "cos": cos, "sin": sin},
-            {"x": x, "pos": np.arange(s, dtype=np.int64)[None].repeat(B, 0), "cosc": np.cos(fr), "sinc": np.sin(fr)}])
+            {"x": x, "pos": np.arange(s, dtype=np.int64)[None].repeat(B, 0), "cosc": np.cos(fr), "sinc": np.sin(fr)}],
+            runs=args.runs)
         xx, sk = rng.standard_normal((B, s, D)).astype(np.float32), rng.standard_normal((B, s, D)).astype(np.float32)
-        run(f"SkipSimplifiedLayerNormalization, {s}", skip_models(s), [{"x": xx, "skip": sk}] * 2)
+        run(f"SkipSimplifiedLayerNormalization, {s}", skip_models(s), [{"x": xx, "skip": sk}] * 2, runs=args.runs)
 
     return 0
 
