@@ -112,7 +112,16 @@ def _macs(node: fx.Node) -> int:
         batch_l = _numel(q) // _size(q.shape[-1])        # (..., L)
         s = _size(k.shape[-2])
         return batch_l * s * (_size(q.shape[-1]) + _size(v.shape[-1]))
+    if getattr(pk, "_qualified_op_name", None) in _ORT_ATTENTION:
+        # ONNX Runtime's fused attention as optc writes it: query [B, S, N*H], key/value [B, T, Nkv*H]
+        # (or [B, N, T, H]): every query head against T keys, twice (scores, then values)
+        q, k = _val(a[0]), _val(a[1])
+        t = _size(k.shape[1] if k.dim() == 3 else k.shape[-2])
+        return _numel(q) * t * 2
     return 0
+
+
+_ORT_ATTENTION = ("optc::ort_multihead_attention", "optc::ort_group_query_attention")
 
 
 def model_stats(program: Program | fx.GraphModule) -> ModelStats:

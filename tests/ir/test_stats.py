@@ -71,3 +71,22 @@ def test_cli_dump_stats(capsys, tmp_path):
     assert "0.27x" in total                                                            # FLOPs
     status = cli.main(["dump", "zoo:small_cnn", "--tiny", "--stats", "--out", str(tmp_path / "g.txt")])
     assert status == 0 and capsys.readouterr().err.splitlines()[0].startswith("layer")
+
+
+def test_onnx_runtime_attention_ops_count_the_flops_of_the_attention_they_replace():
+    import optc.backends.onnx_contrib  # noqa: F401  (registers optc::ort_*)
+    from optc.ir.stats import model_stats
+    q, k, v = torch.randn(1, 5, 32), torch.randn(1, 7, 16), torch.randn(1, 7, 16)
+
+    class Gqa(torch.nn.Module):
+        def forward(self, q, k, v):
+            return torch.ops.optc.ort_group_query_attention(q, k, v, None, 4, 2, 0.3, False)
+
+    class Sdpa(torch.nn.Module):
+        def forward(self, q, k, v):
+            return torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1))
+
+    heads = (q.view(1, 5, 4, 8).transpose(1, 2), k.view(1, 7, 2, 8).transpose(1, 2), v.view(1, 7, 2, 8).transpose(1, 2))
+    fused = model_stats(optc.capture(Gqa(), (q, k, v)))
+    plain = model_stats(optc.capture(Sdpa(), heads))
+    assert fused.total.flops == plain.total.flops == 2 * (1 * 4 * 5 * 7 * 8 * 2)
