@@ -8,6 +8,8 @@ cat-drop-empty                 the importer rejects torch's legacy skip of ``[0]
                                operands; zero-element constants break the exported library
 int-div-scalar-as-tensor       int64 ``x // 2``: the importer makes 2 an int32 constant
 index-wrap-negative            ``index.Tensor`` reads a negative index out of bounds (silent)
+index-add-one-hot-matmul       ``index_add`` of floats: the accumulating IndexPut races on
+                               duplicate indices (a different wrong answer run to run)
 index-put-full-indices         IndexPut wants one index per dim, adds duplicates wrongly with
                                ``None`` entries, does not broadcast values (silent)
 cumsum-int64                   a bool/int32 ``cumsum`` keeps its dtype (LLVM aborts on bool)
@@ -133,6 +135,51 @@ class IndexWrapNegative(Legalization):
             neg = self.emit(node, aten.lt.Scalar, (i, 0))
             indices[d] = self.emit(node, aten.where.self, (neg, self.emit(node, aten.add.Tensor, (i, size)), i))
         node.update_arg(1, indices)
+
+
+class IndexAddAsOneHotMatmul(Legalization):
+    """``index_add(x, d, i, src)`` of floats -> ``x + onehot(i)^T @ src`` along dim ``d`` (moved first,
+    the other dims flattened): TVM 0.27 lowers it to an accumulating IndexPut whose parallel loop
+    adds duplicate indices without atomics, so a MoE-style ``out.index_add_(0, tokens, ys)`` with a
+    token chosen twice gives a different wrong answer from run to run (caught by optc's compile
+    check about one compile in five). The matmul sums each target row's sources in one fixed order;
+    only rounding differs from torch's sequential adds."""
+
+    name = "index-add-one-hot-matmul"
+    backends = ("tvm",)
+    targets = (aten.index_add.default,)
+
+    def check(self, node):
+        x, dim, idx, src = node.args[:4]
+        xv, iv, sv = val(x), val(idx), val(src)
+        if not all(isinstance(t, torch.Tensor) for t in (xv, iv, sv)):
+            return None
+        if arg(node, 4, "alpha", 1) != 1:
+            return MatchResult.fail("index_add with alpha")
+        if not xv.dtype.is_floating_point or sv.dtype != xv.dtype:
+            return MatchResult.fail(f"index_add of {xv.dtype} (the one-hot product is for floats)")
+        if static_shape(xv) is None or static_shape(sv) is None or static_shape(iv) is None or iv.dim() != 1:
+            return MatchResult.fail("dynamic shape or a non-1-D index")
+        return MatchResult.success(x=x, dim=dim % max(xv.dim(), 1), idx=idx, src=src)
+
+    def apply(self, node, m):
+        x, d, idx, src = m["x"], m["dim"], m["idx"], m["src"]
+        shape, sshape = static_shape(val(x)), static_shape(val(src))
+        rank = len(shape)
+        perm = [d] + [k for k in range(rank) if k != d]
+        inverse = [perm.index(k) for k in range(rank)]
+        n, k = shape[d], sshape[d]
+        rest = [shape[j] for j in perm[1:]]
+        xm = self.emit(node, aten.permute.default, (x, perm))
+        sm = self.emit(node, aten.permute.default, (src, perm))
+        flat = self.emit(node, aten.reshape.default, (sm, [k, -1]))
+        rows = self.emit(node, aten.arange.start_step, (0, n, 1), {"dtype": val(idx).dtype, "device": val(x).device})
+        hit = self.emit(node, aten.eq.Tensor, (self.emit(node, aten.view.default, (rows, [n, 1])),
+                                               self.emit(node, aten.view.default, (idx, [1, k]))))
+        onehot = self.emit(node, aten._to_copy.default, (hit,), {"dtype": val(x).dtype})
+        upd = self.emit(node, aten.reshape.default, (self.emit(node, aten.mm.default, (onehot, flat)), [n, *rest]))
+        out = self.emit(node, aten.add.Tensor, (xm, upd))
+        self.replace(node, self.emit(node, aten.permute.default, (out, inverse)))
 
 
 class IndexPutFullIndices(Legalization):
@@ -303,5 +350,5 @@ class VarMeanAsTwo(Legalization):
         self.gm.graph.erase_node(node)
 
 
-RULES = (CatDropEmpty, IntDivScalarAsTensor, IndexWrapNegative, IndexPutFullIndices, CumsumInt64,
+RULES = (CatDropEmpty, IntDivScalarAsTensor, IndexWrapNegative, IndexAddAsOneHotMatmul, IndexPutFullIndices, CumsumInt64,
          AmaxAsMaxDim, VarMeanAsTwo)
