@@ -337,20 +337,14 @@ def _blame_tvm_pass(result: BisectResult, target, reproduces_without: Callable[[
 
 # ---- the command ------------------------------------------------------------------------------------------
 def add_bisect_parser(sub) -> None:
-    import argparse
-    from optc.tools.bench import add_model_arguments
-    p = sub.add_parser("bisect", help="find the first pass and rewrite after which the compiled model stops matching",
-                       description=__doc__.split("\n\n", 1)[1].rsplit("\n\nExit status", 1)[0],
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_arguments(p)
+    from optc.tools.compare import add_debug_command
+    p = add_debug_command(sub, "bisect", "find the first pass and rewrite after which the compiled model stops "
+                                         "matching", __doc__)
     p.add_argument("--backend", required=True, metavar="B", help="the backend whose compile fails (onnx, torchscript, tvm)")
-    p.add_argument("--pipeline", default="default", metavar="P", help="pipeline (default: the target's)")
-    p.add_argument("--target", default="cpu", help="cpu or cuda (default: cpu)")
     p.add_argument("--rtol", type=float, default=None,
                    help="tolerance on the error relative to the output scale (default: from the dtype)")
     p.add_argument("--atol", type=float, default=None, help="also pass outputs whose max abs error is within this")
     p.add_argument("--json", metavar="OUT", default=None, help="also write the result as JSON")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging and tracebacks")
     p.set_defaults(func=cmd_bisect)
 
 

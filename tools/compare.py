@@ -618,18 +618,26 @@ def write_json(path: str, data: dict) -> None:
     os.replace(path + ".tmp", path)
 
 
-def add_compare_parser(sub) -> None:
+def add_debug_command(sub, name: str, help: str, doc: str):
+    """The part ``optc compare``, ``bisect``, ``reduce`` and ``report`` share: the subcommand (its
+    description the module ``doc`` between the first paragraph and "Exit status"), MODEL and its
+    input options, ``--pipeline``, ``--target`` and ``-v``. Returns the parser for the rest."""
     import argparse
     from optc.tools.bench import add_model_arguments
-    p = sub.add_parser("compare", help="compare the optimized program and backends with a float64 reference; "
-                                       "locate the first diverging node",
-                       description=__doc__.split("\n\n", 1)[1].rsplit("\n\nExit status", 1)[0],
+    p = sub.add_parser(name, help=help, description=doc.split("\n\n", 1)[1].rsplit("\n\nExit status", 1)[0],
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(p)
     p.add_argument("--pipeline", default="default", metavar="P", help="pipeline (default: the target's)")
+    p.add_argument("--target", default="cpu", help="cpu or cuda (default: cpu)")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging and tracebacks")
+    return p
+
+
+def add_compare_parser(sub) -> None:
+    p = add_debug_command(sub, "compare", "compare the optimized program and backends with a float64 reference; "
+                                       "locate the first diverging node", __doc__)
     p.add_argument("--backend", action="append", default=[], metavar="B",
                    help="also compile and compare with backend B (repeatable: onnx, torchscript, tvm)")
-    p.add_argument("--target", default="cpu", help="cpu or cuda (default: cpu)")
     p.add_argument("--rtol", type=float, default=None,
                    help="tolerance on the error relative to the output scale (default: from the dtype)")
     p.add_argument("--atol", type=float, default=None, help="also pass outputs whose max abs error is within this")
@@ -641,7 +649,6 @@ def add_compare_parser(sub) -> None:
     p.add_argument("--calibration-data", metavar="FILE", default=None,
                    help="calibration inputs for insert-qdq (a .pt file, as for optc compile)")
     p.add_argument("--json", metavar="OUT", default=None, help="also write the result as JSON")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging and tracebacks")
     p.set_defaults(func=cmd_compare)
 
 

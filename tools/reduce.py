@@ -326,21 +326,14 @@ def standalone_python(piece: fx.GraphModule, result: ReduceResult) -> str:
 
 # ---- the command ------------------------------------------------------------------------------------------
 def add_reduce_parser(sub) -> None:
-    import argparse
-    from optc.tools.bench import add_model_arguments
-    p = sub.add_parser("reduce", help="the smallest part of the graph that still fails the same way",
-                       description=__doc__.split("\n\n", 1)[1].rsplit("\n\nExit status", 1)[0],
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_arguments(p)
+    from optc.tools.compare import add_debug_command
+    p = add_debug_command(sub, "reduce", "the smallest part of the graph that still fails the same way", __doc__)
     p.add_argument("--backend", required=True, metavar="B", help="the backend whose compile fails")
-    p.add_argument("--pipeline", default="default", metavar="P", help="pipeline (default: the target's)")
-    p.add_argument("--target", default="cpu", help="cpu or cuda (default: cpu)")
     p.add_argument("--rtol", type=float, default=None, help="tolerance relative to the output scale")
     p.add_argument("--atol", type=float, default=None, help="also pass outputs whose max abs error is within this")
     p.add_argument("--out", metavar="DIR", default=None,
                    help="write reduced.optc (+ .weights), reduced.py, reduced.pt2, inputs.pt, failure.json")
     p.add_argument("--json", metavar="OUT", default=None, help="also write the result as JSON")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging and tracebacks")
     p.set_defaults(func=cmd_reduce)
 
 

@@ -369,15 +369,9 @@ def write_report(path: str, page: str) -> None:
 
 # ---- the command -----------------------------------------------------------------------------------------
 def add_report_parser(sub) -> None:
-    import argparse
-    from optc.tools.bench import add_model_arguments
-    p = sub.add_parser("report", help="write a self-contained HTML report of a model's graph, pipeline and "
-                                      "overlays (or Model Explorer JSON)",
-                       description=__doc__.split("\n\n", 1)[1].rsplit("\n\nExit status", 1)[0],
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_arguments(p)
-    p.add_argument("--pipeline", default="default", metavar="P", help="pipeline (default: the target's)")
-    p.add_argument("--target", default="cpu", help="cpu or cuda (default: cpu)")
+    from optc.tools.compare import add_debug_command
+    p = add_debug_command(sub, "report", "write a self-contained HTML report of a model's graph, pipeline and "
+                                      "overlays (or Model Explorer JSON)", __doc__)
     p.add_argument("--backend", default=None, metavar="B",
                    help="also run backend B's stage (the graph shown is what B lowers) and lower it: its node map "
                         "in the provenance, and per-node time for onnx")
@@ -388,22 +382,20 @@ def add_report_parser(sub) -> None:
     p.add_argument("--no-time", action="store_true", help="skip the profiled runs (no time overlay)")
     p.add_argument("--calibration-data", metavar="FILE", default=None,
                    help="calibration inputs for insert-qdq (a .pt file, as for optc compile)")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging and tracebacks")
     p.set_defaults(func=cmd_report)
 
 
 def _check_out(path: str, fmt: str) -> None:
+    from optc.tools.compare import check_writable
     if fmt == "html":
-        d = os.path.dirname(os.path.abspath(path))
         if os.path.isdir(path):
             raise OptcError(f"--out '{path}' is a folder; give the HTML file to write")
-    else:
-        d = os.path.abspath(path)
-        if os.path.exists(d) and not os.path.isdir(d):
-            raise OptcError(f"--out '{path}' exists and is not a folder")
-        d = d if os.path.isdir(d) else os.path.dirname(d)
-    if not os.path.isdir(d) or not os.access(d, os.W_OK):
-        raise OptcError(f"--out '{path}': folder '{d}' does not exist or is not writable")
+        check_writable(path, "--out")
+        return
+    d = os.path.abspath(path)
+    if os.path.exists(d) and not os.path.isdir(d):
+        raise OptcError(f"--out '{path}' exists and is not a folder")
+    check_writable(os.path.join(d, "graph.json") if os.path.isdir(d) else d, "--out")
 
 
 def cmd_report(args) -> int:

@@ -313,17 +313,6 @@ class _SquareConvNet(torch.nn.Module):
         return self.fc(h.mean((2, 3)) - 0.25)
 
 
-class _Attention(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.qkv, self.o = torch.nn.Linear(16, 48), torch.nn.Linear(16, 16)
-
-    def forward(self, x):
-        q, k, v = (t.view(1, 6, 2, 8).transpose(1, 2) for t in self.qkv(x).split(16, -1))
-        p = (q @ k.transpose(-1, -2) / 8 ** 0.5).softmax(-1)
-        return self.o((p @ v).transpose(1, 2).reshape(1, 6, 16))
-
-
 def _staged_and_compiled(model, inputs, pipeline="default", **options):
     """The staged Program the backend lowers and its compiled model (what optc compare pairs)."""
     from optc.backends.lowering import resolve, run_backend_stage
@@ -334,11 +323,11 @@ def _staged_and_compiled(model, inputs, pipeline="default", **options):
 
 
 @pytest.mark.parametrize("case", ["convnet", "convnet-tvm-layout", "convnet-unfused", "attention"])
-def test_node_map_values_are_the_staged_programs(case):
+def test_node_map_values_are_the_staged_programs(case, attention_block):
     from optc.tools.compare import _record
     torch.manual_seed(0)
     if case == "attention":
-        model, x = _Attention().eval(), torch.randn(1, 6, 16)
+        model, x = attention_block().eval(), torch.randn(1, 6, 16)
     else:
         model, x = _SquareConvNet().eval(), torch.randn(1, 8, 8, 8)
         model.bn.running_mean.uniform_(-0.5, 0.5)

@@ -124,20 +124,9 @@ def test_a_wrong_fused_node_is_located_through_provenance(wrong_fusion):
 
 
 
-class _Attention(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.qkv, self.o = torch.nn.Linear(16, 48), torch.nn.Linear(16, 16)
-
-    def forward(self, x):
-        q, k, v = (t.view(1, 6, 2, 8).transpose(1, 2) for t in self.qkv(x).split(16, -1))
-        p = (q @ k.transpose(-1, -2) / 8 ** 0.5).softmax(-1)
-        return self.o((p @ v).transpose(1, 2).reshape(1, 6, 16))
-
-
-def test_a_backend_miscompile_is_located_in_the_backend(wrong_mha_translation):
+def test_a_backend_miscompile_is_located_in_the_backend(wrong_mha_translation, attention_block):
     torch.manual_seed(0)
-    result = compare(_Attention().eval(), (torch.randn(1, 6, 16) * 3,), backends=["onnx"], top=3)
+    result = compare(attention_block().eval(), (torch.randn(1, 6, 16) * 3,), backends=["onnx"], top=3)
     assert not result.ok and result.located
     assert result.divergences == []                    # the optimized Program itself is right
     first = result.backend_divergences["onnx"][0]
@@ -147,10 +136,10 @@ def test_a_backend_miscompile_is_located_in_the_backend(wrong_mha_translation):
     assert "onnx: first divergence: %ort_multihead_attention" in result.format()
 
 
-def test_backend_locate_on_request_finds_nothing_in_a_right_model():
+def test_backend_locate_on_request_finds_nothing_in_a_right_model(attention_block):
     pytest.importorskip("onnxruntime")
     torch.manual_seed(0)
-    result = compare(_Attention().eval(), (torch.randn(1, 6, 16),), backends=["onnx"], locate_divergence=True)
+    result = compare(attention_block().eval(), (torch.randn(1, 6, 16),), backends=["onnx"], locate_divergence=True)
     assert result.ok and result.backend_divergences == {"onnx": []}
     data = result.to_json()
     assert data["backend_divergences"] == {"onnx": []}
