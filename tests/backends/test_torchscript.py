@@ -119,3 +119,49 @@ def test_cuda_matches_eager(captured_structured):
     got = compiled(x.cuda(), bias=bias.cuda())
     assert got["act"].is_cuda
     check_close(model(x, bias=bias), got)
+
+
+def _tensor_constants(graph) -> list[torch.Tensor]:
+    out = []
+    for node in graph.nodes():
+        if node.kind() == "prim::Constant" and isinstance(node.output().type(), torch._C.TensorType):
+            out.append(node.output().toIValue())
+    return out
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_linear_weights_are_not_copied(tmp_path, dynamic):
+    """optimize_for_inference's FrozenLinearTranspose clones every constant linear weight
+    transposed (a second copy of the weights); the backend hands it matmul over a view instead,
+    so each weight constant of the running graph is the user's parameter storage, and the model
+    still computes what eager does -- traced and scripted, and after save/load."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 16, bias=False),
+                                torch.nn.Linear(16, 8)).eval()
+    x = torch.randn(2, 5, 32)
+    program = optc.capture(model, (x,), dynamic_shapes="batch" if dynamic else None)
+    compiled = lower(program, "cpu", "torchscript")
+    storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    consts = [t for t in _tensor_constants(compiled.module.graph) if t.dim() == 2]
+    assert len(consts) == 3
+    assert all(t.untyped_storage().data_ptr() in storages for t in consts)
+    kinds = [n.kind() for n in compiled.module.graph.nodes()]
+    assert "aten::linear" not in kinds and kinds.count("aten::matmul") == 3
+    # the node map gives each linear its TorchScript nodes (matmul, and the add of a bias) and value
+    linears = [n.name for n in program.graph.nodes if n.target is torch.ops.aten.linear.default]
+    assert len(linears) == 3
+    if not dynamic:      # scripted code records no FX lines
+        for name, n_nodes in zip(linears, (2, 1, 2)):
+            assert len(compiled.backend_map[name]["nodes"]) == n_nodes and compiled.backend_map[name]["value"]
+        values = compiled.intermediate_values(list(program.example_flat_inputs()),
+                                              [compiled.backend_map[linears[0]]["value"]])
+        check_close(model[0](x), values[compiled.backend_map[linears[0]]["value"]], rtol=1e-5)
+    with torch.no_grad():
+        check_close(model(x), compiled(x), rtol=1e-5)
+        x3 = torch.randn(3, 5, 32)
+        if dynamic:
+            check_close(model(x3), compiled(x3), rtol=1e-5)
+    compiled.save(tmp_path / "m")
+    loaded = optc.load(tmp_path / "m")
+    with torch.no_grad():
+        check_close(model(x), loaded(x), rtol=1e-5)
