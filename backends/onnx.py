@@ -217,6 +217,31 @@ def _export(ep: torch.export.ExportedProgram, opset: int, input_names: list[str]
         _release_rewriter_state()
 
 
+def _save_streaming(onnx_program, path: str) -> None:
+    """``onnx_program.save(path, external_data=True)`` (``model.onnx`` + ``model.onnx.data``, the
+    same files: ``onnx_ir.save`` as the exporter calls it), and as each weight has been written,
+    its pages handed back when it is memory-mapped from a weight file of the compile
+    (:func:`optc.memory.release_mapped`): writing a 1 GiB model out of a safetensors file would
+    otherwise leave all of it resident until the program goes."""
+    import onnx_ir as ir
+
+    from optc.memory import release_mapped
+    model = onnx_program.model
+    empty = [v.name for v in model.graph.initializers.values() if v.const_value is None]
+    if empty:
+        raise LoweringError(f"the exported model has initializers without a value: {', '.join(empty[:5])}",
+                            backend="onnx")
+    previous = []
+
+    def written(tensor, info) -> None:      # called before each tensor is written
+        release_mapped(previous)
+        raw = getattr(tensor, "raw", None)      # a torch tensor or a numpy array over the weight's memory
+        previous[:] = [raw] if raw is not None else []
+
+    ir.save(model, path, external_data=DATA_FILE, callback=written)
+    release_mapped(previous)
+
+
 def _export_unreleased(ep: torch.export.ExportedProgram, opset: int, input_names: list[str],
                        output_names: list[str], optimize: bool):
     with warnings.catch_warnings():
@@ -578,7 +603,7 @@ class ONNXBackend(Backend):
         workdir = tempfile.mkdtemp(prefix="optc-onnx-")
         try:
             path = os.path.join(workdir, MODEL_FILE)
-            onnx_program.save(path, external_data=True)
+            _save_streaming(onnx_program, path)
             written = sorted(os.listdir(workdir))
             if written != sorted([MODEL_FILE, DATA_FILE]):
                 raise LoweringError(f"the exporter wrote {written}, expected {MODEL_FILE} and {DATA_FILE}",

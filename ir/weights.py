@@ -117,6 +117,14 @@ def _files(item: Any) -> list[str]:
     return [path]
 
 
+def weight_files(weights: Any) -> list[str]:
+    """The safetensors files ``weights`` names (files, and the files of folders); mappings add none."""
+    try:
+        return [f for item in _items(weights) if not isinstance(item, Mapping) for f in _files(item)]
+    except WeightsError:
+        return []
+
+
 def _prefixes(expected: list[str], available: set[str]) -> tuple[str, str]:
     """``(model_prefix, file_prefix)`` such that file name = file_prefix + name[len(model_prefix):]
     for the model's names: ("", "") when names match as they are."""
@@ -206,4 +214,4 @@ def with_weights(model: nn.Module, weights: Any) -> nn.Module:
     return clone
 
 
-__all__ = ["WeightsError", "with_weights", "meta_tensors"]
+__all__ = ["WeightsError", "with_weights", "meta_tensors", "weight_files"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -12,6 +13,8 @@ from optc.ir.program import Program
 from optc.ir.stats import ModelStats, human_bytes, model_stats
 from optc.passes.manager import PassManager, PipelineReport
 from optc.target import Target, resolve_target
+
+log = logging.getLogger("optc.compile")
 
 if TYPE_CHECKING:
     from optc.backends.base import CompiledModel
@@ -179,18 +182,25 @@ def compile(model: Any, example_inputs: Any = (), *, example_kwargs: dict | None
         if weights is not None:
             if isinstance(model, Program):
                 raise OptcError("weights= applies to an nn.Module, not to a captured Program")
-            from optc.ir.weights import with_weights
+            from optc.ir.weights import weight_files, with_weights
             say("reading the weights")
             models = [with_weights(model, weights)]
+            mapped = weight_files(weights)
+        else:
+            mapped = []
         del model
-        return _compile(models, example_inputs, example_kwargs, tgt, be, pipeline, dynamic_shapes, calibration_data,
-                        check, say, backend_options, watch)
+        from optc.memory import mapped_weights
+        with mapped_weights(mapped):
+            return _compile(models, example_inputs, example_kwargs, tgt, be, pipeline, dynamic_shapes,
+                            calibration_data, check, say, backend_options, watch, mapped)
     finally:
         watch.__exit__(None, None, None)
 
 
 def _compile(models, example_inputs, example_kwargs, tgt, be, pipeline, dynamic_shapes, calibration_data, check,
-             say, backend_options, watch):
+             say, backend_options, watch, mapped=()):
+    """``mapped``: the memory-mapped weight files (``weights=``), whose pages are handed back to the OS
+    once read where nothing needs them resident (:func:`optc.memory.page_out_mapped`)."""
     import gc
 
     from optc.backends.lowering import lower
@@ -219,11 +229,21 @@ def _compile(models, example_inputs, example_kwargs, tgt, be, pipeline, dynamic_
                  quantization=program.graph_module.meta.get("optc_quant_report"),
                  weight_bytes=sum(t.nbytes for t in attr_tensors(captured.graph_module).values()))
     del captured
+    if mapped:
+        # the pages of weights the passes replaced (merged projections' parts, folded constants)
+        from optc.memory import page_out_mapped
+        gc.collect()
+        freed = page_out_mapped(mapped, keep=attr_tensors(program.graph_module).values())
+        log.info("weights: %.0f MiB of mapped weight pages the program no longer reads handed back", freed / 2**20)
     plan = None
     if check:
         from optc.backends.check import plan_check
         say("running the program on the check inputs")
         plan = plan_check(program)
+        if mapped:
+            # every weight was read for the reference outputs: the backend reads each once more as it
+            # writes it out, from the page cache or the file, not from this process's resident set
+            page_out_mapped(mapped)
     t_plan = time.perf_counter()
     say(f"lowering with {be.name} for {tgt.device}")
     compiled = lower(program, tgt, pipeline=preport.pipeline, **backend_options)

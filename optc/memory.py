@@ -55,3 +55,136 @@ class RSSWatch:
     @property
     def growth(self) -> int | None:
         return None if self.start is None or self.peak is None else max(self.peak - self.start, 0)
+
+
+_MADV_PAGEOUT = 21          # Linux >= 5.4: reclaim the pages (clean file pages are dropped, never lost)
+_mapped: list[str] = []      # the weight files of the compile under way (mapped_weights)
+
+
+class mapped_weights:
+    """``with mapped_weights(paths):`` -- while a compile runs, the memory-mapped weight files
+    whose pages :func:`release_mapped` may hand back (passes call it on the weights they replace)."""
+
+    def __init__(self, paths):
+        self.paths = [os.path.realpath(os.fspath(p)) for p in paths]
+
+    def __enter__(self):
+        self._before = list(_mapped)
+        _mapped[:] = self.paths
+        return self
+
+    def __exit__(self, *exc):
+        _mapped[:] = self._before
+
+
+def _file_ranges(paths) -> list[tuple[int, int]]:
+    """``[start, end)`` of this process's mappings of ``paths`` (``/proc/self/maps``)."""
+    wanted = set(paths)
+    out = []
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                parts = line.split(None, 5)
+                if len(parts) == 6 and parts[5].strip() in wanted:
+                    lo, hi = (int(x, 16) for x in parts[0].split("-"))
+                    out.append((lo, hi))
+    except OSError:
+        return []
+    return out
+
+
+def _madvise():
+    import ctypes
+    import sys
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def _storage_range(t) -> tuple[int, int] | None:
+    """``[start, end)`` of a torch tensor's storage, or of a numpy array's own bytes."""
+    if hasattr(t, "untyped_storage"):
+        try:
+            s = t.untyped_storage()
+            return (s.data_ptr(), s.data_ptr() + s.nbytes()) if s.nbytes() else None
+        except (RuntimeError, NotImplementedError):      # fake, meta or sparse tensors
+            return None
+    if getattr(t, "__array_interface__", None) is not None and getattr(t, "nbytes", 0):
+        import numpy as np
+        try:        # any strides (a transposed view of a weight, as the ONNX exporter folds one)
+            from numpy.lib.array_utils import byte_bounds
+        except ImportError:      # numpy < 2
+            byte_bounds = np.byte_bounds
+        lo, hi = byte_bounds(t)
+        return (lo, hi)
+    return None
+
+
+def release_mapped(tensors) -> int:
+    """Hand back the resident pages of ``tensors`` that lie in a weight file of the compile under
+    way (:class:`mapped_weights`; nothing otherwise): the whole pages inside each tensor's storage,
+    by ``madvise(MADV_PAGEOUT)``; the bytes advised. For a pass that has just replaced those
+    weights (``merge-parallel-linear`` after concatenating q, k and v). Safe whatever else holds
+    them: a page read again is faulted in again (see :func:`page_out_mapped`)."""
+    if not _mapped:
+        return 0
+    madvise = _madvise()
+    ranges = _file_ranges(_mapped)
+    if madvise is None or not ranges:
+        return 0
+    done = 0
+    for t in tensors:
+        r = _storage_range(t)
+        if r is None or not any(lo <= r[0] and r[1] <= hi for lo, hi in ranges):
+            continue
+        a, b = -(-r[0] // _PAGE) * _PAGE, r[1] // _PAGE * _PAGE
+        if b > a:
+            if madvise(a, b - a, _MADV_PAGEOUT) != 0:
+                return done
+            done += b - a
+    return done
+
+
+def page_out_mapped(paths, keep=()) -> int:
+    """Hand back to the OS this process's resident pages of the memory-mapped files ``paths``
+    (``madvise(MADV_PAGEOUT)``), except the pages holding the tensors ``keep``; the bytes advised.
+
+    The weights of ``optc.compile(..., weights=file.safetensors)`` are the file's pages, mapped
+    once: a page read counts in the process's resident set until the mapping goes, i.e. until
+    the last tensor of the file is released. A weight a pass replaced (the q, k and v projections
+    ``merge-parallel-linear`` concatenated) or one already read for the check stays resident for
+    nothing. ``MADV_PAGEOUT`` reclaims clean file pages (a later read faults them in again from
+    the page cache or the file) and never discards data: a page written since (copy-on-write) is
+    kept or swapped, not reverted. Not Linux, or a kernel without it: nothing is done, 0."""
+    madvise = _madvise()
+    ranges = _file_ranges({os.path.realpath(os.fspath(p)) for p in paths})
+    if madvise is None or not ranges:
+        return 0
+    keep_ranges = []
+    for t in keep:
+        r = _storage_range(t)
+        if r is not None:
+            keep_ranges.append((r[0] // _PAGE * _PAGE, -(-r[1] // _PAGE) * _PAGE))
+    keep_ranges.sort()
+    done = 0
+    for lo, hi in ranges:
+        pieces, cur = [], lo
+        for k_lo, k_hi in keep_ranges:
+            if k_hi <= cur or k_lo >= hi:
+                continue
+            if k_lo > cur:
+                pieces.append((cur, k_lo))
+            cur = max(cur, k_hi)
+        if cur < hi:
+            pieces.append((cur, hi))
+        for a, b in pieces:
+            if madvise(a, b - a, _MADV_PAGEOUT) != 0:
+                return done           # EINVAL: a kernel without MADV_PAGEOUT
+            done += b - a
+    return done

@@ -34,6 +34,7 @@ import torch.nn as nn
 from optc.ir.queries import val
 from optc.ir.rewrite import (MatchResult, RewriteRule, apply_rules, arg, attr_value, call, erase_if_unused,
                              fake_mode_of, is_op, new_constant)
+from optc.memory import release_mapped
 from optc.passes.base import Option, PassContext, PassResult, register_pass
 
 log = logging.getLogger(__name__)
@@ -148,6 +149,9 @@ class MergeParallelLinear(RewriteRule):
             for lin, part in zip(group, parts):
                 lin.replace_all_uses_with(part)
                 erase_if_unused(lin, lin.args[1], arg(lin, 2, "bias"))
+            # weights memory-mapped from a file (optc.compile(weights=...)): the parts were just read
+            # to concatenate them, and the pages stay resident unless handed back (a no-op otherwise)
+            release_mapped(ws)
             log.debug("merge-parallel-linear: %s -> %%%s", [n.name for n in group], merged.name)
             ctx.bump("merged_groups")
             ctx.bump("merged_linears", len(group))

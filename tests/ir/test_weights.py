@@ -153,3 +153,96 @@ def test_cli_compile_with_weights(saved, tmp_path, capsys):
     rc = main(["compile", f"{factory}:make", "--weights", path, "--backend", "onnx", "--out", str(out), "--runs", "0"])
     assert rc == 0, capsys.readouterr()
     assert "max relative error vs eager" in capsys.readouterr().out
+
+
+# ---- pages of memory-mapped weights handed back (optc.memory) ------------------------------------
+linux_pageout = pytest.mark.skipif(
+    not os.uname().sysname == "Linux" or tuple(int(x) for x in os.uname().release.split(".")[:2]) < (5, 4),
+    reason="MADV_PAGEOUT needs Linux 5.4 or later")
+
+
+def _mapped_rss_kib(path: str) -> int:
+    """Resident KiB of this process's mappings of ``path`` (/proc/self/smaps)."""
+    path, cur, total = os.path.realpath(path), None, 0
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            parts = line.split()
+            if "-" in parts[0] and len(parts) >= 5:
+                cur = parts[5] if len(parts) >= 6 else None
+            elif parts[0] == "Rss:" and cur == path:
+                total += int(parts[1])
+    return total
+
+
+@linux_pageout
+def test_mapped_weight_pages_are_handed_back_and_read_again(tmp_path):
+    from safetensors import safe_open
+
+    from optc.memory import mapped_weights, page_out_mapped, release_mapped
+    path = str(tmp_path / "w.safetensors")
+    g = torch.Generator().manual_seed(0)
+    safetensors_torch.save_file({k: torch.randn(1024, 2048, generator=g) for k in "abc"}, path)   # 8 MiB each
+    handle = safe_open(path, framework="pt", device="cpu")
+    a, b, c = (handle.get_tensor(k) for k in "abc")
+    sums = [float(t.sum()) for t in (a, b, c)]                       # every page read
+    assert _mapped_rss_kib(path) >= 3 * 8 * 1024 - 64
+    # outside a compile with weights=, nothing is handed back
+    assert release_mapped([a]) == 0 and _mapped_rss_kib(path) >= 3 * 8 * 1024 - 64
+    anon = torch.randn(1024, 2048)
+    with mapped_weights([path]):
+        assert release_mapped([anon]) == 0                       # never memory that is not the file's
+        before = _mapped_rss_kib(path)
+        assert release_mapped([a, b.numpy().T]) >= 2 * (8 * 1024 - 8) * 1024   # a transposed numpy view too
+        assert _mapped_rss_kib(path) <= before - 2 * (8 * 1024 - 8)
+    float(a.sum()), float(b.sum())                               # read again: faulted back in
+    assert _mapped_rss_kib(path) >= 3 * 8 * 1024 - 64
+    page_out_mapped([path], keep=[c])
+    assert 8 * 1024 - 8 <= _mapped_rss_kib(path) <= 8 * 1024 + 16    # only c's pages stay
+    assert [float(t.sum()) for t in (a, b, c)] == sums          # nothing lost
+
+
+class ParallelBlock(nn.Module):
+    """q, k, v projections of one input (merge-parallel-linear concatenates them)."""
+
+    def __init__(self, d=512):
+        super().__init__()
+        self.q, self.k, self.v = (nn.Linear(d, d) for _ in range(3))
+        self.out = nn.Linear(d, d)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.q(x)) * self.k(x) + self.v(x))
+
+
+@linux_pageout
+def test_compile_from_a_file_hands_back_the_pages_it_has_read(tmp_path, monkeypatch):
+    """With weights=, the q/k/v parts merge-parallel-linear concatenated, everything the check read,
+    and each weight the ONNX backend wrote out are handed back (madvise on the file's pages); a
+    materialised model's memory never is. The compiled model still matches eager."""
+    import optc.memory as memory
+    torch.manual_seed(0)
+    model = ParallelBlock().eval()
+    path = str(tmp_path / "p.safetensors")
+    safetensors_torch.save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
+    advised: list[int] = []
+    real = memory._madvise
+
+    def spy():
+        fn = real()
+
+        def call(addr, length, advice):
+            advised.append(length)
+            return fn(addr, length, advice)
+        return call
+    monkeypatch.setattr(memory, "_madvise", spy)
+    x = torch.randn(4, 512)
+    with torch.device("meta"):
+        meta = ParallelBlock().eval()
+    compiled, report = optc.compile(meta, (x,), backend="onnx", weights=path, external_data_threshold=0)
+    assert report.pipeline.stats("merge-parallel-linear")["merged_linears"] == 3
+    with torch.no_grad():
+        check_close(model(x), compiled(x), rtol=1e-5)
+    qkv = 3 * 512 * 512 * 4
+    assert sum(advised) >= qkv            # at least the merged parts (then the check's and the writer's)
+    advised.clear()
+    compiled, _ = optc.compile(model, (x,), backend="onnx", external_data_threshold=0)
+    assert advised == []                  # a materialised model: nothing is paged out
