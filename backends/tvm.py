@@ -57,6 +57,7 @@ from optc.backends.base import (
     target_from_manifest,
 )
 from optc.errors import ArtifactError, BackendUnavailableError, LoweringError
+from optc.memory import page_out_mapped, release_heap
 from optc.ir.program import Program
 from optc.ir.source import node_source
 from optc.target import Target
@@ -179,6 +180,10 @@ class TVMModel(CompiledModel):
         self.library = tvm.runtime.load_module(library_path)
         self.vm = relax.VirtualMachine(self.library, self._dev)
         self._main = self.vm["main"]
+        # the VM has its own copy of the constants: the pages of the library's embedded copy that
+        # loading read are handed back (read again from the file if TVM ever needs them)
+        page_out_mapped([library_path])
+        release_heap()
 
     def run_flat(self, inputs):
         import tvm
@@ -452,6 +457,10 @@ class TVMBackend(Backend):
         try:
             path = os.path.join(workdir, LIBRARY)
             executable.export_library(path)
+            # the executable and the scheduled module hold the folded weights (the library has them
+            # now): released before the library is loaded, so that the two are not held at once
+            del executable, scheduled
+            release_heap()
             t3 = time.perf_counter()
             log.info("tvm: import %.1fs, tuning+build %.1fs, map+export %.1fs", t1 - t0, t2 - t1, t3 - t2)
             options = {"threads": threads, "layout": layout, "tune": tuning.get("trials", tune), "target": tdict,

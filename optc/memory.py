@@ -188,3 +188,20 @@ def page_out_mapped(paths, keep=()) -> int:
                 return done           # EINVAL: a kernel without MADV_PAGEOUT
             done += b - a
     return done
+
+
+def release_heap() -> bool:
+    """Return the C heap's free memory to the OS (glibc's ``malloc_trim(0)``): a big buffer freed
+    (a serialized model, a library's constants) can otherwise stay in the resident set, and count
+    in the peak when the next big one is allocated. False where there is no glibc."""
+    import ctypes
+    import sys
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return False
+    trim.argtypes = [ctypes.c_size_t]
+    trim(0)
+    return True
