@@ -16,7 +16,10 @@ prints as "Maximum resident set size") is its own:
 - ``optc-onnx-meta``: the same model built on the ``meta`` device (nothing materialised) and
   ``optc.compile(..., backend="onnx", weights=[model.safetensors, rotary buffers])``: the weights
   memory-mapped from a safetensors file written beforehand by another process (the rotary
-  ``inv_freq`` buffers, which no checkpoint holds, computed by a real rotary module).
+  ``inv_freq`` buffers, which no checkpoint holds, computed by a real rotary module);
+- ``optc-torchscript-bf16-meta``: the same from a meta model to TorchScript with
+  ``default,to-half{dtype=bfloat16}`` (the weights cast to bfloat16 as they are read; the error
+  against eager float32 is bfloat16's).
 
 Reported per route: peak RSS, its ratio to the weight bytes, what the process held after
 building the model (the model itself), and the wall time. Both the model's own copy of the
@@ -35,7 +38,10 @@ import sys
 import tempfile
 import time
 
-ROUTES = ("plain", "optc-onnx", "optc-torchscript", "optc-tvm", "optc-onnx-meta")
+ROUTES = ("plain", "optc-onnx", "optc-torchscript", "optc-tvm", "optc-onnx-meta", "optc-torchscript-bf16-meta")
+# the meta routes: backend and pipeline
+META = {"optc-onnx-meta": ("onnx", "default"),
+        "optc-torchscript-bf16-meta": ("torchscript", "default,to-half{dtype=bfloat16}")}
 
 
 def _config(layers: int, hidden: int):
@@ -93,13 +99,14 @@ def _child(route: str, layers: int, hidden: int, seq: int) -> dict:
     params = sum(p.numel() for p in model.parameters())
     held_kib = _rss_kib()
     t0 = time.perf_counter()
-    if route == "optc-onnx-meta":
+    if route in META:
+        backend, pipeline = META[route]
         import optc
         import transformers as T
         rope = T.models.llama.modeling_llama.LlamaRotaryEmbedding(_config(layers, hidden))   # real: a few floats
         extra = {f"rotary_emb.{n}": b for n, b in rope.named_buffers()}
         weights = [_weights_file(layers, hidden), extra]
-        compiled, report = optc.compile(model, (ids,), backend="onnx", weights=weights)
+        compiled, report = optc.compile(model, (ids,), backend=backend, pipeline=pipeline, weights=weights)
         with torch.no_grad():
             got = compiled(ids)
         wall = time.perf_counter() - t0

@@ -77,6 +77,17 @@ class mapped_weights:
         _mapped[:] = self._before
 
 
+def mapping_active() -> bool:
+    """A compile with memory-mapped weight files is under way (:class:`mapped_weights`)."""
+    return bool(_mapped)
+
+
+def hand_back_mapped(keep=()) -> int:
+    """:func:`page_out_mapped` over the weight files of the compile under way (:class:`mapped_weights`),
+    but for the pages of ``keep``; 0 outside such a compile."""
+    return page_out_mapped(_mapped, keep=keep) if _mapped else 0
+
+
 def _file_ranges(paths) -> list[tuple[int, int]]:
     """``[start, end)`` of this process's mappings of ``paths`` (``/proc/self/maps``)."""
     wanted = set(paths)

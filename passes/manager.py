@@ -32,9 +32,10 @@ import torch
 from optc.ir import provenance
 from optc.errors import NumericMismatchError, OptcError, PassError
 from optc.ir.printer import format_text
-from optc.ir.program import Program
+from optc.ir.program import Program, attr_tensors
 from optc.ir.rewrite import remove_unused_attrs
 from optc.ir.verifier import compare_outputs, random_inputs_like, verify
+from optc.memory import hand_back_mapped, mapping_active
 from optc.passes.base import PassContext, RewriteBudget
 from optc.passes.pipeline import Pipeline, ResolvedPass, resolve
 
@@ -295,6 +296,11 @@ class PassManager:
                     if rp.info.exact and record.error.max_rel_error > self.numeric_rtol:
                         raise NumericMismatchError(f"exact pass changed the numerics: {record.error} "
                                                    f"> tolerance {self.numeric_rtol:g}")
+                if result.modified and mapping_active():
+                    # weights memory-mapped from a file that the pass replaced (concatenated, cast,
+                    # quantized, folded), and what the numeric comparison read: pages handed back
+                    # but for the weights the program still holds (nothing outside such a compile)
+                    hand_back_mapped(keep=attr_tensors(gm).values())
             except Exception as e:  # any failure inside a pass: roll back and report with context
                 record.status = "failed"
                 for inst in self.instruments:
@@ -322,7 +328,9 @@ class PassManager:
         worst = None
         with torch.no_grad():
             for args, kwargs in inputs:
-                rep = compare_outputs(before(*args, **kwargs), after(*args, **kwargs))
+                ref = before(*args, **kwargs)
+                hand_back_mapped()      # the weights it read from a mapped file, before the other program reads its own
+                rep = compare_outputs(ref, after(*args, **kwargs))
                 if worst is None or rep.max_rel_error > worst.max_rel_error:
                     worst = rep
         return worst
@@ -340,3 +348,4 @@ def _dynamic_dims(program: Program) -> list[str]:
 
 def run_pipeline(program: Program, pipeline: str = "default", **kwargs) -> tuple[Program, PipelineReport]:
     return PassManager(pipeline, **kwargs).run(program)
+

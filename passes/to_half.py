@@ -56,6 +56,7 @@ import torch
 import torch.fx as fx
 
 from optc.ir.rewrite import add_attr, attr_node, attr_value, call, infer_val, is_op
+from optc.memory import release_mapped
 from optc.passes.base import Option, PassContext, PassResult, register_pass
 
 log = logging.getLogger(__name__)
@@ -227,8 +228,10 @@ def to_half(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     def convert_const(v: fx.Node, user: fx.Node) -> fx.Node:
         key = (v.target, half)
         if key not in converted:
+            source = attr_value(v)
             converted[key] = add_attr(gm, f"{str(v.target).replace('.', '_')}_{_SUFFIX[half]}",
-                                      attr_value(v).detach().to(half))
+                                      source.detach().to(half))
+            release_mapped([source])       # a weight mapped from a file: its float32 pages handed back
             stats["weights"] += 1
         with graph.inserting_before(user):
             return attr_node(gm, converted[key], pass_name=PASS)

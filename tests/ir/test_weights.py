@@ -246,3 +246,34 @@ def test_compile_from_a_file_hands_back_the_pages_it_has_read(tmp_path, monkeypa
     advised.clear()
     compiled, _ = optc.compile(model, (x,), backend="onnx", external_data_threshold=0)
     assert advised == []                  # a materialised model: nothing is paged out
+
+
+@linux_pageout
+def test_weights_cast_to_bfloat16_from_a_file_are_handed_back(tmp_path, monkeypatch):
+    """to-half casts each weight read from the file; the float32 pages it read, and those the
+    pass's numeric comparison read, are handed back (every weight's bytes at least once)."""
+    import optc.memory as memory
+    torch.manual_seed(0)
+    model = ParallelBlock().eval()
+    path = str(tmp_path / "p.safetensors")
+    safetensors_torch.save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
+    advised: list[int] = []
+    real = memory._madvise
+
+    def spy():
+        fn = real()
+
+        def call(addr, length, advice):
+            advised.append(length)
+            return fn(addr, length, advice)
+        return call
+    monkeypatch.setattr(memory, "_madvise", spy)
+    x = torch.randn(4, 512)
+    with torch.device("meta"):
+        meta = ParallelBlock().eval()
+    compiled, report = optc.compile(meta, (x,), backend="torchscript", weights=path,
+                                    pipeline="default,to-half{dtype=bfloat16}")
+    assert report.pipeline.stats("to-half")["weights"] >= 2
+    with torch.no_grad():
+        check_close(model(x), compiled(x), rtol=3e-2)            # bfloat16's error, not a wrong answer
+    assert sum(advised) >= 4 * 512 * 512 * 4
