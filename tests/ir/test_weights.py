@@ -213,16 +213,17 @@ class ParallelBlock(nn.Module):
         return self.out(torch.tanh(self.q(x)) * self.k(x) + self.v(x))
 
 
-@linux_pageout
-def test_compile_from_a_file_hands_back_the_pages_it_has_read(tmp_path, monkeypatch):
-    """With weights=, the q/k/v parts merge-parallel-linear concatenated, everything the check read,
-    and each weight the ONNX backend wrote out are handed back (madvise on the file's pages); a
-    materialised model's memory never is. The compiled model still matches eager."""
-    import optc.memory as memory
+def _parallel_block_file(tmp_path):
     torch.manual_seed(0)
     model = ParallelBlock().eval()
     path = str(tmp_path / "p.safetensors")
     safetensors_torch.save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
+    return model, path
+
+
+def _spy_madvise(monkeypatch) -> list[int]:
+    """The lengths of every madvise optc.memory makes from now on (the calls still happen)."""
+    import optc.memory as memory
     advised: list[int] = []
     real = memory._madvise
 
@@ -234,6 +235,16 @@ def test_compile_from_a_file_hands_back_the_pages_it_has_read(tmp_path, monkeypa
             return fn(addr, length, advice)
         return call
     monkeypatch.setattr(memory, "_madvise", spy)
+    return advised
+
+
+@linux_pageout
+def test_compile_from_a_file_hands_back_the_pages_it_has_read(tmp_path, monkeypatch):
+    """With weights=, the q/k/v parts merge-parallel-linear concatenated, everything the check read,
+    and each weight the ONNX backend wrote out are handed back (madvise on the file's pages); a
+    materialised model's memory never is. The compiled model still matches eager."""
+    model, path = _parallel_block_file(tmp_path)
+    advised = _spy_madvise(monkeypatch)
     x = torch.randn(4, 512)
     with torch.device("meta"):
         meta = ParallelBlock().eval()
@@ -252,22 +263,8 @@ def test_compile_from_a_file_hands_back_the_pages_it_has_read(tmp_path, monkeypa
 def test_weights_cast_to_bfloat16_from_a_file_are_handed_back(tmp_path, monkeypatch):
     """to-half casts each weight read from the file; the float32 pages it read, and those the
     pass's numeric comparison read, are handed back (every weight's bytes at least once)."""
-    import optc.memory as memory
-    torch.manual_seed(0)
-    model = ParallelBlock().eval()
-    path = str(tmp_path / "p.safetensors")
-    safetensors_torch.save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
-    advised: list[int] = []
-    real = memory._madvise
-
-    def spy():
-        fn = real()
-
-        def call(addr, length, advice):
-            advised.append(length)
-            return fn(addr, length, advice)
-        return call
-    monkeypatch.setattr(memory, "_madvise", spy)
+    model, path = _parallel_block_file(tmp_path)
+    advised = _spy_madvise(monkeypatch)
     x = torch.randn(4, 512)
     with torch.device("meta"):
         meta = ParallelBlock().eval()
