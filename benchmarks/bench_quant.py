@@ -56,7 +56,10 @@ block, each from paired per-round ratios (median, 95% CI; never ratios of ratios
 - best optc int8 route / ``ort fp32`` <= 0.30 on resnet50 and <= 0.25 on bert (the other two
   printed only), and best optc int8 route / ``openvino int8 (nncf.quantize)`` <= 0.85, each with a
   cosine >= max(NNCF's, quantize_static's);
-- ``optc fp32 (openvino)`` / ``openvino (defaults)`` <= 1.0.
+- ``optc fp32 (openvino)`` / ``openvino (defaults)`` <= 1.0, and / ``openvino (f32)`` (OpenVINO with
+  ``INFERENCE_PRECISION_HINT=f32``, a baseline of ``--issue-table``): OpenVINO's default runs bf16
+  wherever the CPU has bf16 instructions, optc's OpenVINO backend keeps a float32 program in f32,
+  so only the second compares the same arithmetic.
 
 The "best route" is the fastest of the routes that meet the cosine condition (the fastest of all
 when none does: then NOT met on its cosine). Also printed: whether the CPU has AMX (its
@@ -121,6 +124,7 @@ TARGET_INT8_NNCF = 0.85           # best optc int8 route / OpenVINO + NNCF INT8
 TARGET_FP32_OV = 1.0              # optc fp32 on OpenVINO / OpenVINO (defaults)
 ORT_FP32, ORT_Q = "ort fp32", "ort int8 (quantize_static)"
 OV_DEFAULT, OV_NNCF = "openvino (defaults)", "openvino int8 (nncf.quantize)"
+OV_F32 = "openvino (f32)"     # OpenVINO with INFERENCE_PRECISION_HINT=f32: what an fp32 program is compared with
 BF16_PIPELINE = "default,to-half{dtype=bfloat16}"
 BF16_ROUTES = ("torchscript bfloat16", "optc bfloat16 (openvino)", "optc bfloat16 (onnx)")
 INT8_ROUTES = ("optc int8", "optc int8, with SkipLayerNorm", "optc int8 (openvino)",
@@ -467,7 +471,16 @@ def bench_model(name: str, args: argparse.Namespace, workdir: str) -> dict:
             compiled_q = core.compile_model(q_model, "CPU", {"INFERENCE_NUM_THREADS": threads})
             res["precision"][OV_NNCF] = ov_precision(compiled_q)
             return ov_runner(compiled_q)
+        def build_ov_f32():
+            if "fp32" not in ov_models:
+                raise RuntimeError("no OpenVINO model (openvino (defaults) was not built)")
+            compiled = core.compile_model(ov_models["fp32"], "CPU", {"INFERENCE_NUM_THREADS": threads,
+                                                                     "INFERENCE_PRECISION_HINT": "f32"})
+            res["precision"][OV_F32] = ov_precision(compiled)
+            return ov_runner(compiled)
         attempt(OV_DEFAULT, build_ov_default)
+        if issue:
+            attempt(OV_F32, build_ov_f32)
         attempt(OV_NNCF, build_nncf)
         ov_models.clear()     # the compiled models hold what they run
         release()
@@ -608,6 +621,9 @@ def targets(name: str, res: dict, times: dict) -> list[dict]:
                     f"quantize_static's)", INT8_ROUTES, OV_NNCF, TARGET_INT8_NNCF, cos_bar, cos_why))
     rows.append(one(f"optc fp32 (openvino) / {OV_DEFAULT} <= {TARGET_FP32_OV}", ("optc fp32 (openvino)",),
                     OV_DEFAULT, TARGET_FP32_OV))
+    if OV_F32 in cands:    # the same precision: do optc's passes make OpenVINO slower?
+        rows.append(one(f"optc fp32 (openvino) / {OV_F32} <= {TARGET_FP32_OV}", ("optc fp32 (openvino)",),
+                        OV_F32, TARGET_FP32_OV))
     return rows
 
 
