@@ -68,6 +68,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("optc.backends.tvm")
 
 LIBRARY = "model.so"
+PARAMS = "params.pt"
+#: ``params="auto"`` passes the weights by reference above this many bytes of parameters
+PARAMS_BY_REFERENCE_THRESHOLD = 512 * 1024 ** 2
+PARAMS_MODES = ("auto", "bound", "reference")
 LAYOUTS = ("NHWC", "NCHW")
 #: The passes of optc's Relax build pipeline that a model compiles without (``disabled_passes``),
 #: in pipeline order: option name -> the TVM pass names it leaves out of the ``PassContext``.
@@ -158,8 +162,13 @@ class TVMModel(CompiledModel):
     backend = "tvm"
 
     def __init__(self, signature: Signature, target: Target, *, library_path: str, threads: int | None = None,
-                 backend_map: "BackendMap | None" = None, relax_module=None, build: Callable | None = None, **kw):
+                 backend_map: "BackendMap | None" = None, relax_module=None, build: Callable | None = None,
+                 params: list[torch.Tensor] | None = None, **kw):
         super().__init__(signature, target, **kw)
+        #: the weights ``main`` takes by reference (``params="reference"``): torch tensors, the
+        #: Program's own after lowering, memory-mapped from ``params.pt`` after loading; None when
+        #: the library has them bound as constants
+        self.params = params
         import tvm
         from tvm import relax
         #: optc node (of the staged Program) -> its kernel calls and the Relax variable holding its
@@ -180,6 +189,8 @@ class TVMModel(CompiledModel):
         self.library = tvm.runtime.load_module(library_path)
         self.vm = relax.VirtualMachine(self.library, self._dev)
         self._main = self.vm["main"]
+        # weights by reference: their transforms (transposes, repacking) run once, here
+        self._weights = _transformed(self.vm, params)
         # the VM has its own copy of the constants: the pages of the library's embedded copy that
         # loading read are handed back (read again from the file if TVM ever needs them)
         page_out_mapped([library_path])
@@ -193,7 +204,7 @@ class TVMModel(CompiledModel):
             from optc.backends.tvm_schedule import configure_threads
             configure_threads(self.threads)
         args = [tvm.runtime.from_dlpack(_aligned(t)) for t in inputs]
-        out = self._main(*args)
+        out = self._main(*args, *self._weights)
         if self.target.device == "cuda":
             self._dev.sync()
         return [torch.from_dlpack(o) for o in _flatten(out)]
@@ -225,7 +236,7 @@ class TVMModel(CompiledModel):
         if self.target.device != "cuda":
             from optc.backends.tvm_schedule import configure_threads
             configure_threads(self.threads)
-        out = vm["main"](*self._args(inputs))
+        out = vm["main"](*self._args(inputs), *_transformed(vm, self.params))
         if self.target.device == "cuda":
             self._dev.sync()
         return {name: torch.from_dlpack(v).detach().cpu().clone() for name, v in zip(wanted, _flatten(out[1]))}
@@ -262,7 +273,7 @@ class TVMModel(CompiledModel):
         if not cuda:
             from optc.backends.tvm_schedule import configure_threads
             configure_threads(self.threads)
-        args = self._args(inputs)
+        args = self._args(inputs) + list(self._weights)
         per_call: dict[str, list[float]] = {}
         for i in range(warmup + runs):
             calls.clear()
@@ -275,10 +286,22 @@ class TVMModel(CompiledModel):
 
     def save_artifacts(self, directory):
         shutil.copyfile(self.library_path, os.path.join(directory, LIBRARY))
-        return [LIBRARY]
+        if self.params is None:
+            return [LIBRARY]
+        torch.save(list(self.params), os.path.join(directory, PARAMS))    # tensor by tensor, no second copy
+        return [LIBRARY, PARAMS]
 
     def artifact_size(self) -> int:
-        return os.path.getsize(self.library_path)
+        return os.path.getsize(self.library_path) + sum(t.nbytes for t in self.params or ())
+
+
+def _transformed(vm, params) -> tuple:
+    """``main``'s weight arguments: ``main_transform_params`` of ``params`` (torch tensors shared
+    through DLPack), or nothing when the library has its weights bound."""
+    import tvm
+    if params is None:
+        return ()
+    return tuple(vm["main_transform_params"]([tvm.runtime.from_dlpack(_aligned(t)) for t in params]))
 
 
 def _aligned(t: torch.Tensor, align: int = 64) -> torch.Tensor:
@@ -359,7 +382,7 @@ class TVMBackend(Backend):
 
     def lower(self, program: Program, target: Target, *, threads: int | None = None, tune: int | bool = 0,
               tuning_db: str | None = None, layout: str | None = None,
-              disabled_passes: tuple | list = ()) -> TVMModel:
+              disabled_passes: tuple | list = (), params: str = "auto") -> TVMModel:
         """``threads``: TVM thread-pool workers and the target's ``num-cores`` (default: every core
         this process may use). ``tune``: MetaSchedule trial budget (0 or False: off, the default
         schedules only; True: :data:`TUNE_TRIALS_PER_TASK` trials per kernel with a reduction). ``tuning_db``: the tuning database folder (default: a folder per model under
@@ -370,7 +393,14 @@ class TVMBackend(Backend):
         Relax's ``ConvertLayout`` only converts what the pass left (docs/layout.md).
         ``disabled_passes``: names of :data:`OPTIONAL_PASSES` the build leaves out (TVM's
         ``PassContext(disabled_pass=...)``), saved in the manifest -- ``optc bisect`` switches them
-        to find the TVM pass that brings a miscompile."""
+        to find the TVM pass that brings a miscompile. ``params``: ``"bound"`` compiles the weights
+        into the library as constants (their transposes and repacking folded at compile time);
+        ``"reference"`` keeps them ``main``'s arguments -- the Program's own tensors, shared through
+        DLPack, transformed once when the model loads (``LiftTransformParams``) and saved beside the
+        library as ``params.pt`` -- so that the compile holds no second copy (constants are
+        serialized into the library and loaded back: a peak of about 8x the weights); ``"auto"``
+        (default): by reference above :data:`PARAMS_BY_REFERENCE_THRESHOLD` bytes of parameters
+        on CPU, bound otherwise."""
         import tvm
         from optc.backends import tvm_schedule as ts
 
@@ -396,6 +426,16 @@ class TVMBackend(Backend):
             raise LoweringError(f"disabled_passes: {', '.join(unknown)} cannot be left out of the TVM build "
                                 f"(optional passes: {', '.join(optional)})", backend=self.name)
         disabled_passes = [p for p in optional if p in disabled_passes]      # pipeline order, once each
+        if params not in PARAMS_MODES:
+            raise LoweringError(f"params must be one of {', '.join(PARAMS_MODES)}, got {params!r}", backend=self.name)
+        if params == "auto":
+            weight_bytes = sum(p.nbytes for p in program.graph_module.parameters())
+            params = "reference" if target.device == "cpu" and weight_bytes > PARAMS_BY_REFERENCE_THRESHOLD \
+                and not tune else "bound"
+        if params == "reference" and (target.device != "cpu" or tune):
+            raise LoweringError("params='reference' is built for the CPU target without tuning (the tuned "
+                                "kernels' checks run on constant weights): use params='bound'", backend=self.name)
+        by_reference = params == "reference"
         if tune and any(importlib.util.find_spec(m) is None for m in ("xgboost", "psutil")):
             raise BackendUnavailableError(TUNE_HINT)
         n_threads = threads or default_threads()
@@ -438,12 +478,12 @@ class TVMBackend(Backend):
                 mod = ts.pre_schedule_pipeline(tvm_target, layout)(tvm.IRModule(dict(mod.functions), attrs=mod.attrs))
                 database = tuning_records(mod) if tuning_records is not None else None
                 executable = tvm.compile(mod, target=tvm_target, relax_pipeline=ts.build_pipeline(
-                    tvm_target, layout, database, pre_scheduled=True))
+                    tvm_target, layout, database, pre_scheduled=True, lift_params=by_reference))
             return mod, executable
 
         t0 = time.perf_counter()
         with context():
-            imported = self._import(program)
+            imported = self._import(program, keep_params=by_reference)
         t1 = time.perf_counter()
         scheduled, executable = build(imported.mod, tuning_records=tuned if (tune or tuning_db) else None,
                                       instruments=[recorder.instrument])
@@ -464,9 +504,10 @@ class TVMBackend(Backend):
             t3 = time.perf_counter()
             log.info("tvm: import %.1fs, tuning+build %.1fs, map+export %.1fs", t1 - t0, t2 - t1, t3 - t2)
             options = {"threads": threads, "layout": layout, "tune": tuning.get("trials", tune), "target": tdict,
-                       "tuned_kernels": tuning.get("applied", 0), "disabled_passes": list(disabled_passes)}
+                       "tuned_kernels": tuning.get("applied", 0), "disabled_passes": list(disabled_passes),
+                       "params": params}
             model = TVMModel(signature, target, library_path=path, threads=threads, backend_options=options,
-                             backend_map=maps, relax_module=imported.mod,
+                             backend_map=maps, relax_module=imported.mod, params=imported.params,
                              build=lambda mod: build(mod)[1])   # default schedules: no tuning
         except BaseException:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -475,13 +516,14 @@ class TVMBackend(Backend):
         weakref.finalize(model, shutil.rmtree, workdir, True)
         return model
 
-    def _import(self, program: Program):
-        """The Program as a Relax module (weights bound as constants), with what the importer knew
-        (:class:`~optc.backends.tvm_map.Imported`: ``from_exported_program``'s steps, its ``env`` kept)."""
+    def _import(self, program: Program, keep_params: bool = False):
+        """The Program as a Relax module (weights bound as constants, or with ``keep_params``
+        ``main``'s arguments), with what the importer knew (:class:`~optc.backends.tvm_map.Imported`:
+        ``from_exported_program``'s steps, its ``env`` kept)."""
         from optc.backends.tvm_map import import_program
         ep = export_program(program)
         try:
-            return import_program(ep, _convert_map() or None)
+            return import_program(ep, _convert_map() or None, keep_params)
         except AssertionError as e:  # "Unsupported function types ['foo.default']"
             text = str(e)
             if "Unsupported function types" not in text:
@@ -503,17 +545,23 @@ class TVMBackend(Backend):
         if saved.get("kind") == "llvm" and saved.get("mcpu") and saved["mcpu"] != ts.host_cpu():
             log.warning("%s was compiled for CPU %s; this machine is %s (it may lack instructions the "
                         "library uses)", directory, saved["mcpu"], ts.host_cpu())
+        params = None
+        if options.get("params") == "reference":
+            try:   # memory-mapped: the weights are read from the file as the transforms use them
+                params = torch.load(os.path.join(directory, PARAMS), mmap=True, weights_only=True)
+            except Exception as e:  # noqa: BLE001 - torch.load raises many types for a bad file
+                raise ArtifactError(f"{directory}: cannot load '{PARAMS}': {(str(e).strip().splitlines() or [''])[0]}") from e
         try:
             return TVMModel(signature_from_manifest(manifest), target,
                             library_path=os.path.join(os.path.abspath(directory), LIBRARY),
                             threads=options.get("threads"), pipeline=manifest.get("pipeline", ""),
-                            backend_options=options)
+                            backend_options=options, params=params)
         except (OSError, RuntimeError) as e:  # tvm.error.* derive from RuntimeError
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ArtifactError(f"{directory}: TVM cannot load '{LIBRARY}': {first}") from e
 
 
-__all__ = ["TVMBackend", "TVMModel", "LIBRARY", "OPTIONAL_PASSES", "register_tvm_translation",
+__all__ = ["TVMBackend", "TVMModel", "LIBRARY", "PARAMS", "PARAMS_BY_REFERENCE_THRESHOLD", "OPTIONAL_PASSES", "register_tvm_translation",
            "default_tuning_root", "model_key", "default_threads"]
 
 from optc.backends import tvm_quant as _tvm_quant  # noqa: E402,F401  (R.quantize / R.dequantize translations)

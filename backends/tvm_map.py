@@ -47,20 +47,28 @@ class BackendMap(dict):
 class Imported:
     """A Program imported to Relax, with what the importer knew."""
 
-    mod: Any                                   # tvm.IRModule, weights bound as constants
+    mod: Any                                   # tvm.IRModule, weights bound as constants (or main's parameters)
     env: dict                                  # exported fx node -> Relax expression
     ep: torch.export.ExportedProgram           # the program the importer read (decomposed)
     source_graph: fx.Graph | None              # the graph export_program traced
+    params: list | None = None                 # with keep_params: main's weight arguments (torch tensors, shared)
 
 
-def import_program(ep: torch.export.ExportedProgram, convert_map: dict | None) -> Imported:
-    """``from_exported_program(ep, keep_params_as_input=False, custom_convert_map=...)``, keeping
-    the importer's ``env``: the same steps (``run_decompositions``, then the importer)."""
+def import_program(ep: torch.export.ExportedProgram, convert_map: dict | None, keep_params: bool = False) -> Imported:
+    """``from_exported_program(ep, keep_params_as_input=keep_params, custom_convert_map=...)``,
+    keeping the importer's ``env``: the same steps (``run_decompositions``, then the importer).
+    ``keep_params``: the parameters stay ``main``'s arguments after its ``num_input`` inputs (buffers
+    and constants are bound), detached from the module as the Program's own tensors."""
     from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
     decomposed = ep.run_decompositions()
     importer = ExportedProgramImporter()
-    mod = importer.from_exported_program(decomposed, False, False, False, convert_map)
-    return Imported(mod, dict(importer.env), decomposed, getattr(ep, "optc_source_graph", None))
+    mod = importer.from_exported_program(decomposed, keep_params, False, False, convert_map)
+    params = None
+    if keep_params:
+        main = mod["main"]
+        mod["main"] = main.without_attr("params")       # relax.frontend.detach_params, keeping torch's tensors
+        params = [p.detach() for p in dict(decomposed.named_parameters()).values()]
+    return Imported(mod, dict(importer.env), decomposed, getattr(ep, "optc_source_graph", None), params)
 
 
 # ---- Relax helpers ---------------------------------------------------------------------------------------

@@ -156,11 +156,18 @@ def pre_schedule_pipeline(target: Target, layout: str = "NHWC"):
     return _in_target(target, pre_schedule_passes(target, layout), "OptcPreSchedule")
 
 
-def build_pipeline(target: Target, layout: str = "NHWC", database=None, *, pre_scheduled: bool = False):
+def build_pipeline(target: Target, layout: str = "NHWC", database=None, *, pre_scheduled: bool = False,
+                   lift_params: bool = False):
     """A pass for ``tvm.compile(relax_pipeline=...)``: Relax -> scheduled TIR -> VM-ready module.
-    ``pre_scheduled``: the module already went through :func:`pre_schedule_pipeline`."""
+    ``pre_scheduled``: the module already went through :func:`pre_schedule_pipeline`.
+    ``lift_params``: ``main`` takes the weights as arguments (after its ``num_input`` inputs):
+    what computes only on them (transposes, the CPU schedules' weight repacking) moves to
+    ``main_transform_params`` (``LiftTransformParams``), which the model runs once when it loads."""
     passes = [] if pre_scheduled else pre_schedule_passes(target, layout)
-    passes += schedule_passes(target, database) + lower_passes(target)
+    passes += schedule_passes(target, database)
+    if lift_params:
+        passes.append(relax.transform.LiftTransformParams())
+    passes += lower_passes(target)
     return _in_target(target, passes, "OptcBuild")
 
 

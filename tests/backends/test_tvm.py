@@ -436,3 +436,61 @@ def test_report_times_tvm_kernels_through_the_node_map():
     timed = {n["n"]: t for n, t in zip(report.data["nodes"], time["values"]) if t is not None}
     # a fused kernel's time goes to the first node it computes: the convolution, not the sigmoid after it
     assert "conv2d" in timed and "sigmoid" not in timed and all(t > 0 for t in timed.values())
+
+
+class _QKVBlock(torch.nn.Module):
+    """Parallel projections (merge-parallel-linear concatenates them into a new weight) and a
+    linear that keeps its own: a transformer layer's weights, small."""
+
+    def __init__(self, d=64):
+        super().__init__()
+        self.q, self.k, self.v = (torch.nn.Linear(d, d) for _ in range(3))
+        self.out = torch.nn.Linear(d, d, bias=False)
+        self.norm = torch.nn.LayerNorm(d)
+
+    def forward(self, x):
+        a = torch.softmax(self.q(x) @ self.k(x).transpose(-1, -2), -1) @ self.v(x)
+        return self.norm(x + self.out(a))
+
+
+def test_weights_by_reference(tmp_path):
+    """params='reference': main takes the weights as arguments -- the user's own tensors for those no
+    pass replaced, the merged projections as the Program made them -- transformed once when the
+    model loads; same numbers as eager and as the bound library; saved beside the library and
+    loaded memory-mapped; a changed params.pt is a hash mismatch."""
+    torch.manual_seed(0)
+    model = _QKVBlock().eval()
+    x = torch.randn(2, 5, 64)
+    compiled, _ = optc.compile(model, (x,), backend="tvm", params="reference")
+    bound, _ = optc.compile(model, (x,), backend="tvm")
+    assert compiled.backend_options["params"] == "reference" and bound.backend_options["params"] == "bound"
+    assert bound.params is None
+    storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    shared = [t for t in compiled.params if t.untyped_storage().data_ptr() in storages]
+    assert len(shared) == 3 and len(compiled.params) == 5     # out, norm (2), and q|k|v merged (weight, bias)
+    xs = torch.randn(2, 5, 64)
+    with torch.no_grad():
+        check_close(model(xs), compiled(xs), rtol=1e-5)
+    check_close(bound(xs), compiled(xs), rtol=1e-5)
+    path = compiled.save(tmp_path / "ref")
+    assert sorted(os.listdir(path)) == ["manifest.json", "model.so", "params.pt"]
+    loaded = optc.load(path)
+    assert torch.equal(loaded(xs), compiled(xs))
+    # the node map, intermediate values and kernel times run with the weights too
+    name = next(k for k, v in compiled.backend_map.items() if v.get("value"))
+    assert compiled.intermediate_values([xs], [compiled.backend_map[name]["value"]])
+    assert compiled.node_times([xs], runs=1, warmup=0)
+    with open(os.path.join(path, "params.pt"), "r+b") as f:
+        f.seek(-8, os.SEEK_END)
+        f.write(b"\0" * 8)
+    with pytest.raises(ArtifactError, match="params.pt"):
+        optc.load(path)
+
+
+def test_weights_by_reference_bad_options(captured_structured):
+    model, program = captured_structured()
+    with pytest.raises(LoweringError, match="params must be one of auto, bound, reference"):
+        lower(program, "cpu", "tvm", params="shared")
+    with pytest.raises(LoweringError, match="params='reference' is built for the CPU target without tuning"):
+        lower(program, "cpu", "tvm", params="reference", tune=8)
+    assert lower(program, "cpu", "tvm").backend_options["params"] == "bound"    # auto: small weights
