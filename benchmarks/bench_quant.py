@@ -173,6 +173,11 @@ def session(path_or_bytes, threads: int, optimized_path: str | None = None):
     so.log_severity_level = 3
     if optimized_path:
         so.optimized_model_filepath = optimized_path
+        # a model with external data: the optimised one gets its own data file (else ORT points it
+        # at the original's, relative to the wrong folder)
+        so.add_session_config_entry("session.optimized_model_external_initializers_file_name",
+                                    os.path.basename(optimized_path) + ".data")
+        so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
     return ort.InferenceSession(path_or_bytes, so, providers=["CPUExecutionProvider"])
 
 
@@ -192,7 +197,7 @@ def ops_run(model, threads: int, workdir: str, tag: str) -> collections.Counter:
     path = os.path.join(workdir, f"{tag}.optimized.onnx")
     with quiet():
         session(model, threads, optimized_path=path)
-    return collections.Counter(n.op_type for n in onnx.load(path).graph.node)
+    return collections.Counter(n.op_type for n in onnx.load(path, load_external_data=False).graph.node)
 
 
 def kernel_summary(ops: collections.Counter) -> str:
