@@ -38,7 +38,8 @@ import sys
 import tempfile
 import time
 
-ROUTES = ("plain", "optc-onnx", "optc-torchscript", "optc-tvm", "optc-onnx-meta", "optc-torchscript-bf16-meta")
+ROUTES = ("plain", "optc-onnx", "optc-torchscript", "optc-tvm", "optc-openvino", "optc-onnx-meta",
+          "optc-torchscript-bf16-meta")
 # the meta routes: backend and pipeline
 META = {"optc-onnx-meta": ("onnx", "default"),
         "optc-torchscript-bf16-meta": ("torchscript", "default,to-half{dtype=bfloat16}")}
@@ -143,7 +144,8 @@ def _child(route: str, layers: int, hidden: int, seq: int) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--routes", nargs="+", default=list(ROUTES), choices=ROUTES)
+    ap.add_argument("--routes", nargs="+", default=[r for r in ROUTES if r != "optc-openvino"], choices=ROUTES,
+                    help="default: all but optc-openvino (the openvino extra)")
     ap.add_argument("--layers", type=int, default=24)
     ap.add_argument("--hidden", type=int, default=1024)
     ap.add_argument("--seq", type=int, default=128)
