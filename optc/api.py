@@ -233,8 +233,9 @@ def _compile(models, example_inputs, example_kwargs, tgt, be, pipeline, dynamic_
         # the pages of weights the passes replaced (merged projections' parts, folded constants)
         from optc.memory import page_out_mapped
         gc.collect()
-        freed = page_out_mapped(mapped, keep=attr_tensors(program.graph_module).values())
-        log.info("weights: %.0f MiB of mapped weight pages the program no longer reads handed back", freed / 2**20)
+        advised = page_out_mapped(mapped, keep=attr_tensors(program.graph_module).values())
+        log.info("weights: %.0f MiB of the mapped weight files advised out (all but what the program holds)",
+                 advised / 2**20)
     plan = None
     if check:
         from optc.backends.check import plan_check
