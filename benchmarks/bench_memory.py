@@ -19,7 +19,9 @@ prints as "Maximum resident set size") is its own:
   ``inv_freq`` buffers, which no checkpoint holds, computed by a real rotary module);
 - ``optc-torchscript-bf16-meta``: the same from a meta model to TorchScript with
   ``default,to-half{dtype=bfloat16}`` (the weights cast to bfloat16 as they are read; the error
-  against eager float32 is bfloat16's).
+  against eager float32 is bfloat16's);
+- ``optc-onnx-int8-meta``: the same to ONNX with ``default,insert-qdq{scheme=dynamic}`` (int8
+  weights, activations quantized at run time: weight-only calibration).
 
 Reported per route: peak RSS, its ratio to the weight bytes, what the process held after
 building the model (the model itself), and the wall time. Both the model's own copy of the
@@ -39,10 +41,11 @@ import tempfile
 import time
 
 ROUTES = ("plain", "optc-onnx", "optc-torchscript", "optc-tvm", "optc-openvino", "optc-onnx-meta",
-          "optc-torchscript-bf16-meta")
+          "optc-torchscript-bf16-meta", "optc-onnx-int8-meta")
 # the meta routes: backend and pipeline
 META = {"optc-onnx-meta": ("onnx", "default"),
-        "optc-torchscript-bf16-meta": ("torchscript", "default,to-half{dtype=bfloat16}")}
+        "optc-torchscript-bf16-meta": ("torchscript", "default,to-half{dtype=bfloat16}"),
+        "optc-onnx-int8-meta": ("onnx", "default,insert-qdq{scheme=dynamic}")}
 
 
 def _config(layers: int, hidden: int):
