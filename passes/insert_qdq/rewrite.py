@@ -10,6 +10,7 @@ import torch
 import torch.fx as fx
 
 from optc.ir.rewrite import add_attr, attr_node, attr_value, call, erase_if_unused
+from optc.memory import release_heap, release_mapped
 from optc.passes.insert_qdq.qparams import PASS, QParams, quantize_weight
 from optc.passes.insert_qdq.report import sqnr_db
 from optc.passes.insert_qdq.sites import Site
@@ -54,6 +55,7 @@ def rewrite_dynamic(gm: fx.GraphModule, site: Site, per_channel: bool, cache: di
         wn = _const(gm, f"{hint}_q", q, node)
         sn = _const(gm, f"{hint}_scale", scales, node)
         cache[key] = (wn, sn, (float(scales.min()), float(scales.max()), sqnr_db(w, q.float() * scales[:, None])))
+        _done_with(w_node)
     wn, sn, info = cache[key]
     with gm.graph.inserting_before(node):
         new = call(gm.graph, optc_ops.linear_dynamic.default, (site.acts[0], wn, sn, site.bias), like=node,
@@ -62,6 +64,21 @@ def rewrite_dynamic(gm: fx.GraphModule, site: Site, per_channel: bool, cache: di
     gm.graph.erase_node(node)
     erase_if_unused(w_node)
     return new, info
+
+
+_TRIM_BYTES = 1 << 20
+
+
+def _done_with(w_node: fx.Node) -> None:
+    """A weight has been quantized: its float32 temporaries (``abs``, the division, the rounding, the
+    SQNR's dequantized copy: several times the weight) are freed, and the C heap is asked to give
+    their pages back -- else, with the int8 results kept between them, a model's worth of freed
+    temporaries stays resident (a 303 M Llama's RSS grew by 2 GiB inside this pass); a weight
+    memory-mapped from a file has its pages handed back too."""
+    w = attr_value(w_node)
+    release_mapped([w])
+    if w.nbytes >= _TRIM_BYTES:         # malloc_trim walks the heap: only where there is much to give back
+        release_heap()
 
 
 def _const(gm: fx.GraphModule, hint: str, value: torch.Tensor, before: fx.Node) -> fx.Node:
@@ -117,6 +134,8 @@ def quantize_site_weights(gm: fx.GraphModule, site: Site, s_x: float | None, cac
             view[site.axis] = -1
             deq = q.float() * scales.reshape(view)
         cache[key] = (dq, per_out, sqnr_db(w.float(), deq))
+        del deq
+        _done_with(w_node)
     dq, per_out, w_sqnr = cache[key]
     _set_arg(site.node, site.weight_index, "weight", dq)
     if site.bias is not None and s_x is not None:
