@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import time
 from dataclasses import dataclass
@@ -13,8 +12,6 @@ from optc.ir.program import Program
 from optc.ir.stats import ModelStats, human_bytes, model_stats
 from optc.passes.manager import PassManager, PipelineReport
 from optc.target import Target, resolve_target
-
-log = logging.getLogger("optc.compile")
 
 if TYPE_CHECKING:
     from optc.backends.base import CompiledModel
@@ -190,17 +187,15 @@ def compile(model: Any, example_inputs: Any = (), *, example_kwargs: dict | None
             mapped = []
         del model
         from optc.memory import mapped_weights
-        with mapped_weights(mapped):
+        with mapped_weights(mapped):     # passes and backends hand back the pages they no longer need
             return _compile(models, example_inputs, example_kwargs, tgt, be, pipeline, dynamic_shapes,
-                            calibration_data, check, say, backend_options, watch, mapped)
+                            calibration_data, check, say, backend_options, watch)
     finally:
         watch.__exit__(None, None, None)
 
 
 def _compile(models, example_inputs, example_kwargs, tgt, be, pipeline, dynamic_shapes, calibration_data, check,
-             say, backend_options, watch, mapped=()):
-    """``mapped``: the memory-mapped weight files (``weights=``), whose pages are handed back to the OS
-    once read where nothing needs them resident (:func:`optc.memory.page_out_mapped`)."""
+             say, backend_options, watch):
     import gc
 
     from optc.backends.lowering import lower
@@ -229,22 +224,15 @@ def _compile(models, example_inputs, example_kwargs, tgt, be, pipeline, dynamic_
                  quantization=program.graph_module.meta.get("optc_quant_report"),
                  weight_bytes=sum(t.nbytes for t in attr_tensors(captured.graph_module).values()))
     del captured
-    if mapped:
-        # the pages of weights the passes replaced (merged projections' parts, folded constants)
-        from optc.memory import page_out_mapped
-        gc.collect()
-        advised = page_out_mapped(mapped, keep=attr_tensors(program.graph_module).values())
-        log.info("weights: %.0f MiB of the mapped weight files advised out (all but what the program holds)",
-                 advised / 2**20)
     plan = None
     if check:
         from optc.backends.check import plan_check
         say("running the program on the check inputs")
         plan = plan_check(program)
-        if mapped:
-            # every weight was read for the reference outputs: the backend reads each once more as it
-            # writes it out, from the page cache or the file, not from this process's resident set
-            page_out_mapped(mapped)
+        # with weights=, every weight was read for the reference outputs: the backend reads each once
+        # more as it writes it out, from the page cache or the file, not from this resident set
+        from optc.memory import hand_back_mapped
+        hand_back_mapped()
     t_plan = time.perf_counter()
     say(f"lowering with {be.name} for {tgt.device}")
     compiled = lower(program, tgt, pipeline=preport.pipeline, **backend_options)

@@ -124,7 +124,7 @@ def _storage_range(t) -> tuple[int, int] | None:
         try:
             s = t.untyped_storage()
             return (s.data_ptr(), s.data_ptr() + s.nbytes()) if s.nbytes() else None
-        except (RuntimeError, NotImplementedError):      # fake, meta or sparse tensors
+        except NotImplementedError:      # a sparse tensor has no storage (meta ones: pointer 0, in no file)
             return None
     if getattr(t, "__array_interface__", None) is not None and getattr(t, "nbytes", 0):
         import numpy as np

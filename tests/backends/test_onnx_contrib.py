@@ -143,15 +143,17 @@ def test_grouped_heads_with_a_dynamic_sequence_length():
             check_close(model(*inputs), compiled(*inputs), rtol=1e-5)
 
 
+class _Gqa(nn.Module):
+    def forward(self, q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+
+
 def test_enable_gqa_runs_group_query_attention():
-    class Gqa(nn.Module):
-        def forward(self, q, k, v):
-            return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
     q, k, v = torch.randn(1, 4, 5, 8), torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8)
-    compiled, report = optc.compile(Gqa(), (q, k, v), backend="onnx")
+    compiled, report = optc.compile(_Gqa(), (q, k, v), backend="onnx")
     assert _stage_record(report).stats == {"ort-group-query-attention": 1}
     assert _count(compiled, "GroupQueryAttention") == 1
-    check_close(Gqa()(q, k, v), compiled(q, k, v), rtol=1e-5)
+    check_close(_Gqa()(q, k, v), compiled(q, k, v), rtol=1e-5)
 
 
 def test_grouped_cross_attention_falls_back_to_multihead_attention_with_the_reason():
@@ -173,15 +175,12 @@ def test_grouped_cross_attention_falls_back_to_multihead_attention_with_the_reas
 
 def test_grouped_heads_of_a_size_not_a_multiple_of_8_run_multihead_attention():
     # ONNX Runtime's GroupQueryAttention fails at run time on them (found by optc fuzz's idioms)
-    class Gqa(nn.Module):
-        def forward(self, q, k, v):
-            return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
     q, k, v = torch.randn(1, 4, 5, 6), torch.randn(1, 2, 5, 6), torch.randn(1, 2, 5, 6)
-    compiled, report = optc.compile(Gqa(), (q, k, v), backend="onnx")
+    compiled, report = optc.compile(_Gqa(), (q, k, v), backend="onnx")
     rec = _stage_record(report)
     assert any(rule == "ort-group-query-attention" and "multiple of 8" in why for rule, _, why in rec.rejections)
     assert _count(compiled, "GroupQueryAttention") == 0
-    check_close(Gqa()(q, k, v), compiled(q, k, v), rtol=1e-5)
+    check_close(_Gqa()(q, k, v), compiled(q, k, v), rtol=1e-5)
 
 
 def test_gqa_reference_kernel_is_sdpa_on_repeated_heads():

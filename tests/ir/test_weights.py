@@ -191,6 +191,7 @@ def test_mapped_weight_pages_are_handed_back_and_read_again(tmp_path):
     anon = torch.randn(1024, 2048)
     with mapped_weights([path]):
         assert release_mapped([anon]) == 0                       # never memory that is not the file's
+        assert release_mapped([anon.to_sparse(), torch.empty(8, device="meta")]) == 0   # no storage / none real
         before = _mapped_rss_kib(path)
         assert release_mapped([a, b.numpy().T]) >= 2 * (8 * 1024 - 8) * 1024   # a transposed numpy view too
         assert _mapped_rss_kib(path) <= before - 2 * (8 * 1024 - 8)
