@@ -4,6 +4,7 @@
                                            [--seq 128] [--llama-layers 30] [--json OUT]
     python benchmarks/bench_ort_contrib.py --kernel [--seq 128 512] [--runs 30]
     python benchmarks/bench_ort_contrib.py --gqa-kernel [--seq 128 512] [--runs 30]
+    python benchmarks/bench_ort_contrib.py --rotary [--models llama_0_5b] [--runs 20] [--seq 128]
 
 One Program per model (capture + the default pipeline), lowered twice by the ONNX backend: its
 full stage, and the stage with ``ort-contrib-ops`` disabled (scaled_dot_product_attention left to
@@ -19,6 +20,10 @@ on the repeated heads, and GroupQueryAttention on the heads as they are.
 
 With a model whose attention the stage gives to ``GroupQueryAttention`` (Llama), a fourth
 candidate lowers the same Program with that rule off (MultiHeadAttention on the repeated heads).
+
+``--rotary``: the stage with its ``ort-rotary-embedding`` rule on and off
+(``ort-contrib-ops{rotary=true}`` / ``{rotary=false}``; everything else the same), the two sessions
+timed interleaved: the whole-model effect of ``RotaryEmbedding`` (``rotary on / off``).
 
 ``--kernel``: the attention alone, BERT-base's shape (batch 1, 12 heads of 64): the ONNX that
 torchlib writes for ``scaled_dot_product_attention`` between the heads' reshapes (Reshape,
@@ -46,11 +51,53 @@ from optc.tools.bench.candidates import _ort, max_rel_error  # noqa: E402
 from optc.tools.bench.timing import interleaved  # noqa: E402
 
 
-def _lower(program, disable=()):
+def _lower(program, disable=(), rotary=None):
+    """``program`` through the ONNX backend's stage and lowering; ``rotary`` True / False: the
+    stage's ort-contrib-ops with its rotary rule on / off (None: its default)."""
+    from optc.backends.stage import run_stage
     tgt, be = resolve("cpu", "onnx", {})
-    staged, report = run_backend_stage(program, be, tgt, disable=disable)
+    if rotary is None:
+        staged, report = run_backend_stage(program, be, tgt, disable=disable)
+    else:
+        passes = [f"ort-contrib-ops{{rotary={str(rotary).lower()}}}" if p == "ort-contrib-ops" else p
+                  for p in be.stage(program, tgt)]
+        staged, report = run_stage(program, passes, tgt, native_ops=be.native_ops(tgt), disable=disable)
     be.check_ops(staged, tgt)
     return be.lower(staged, tgt, threads=None), report
+
+
+def rotary_rule(names, seq: int, runs: int, warmup: int) -> list[dict]:
+    """The stage with its rotary rule on and off, the rest the same (module doc, ``--rotary``)."""
+    rows = []
+    print("| model | rotary on / off [95% CI] | ms: off, on | max rel err (off, on) | rotary rule |")
+    print("|---|---|---|---|---|")
+    for name in names:
+        torch.manual_seed(0)
+        model, inputs = real.MODELS[name](seq)
+        with torch.no_grad():
+            ref = model(*inputs)
+        program = optc.optimize(optc.capture(model, inputs))[0]
+        off, _ = _lower(program, rotary=False)
+        on, report = _lower(program, rotary=True)
+        rec = next(r for r in report.records if r.name.startswith("ort-contrib-ops"))
+        fired = rec.stats.get("ort-rotary-embedding", 0)
+        refused = sorted({why for rule, _, why in rec.rejections if rule == "ort-rotary-embedding"})
+        del program
+        gc.collect()
+        fns = {"off": lambda c=off: c(*inputs), "on": lambda c=on: c(*inputs)}
+        with torch.no_grad():
+            errs = {k: max_rel_error(f(), ref) for k, f in fns.items()}
+            t = interleaved(fns, runs=runs, warmup=warmup, pause_s=0.05)
+        r = paired_ratios(t["on"], t["off"])
+        med, ci = statistics.median(r), median_ci(r)
+        ms = {k: statistics.median(v) * 1e3 for k, v in t.items()}
+        print(f"| {name} | {med:.3f} [{ci[0]:.3f}, {ci[1]:.3f}] | {ms['off']:.1f}, {ms['on']:.1f} | "
+              f"{errs['off']:.1e}, {errs['on']:.1e} | {fired} lowered {refused} |", flush=True)
+        rows.append({"model": name, "seq": seq, "on_over_off": (med, ci), "median_ms": ms, "max_rel_err": errs,
+                     "lowered": fired, "refused": refused})
+        del model, on, off, fns
+        gc.collect()
+    return rows
 
 
 def _kernel_models(s: int, n: int = 12, h: int = 64):
@@ -207,13 +254,15 @@ def kernel_gqa(seqs, runs: int, threads: int) -> list[dict]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", nargs="+", default=list(real.MODELS), choices=list(real.MODELS))
+    ap.add_argument("--models", nargs="+", choices=list(real.MODELS),
+                    help="default: every model (with --rotary: llama_0_5b, the one with rotary embeddings)")
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seq", type=int, nargs="+", default=[128])
     ap.add_argument("--kernel", action="store_true", help="the attention kernel alone (see the module doc)")
     ap.add_argument("--gqa-kernel", action="store_true", help="grouped-query attention alone (see the module doc)")
+    ap.add_argument("--rotary", action="store_true", help="the stage with its rotary rule on and off (module doc)")
     ap.add_argument("--llama-layers", type=int, default=30)
     ap.add_argument("--json")
     args = ap.parse_args(argv)
@@ -228,11 +277,14 @@ def main(argv=None) -> int:
     if len(args.seq) != 1:
         ap.error("--seq takes one length for the models (several only with --kernel)")
     seq = args.seq[0]
+    if args.rotary:
+        real.finish(rotary_rule(args.models or ["llama_0_5b"], seq, args.runs, args.warmup), args.json)
+        return 0
     rows = []
     print("| model | contrib / without [95% CI] | contrib / ORT plain | without / ORT plain | ms: ORT plain, "
           "without, contrib | max rel err (without, contrib) | stage |")
     print("|---|---|---|---|---|---|---|")
-    for name in args.models:
+    for name in args.models or list(real.MODELS):
         torch.manual_seed(0)
         model, inputs = real.MODELS[name](seq)
         with torch.no_grad():

@@ -1,11 +1,12 @@
 """The ONNX backend's ort-contrib-ops stage: attention as ONNX Runtime's MultiHeadAttention and
-GroupQueryAttention kernels.
+GroupQueryAttention kernels, rotary embeddings as its RotaryEmbedding kernel.
 
-Each case compiles a module whose attention the default pipeline fuses to
-``scaled_dot_product_attention`` and checks the ONNX model ONNX Runtime receives: how many
-``com.microsoft.MultiHeadAttention`` nodes it has, that the result matches eager within float32
-rounding (also on inputs other than the example), and, where the kernel cannot take the
-attention, that the stage refused with the reason in its report.
+Each case compiles a module whose attention (or rotary embedding) the default pipeline fuses and
+checks the ONNX model ONNX Runtime receives: how many ``com.microsoft`` nodes of the kernel it
+has, that the result matches eager within float32 rounding (also on inputs other than the
+example), and, where the kernel cannot take the op, that the stage refused with the reason in its
+report. The rotary rule needs cos/sin proven to hold each angle twice: that proof is tested on its
+own too.
 """
 
 from __future__ import annotations
@@ -244,3 +245,216 @@ def test_saved_artifact_keeps_the_kernel(tmp_path):
     assert _count(loaded, "MultiHeadAttention") == 1
     with torch.no_grad():
         check_close(model(*inputs), loaded(*inputs), rtol=1e-5)
+
+
+# ---- ort-rotary-embedding ------------------------------------------------------------------------
+class Rope(nn.Module):
+    """A query projection rotated by angles computed from position ids as transformers computes
+    them (``form``): ``half`` -- Llama's ``cat((f, f))`` and ``rotate_half`` on ``[B, N, S, H]``;
+    ``interleaved`` -- GPT-J's ``repeat_interleave(2)`` and ``rotate_every_two`` on ``[B, S, N, H]``;
+    and lookalikes the kernel cannot take: ``different halves`` (``cat((f, 2 f))``), ``per head``
+    (angles scaled per head), ``table`` (a constant cos/sin table whose halves differ)."""
+
+    def __init__(self, form="half", d=32, heads=4):
+        super().__init__()
+        self.form, self.n, self.dh = form, heads, d // heads
+        self.q = nn.Linear(d, d)
+        self.register_buffer("inv_freq", 1.0 / 10000 ** (torch.arange(0, self.dh, 2).float() / self.dh))
+        f = torch.arange(16).float()[:, None] * self.inv_freq
+        self.register_buffer("cos_table", torch.cat((f, 2 * f), -1).cos())
+        self.register_buffer("sin_table", torch.cat((f, 2 * f), -1).sin())
+
+    def forward(self, x, pos):
+        b, s, _ = x.shape
+        f = pos[:, :, None].float() * self.inv_freq                     # [B, S, H/2]
+        q = self.q(x).view(b, s, self.n, self.dh)
+        if self.form == "interleaved":
+            cos, sin = (t.repeat_interleave(2, -1)[:, :, None] for t in (f.cos(), f.sin()))
+            rot = torch.stack((-q[..., 1::2], q[..., 0::2]), -1).flatten(-2)
+            return (q * cos + rot * sin).flatten(2)
+        if self.form == "table":
+            cos, sin = self.cos_table[None, None, :s], self.sin_table[None, None, :s]
+        else:
+            emb = torch.cat((f, 2 * f if self.form == "different halves" else f), -1)[:, None]
+            if self.form == "per head":
+                emb = emb * torch.arange(1, self.n + 1, dtype=emb.dtype)[None, :, None, None]
+            cos, sin = emb.cos() * 1.0, emb.sin() * 1.0                   # HF's attention_scaling
+        q = q.transpose(1, 2)
+        h = self.dh // 2
+        rot = torch.cat((-q[..., h:], q[..., :h]), -1)
+        return (q * cos + rot * sin).transpose(1, 2).flatten(2)
+
+
+def _rope_inputs(b=2, s=7, d=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    # every batch row its own positions
+    pos = torch.stack([torch.randperm(16, generator=g)[:s] for _ in range(b)])
+    return torch.randn(b, s, d, generator=g), pos
+
+
+def _attrs(compiled, op_type):
+    node = next(n for n in _proto(compiled).graph.node if n.op_type == op_type)
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
+@pytest.mark.parametrize("form", ["half", "interleaved"])
+def test_rotary_runs_as_rotary_embedding_with_positions_per_batch_row(form):
+    torch.manual_seed(0)
+    model = Rope(form).eval()
+    inputs = _rope_inputs()
+    compiled, report = optc.compile(model, inputs, backend="onnx")
+    rec = _stage_record(report)
+    assert rec.stats == {"ort-rotary-embedding": 1} and rec.rejections == []
+    assert _count(compiled, "RotaryEmbedding") == 1 and _count(compiled, "Neg") == 0
+    assert _attrs(compiled, "RotaryEmbedding")["interleaved"] == (form == "interleaved")
+    with torch.no_grad():
+        for seed in (0, 3):
+            inputs = _rope_inputs(seed=seed)
+            check_close(model(*inputs), compiled(*inputs), rtol=1e-5)
+
+
+def test_interleaved_rotary_with_a_dynamic_sequence_length():
+    # the angles' proof and the position ids with a symbolic length (GPT-J's form, [B, S, N*H])
+    torch.manual_seed(0)
+    model = Rope("interleaved").eval()
+    s = torch.export.Dim("s", min=2, max=16)
+    compiled, _ = optc.compile(model, _rope_inputs(), backend="onnx", dynamic_shapes=({1: s}, {1: s}))
+    assert _count(compiled, "RotaryEmbedding") == 1
+    with torch.no_grad():
+        for length in (3, 12):
+            inputs = _rope_inputs(s=length, seed=length)
+            check_close(model(*inputs), compiled(*inputs), rtol=1e-5)
+
+
+@pytest.mark.parametrize("form, why", [
+    ("different halves", "cos %cos is not proven to hold each angle twice: %cat (aten.cat) joins [%mul (aten.mul.Tensor), "
+                         "%mul_1 (aten.mul.Tensor)] along the last dim, not one tensor twice"),
+    ("table", "holds different halves"),
+    ("per head", "vary over the heads")])
+def test_rotary_lookalikes_stay_unlowered_with_the_reason(form, why):
+    torch.manual_seed(0)
+    model = Rope(form).eval()
+    inputs = _rope_inputs()
+    compiled, report = optc.compile(model, inputs, backend="onnx")
+    rec = _stage_record(report)
+    assert "ort-rotary-embedding" not in rec.stats
+    reasons = [r for rule, _, r in rec.rejections if rule == "ort-rotary-embedding"]
+    assert len(reasons) == 1 and why in reasons[0], rec.rejections
+    assert _count(compiled, "RotaryEmbedding") == 0
+    with torch.no_grad():
+        for seed in (0, 3):
+            inputs = _rope_inputs(seed=seed)
+            check_close(model(*inputs), compiled(*inputs), rtol=1e-5)
+
+
+def test_the_rotary_option_turns_the_rule_off():
+    # ort-contrib-ops{rotary=false}: what benchmarks/bench_ort_contrib.py --rotary compares against
+    from optc.backends.lowering import resolve
+    from optc.backends.stage import run_stage
+    torch.manual_seed(0)
+    program = optc.optimize(optc.capture(Rope().eval(), _rope_inputs()))[0]
+    tgt, be = resolve("cpu", "onnx", {})
+    for on in (True, False):
+        passes = [f"ort-contrib-ops{{rotary={str(on).lower()}}}" if p == "ort-contrib-ops" else p
+                  for p in be.stage(program, tgt)]
+        staged, report = run_stage(program, passes, tgt, native_ops=be.native_ops(tgt))
+        rec = next(r for r in report.records if r.name.startswith("ort-contrib-ops"))
+        assert rec.stats.get("ort-rotary-embedding", 0) == int(on)
+        assert sum(n.target is torch.ops.optc.ort_rotary_embedding.default for n in staged.graph.nodes) == int(on)
+
+
+class _Llama(nn.Module):
+    """HF's LlamaModel (small config, random weights) returning its hidden state; ``pos``, when
+    given, its position ids."""
+
+    def __init__(self):
+        super().__init__()
+        transformers = pytest.importorskip("transformers")
+        torch.manual_seed(0)
+        cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                       num_key_value_heads=2, intermediate_size=128, max_position_embeddings=64,
+                                       attn_implementation="eager")
+        self.model = transformers.LlamaModel(cfg).eval()
+
+    def forward(self, ids, *pos):
+        return self.model(input_ids=ids, position_ids=pos[0] if pos else None, use_cache=False).last_hidden_state
+
+
+@pytest.mark.parametrize("positions", [False, True], ids=["folded cos/sin", "position ids per batch row"])
+def test_llama_rotary_runs_as_rotary_embedding(positions, tmp_path):
+    """HF Llama: without position ids the pipeline folds cos/sin to constants (proven by value);
+    with them, batch 2 with different positions per row, the angles are computed in the graph
+    (``cat((freqs, freqs))``, ``cos``, the attention scaling, ``unsqueeze``: proven from it)."""
+    model = _Llama().eval()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 128, (2, 7), generator=g)
+    pos = torch.stack([torch.arange(7), torch.arange(20, 27)])
+    inputs = (ids, pos) if positions else (ids,)
+    compiled, report = optc.compile(model, inputs, backend="onnx")
+    rec = _stage_record(report)
+    assert rec.stats == {"ort-rotary-embedding": 4, "ort-group-query-attention": 2} and rec.rejections == []
+    compiled.save(str(tmp_path / "m"))
+    loaded = optc.load(str(tmp_path / "m"))
+    assert _count(loaded, "RotaryEmbedding") == 4 and _count(loaded, "Neg") == 0
+    with torch.no_grad():
+        check_close(model(*inputs), loaded(*inputs), rtol=1e-5)
+        if positions:
+            other = (ids, torch.tensor([[5, 3, 0, 40, 2, 9, 9], [63, 1, 2, 3, 4, 5, 6]]))
+            check_close(model(*other), loaded(*other), rtol=1e-5)
+
+
+def test_rotary_reference_kernel_is_the_rotary_embedding():
+    """optc::ort_rotary_embedding's own kernel (what the stage's program computes) against
+    optc::rotary_embedding, on [B, N, S, H] and [B, S, N*H], caches indexed by position ids."""
+    g = torch.Generator().manual_seed(0)
+    b, n, s, h = 2, 3, 5, 8
+    cache = torch.randn(20, h // 2, generator=g)
+    cos_cache, sin_cache = cache.cos(), cache.sin()
+    pos = torch.randint(0, 20, (b, s), generator=g)
+    x = torch.randn(b, n, s, h, generator=g)
+    for interleaved in (False, True):
+        def full(c):
+            c = c[pos]
+            return (c.repeat_interleave(2, -1) if interleaved else torch.cat((c, c), -1))[:, None]
+        want = torch.ops.optc.rotary_embedding(x, full(cos_cache), full(sin_cache), interleaved)
+        got = torch.ops.optc.ort_rotary_embedding(x, pos, cos_cache, sin_cache, interleaved, 0)
+        torch.testing.assert_close(got, want)
+        got = torch.ops.optc.ort_rotary_embedding(x.transpose(1, 2).flatten(2), pos, cos_cache, sin_cache,
+                                                  interleaved, n)
+        torch.testing.assert_close(got, want.transpose(1, 2).flatten(2))
+
+
+class _Angles(nn.Module):
+    """cos/sin-like operands (``f`` ``[S, H/2]``, an input: nothing is known of its values)."""
+
+    def __init__(self, form):
+        super().__init__()
+        self.form = form
+        self.w = nn.Parameter(torch.randn(8))
+
+    def forward(self, f):
+        twice = torch.cat((f, f), -1)                                       # [S, H]
+        forms = {"scaled": lambda: (twice.cos() * 0.5 / twice.sum(-1, keepdim=True))[None, None],
+                 "repeat_interleave": lambda: f.sin().repeat_interleave(2, -1).to(torch.float32),
+                 "cat of different": lambda: torch.cat((f, 2 * f), -1),
+                 "cat along rows": lambda: torch.cat((f, f), 0),
+                 "transposed": lambda: twice.transpose(0, 1),                  # S == H: same width
+                 "times a weight": lambda: twice * self.w}
+        return forms[self.form]()
+
+
+@pytest.mark.parametrize("form, interleaved, why", [
+    ("scaled", False, None),
+    ("repeat_interleave", True, None),
+    ("repeat_interleave", False, "%repeat_interleave (aten.repeat_interleave.self_int) is not a step the proof knows"),
+    ("scaled", True, "%cat (aten.cat) joins [%f (placeholder), %f (placeholder)] along the last dim"),
+    ("cat of different", False, "joins [%f (placeholder), %mul (aten.mul.Tensor)] along the last dim"),
+    ("cat along rows", False, "%f (placeholder) is an input"),
+    ("transposed", False, "%transpose (aten.transpose.int) acts on the last dim"),
+    ("times a weight", False, "holds different halves")])
+def test_the_proof_that_cos_sin_hold_each_angle_twice(form, interleaved, why):
+    from optc.backends.onnx_contrib import holds_each_angle_twice
+    program = optc.capture(_Angles(form), (torch.randn(8, 4),))       # S = 8, H = 8
+    out = next(n for n in program.graph.nodes if n.op == "output").args[0][0]
+    got = holds_each_angle_twice(out, interleaved)
+    assert got is None if why is None else (got is not None and why in got), got
