@@ -165,3 +165,37 @@ def test_linear_weights_are_not_copied(tmp_path, dynamic):
     loaded = optc.load(tmp_path / "m")
     with torch.no_grad():
         check_close(model(x), loaded(x), rtol=1e-5)
+
+
+class _ParallelProjections(torch.nn.Module):
+    """q/k/v and gate/up projections of one input each (what merge-parallel-linear would concatenate)."""
+
+    def __init__(self, d=32):
+        super().__init__()
+        self.q, self.k, self.v = (torch.nn.Linear(d, d) for _ in range(3))
+        self.gate, self.up = torch.nn.Linear(d, 2 * d, bias=False), torch.nn.Linear(d, 2 * d, bias=False)
+        self.down = torch.nn.Linear(2 * d, d, bias=False)
+
+    def forward(self, x):
+        a = torch.softmax(self.q(x) @ self.k(x).transpose(-1, -2), -1) @ self.v(x)
+        return self.down(torch.nn.functional.silu(self.gate(a)) * self.up(a))
+
+
+def test_default_pipeline_holds_no_second_copy_of_parallel_projections():
+    """torchscript:cpu's default pipeline leaves merge-parallel-linear out (no faster there,
+    docs/benchmarks.md): every weight of the running graph is the user's own storage."""
+    torch.manual_seed(0)
+    model = _ParallelProjections().eval()
+    x = torch.randn(2, 5, 32)
+    compiled, report = optc.compile(model, (x,), backend="torchscript")
+    assert "merge-parallel-linear" not in [r.name for r in report.pipeline.records]
+    storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    consts = [t for t in _tensor_constants(compiled.module.graph) if t.dim() == 2]
+    assert len(consts) == 6 and all(t.untyped_storage().data_ptr() in storages for t in consts)
+    with torch.no_grad():
+        check_close(model(x), compiled(x), rtol=1e-5)
+    # the pass is still there for whoever asks for it
+    merged, report = optc.compile(model, (x,), backend="torchscript", pipeline="default,merge-parallel-linear")
+    assert report.pipeline.stats("merge-parallel-linear")["merged_linears"] == 5
+    with torch.no_grad():
+        check_close(model(x), merged(x), rtol=1e-5)

@@ -42,7 +42,7 @@ def test_precision_and_pipeline_are_exclusive(tmp_path, capsys):
     assert "give --precision or --pipeline, not both" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("precision,pass_name", [("int8", "insert-qdq"), ("fp32", "merge-parallel-linear")])
+@pytest.mark.parametrize("precision,pass_name", [("int8", "insert-qdq"), ("fp32", "fuse-attention")])
 def test_a_fixed_precision_is_its_pipeline(precision, pass_name, tmp_path, capsys):
     rc = main(["compile", "zoo:mlp", "--tiny", "--backend", "torchscript", "--precision", precision,
                "--out", str(tmp_path / "x"), "--runs", "0"])
