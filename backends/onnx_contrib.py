@@ -24,10 +24,12 @@ CPU showed the kernel faster than the standard ONNX ops ONNX Runtime runs otherw
     differ or are not a multiple of 8 (the CPU kernel fails at run time on those), the same
     conditions as above otherwise.
 
-Both take float masks only: a boolean mask is refused (a fully masked row is NaN in ONNX
-Runtime's kernels and zeros in torch's SDPA, so converting it to ``-inf`` would not be exact).
-An additive mask that is ``-inf`` on a whole row has the same difference; HF's masks use the
-dtype's minimum, which is finite.
+Both take float masks only. A boolean mask reaches them as a float bias: the ONNX backend's
+legalization ``sdpa-masked-rows-as-zeros`` (``backends/legalize/onnx.py``, run before this
+stage) writes it as ``(not M) * finfo.min`` and sets to zeros the rows it masks out entirely, as
+torch's SDPA computes them (ONNX Runtime's kernels give such a row NaN or the values' mean). An
+additive mask that is ``-inf`` on a whole row keeps that difference; HF's masks use the dtype's
+minimum, which is finite.
 
 ``ort-rotary-embedding`` (option ``rotary``, on by default)
     a rotary embedding ``x * cos + rotate(x) * sin`` (``fuse-rotary``'s ``optc::rotary_embedding``,

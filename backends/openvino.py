@@ -133,11 +133,12 @@ class OpenVINOBackend(Backend):
 
     def stage(self, program: Program, target: Target) -> list[str]:
         """Decompositions, then every ``optc::`` op as ATen (Q/DQ ops too: the ``onnx`` route
-        translates what is left of them itself), then the exporter's legalizations (both routes go
-        through ``torch.export``; the ``onnx`` route through the ONNX exporter too)."""
+        translates what is left of them itself), then the legalizations: the ONNX exporter's for a
+        quantized program (the ``onnx`` route goes through it), OpenVINO's own otherwise."""
         from optc.ir.quant_ops import is_quant_op
         quantized = any(n.op == "call_function" and is_quant_op(n.target) for n in program.graph.nodes)
-        return ["decompose{backend=onnx}", "lower-optc-ops", *(["legalize{backend=onnx}"] if quantized else [])]
+        return ["decompose{backend=onnx}", "lower-optc-ops",
+                "legalize{backend=onnx}" if quantized else "legalize{backend=openvino}"]
 
     def native_ops(self, target: Target) -> frozenset:
         # the onnx route keeps the ops it has ONNX translations for (Q/DQ); the export route none

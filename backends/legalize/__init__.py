@@ -26,7 +26,7 @@ from optc.ir.rewrite import apply_rules
 from optc.passes.base import Option, PassContext, PassResult, register_pass
 
 ALL_RULES: tuple[type[Legalization], ...] = _torchscript.RULES + _onnx.RULES + _tvm.RULES + _shared.RULES
-BACKENDS = ("torchscript", "onnx", "tvm")
+BACKENDS = ("torchscript", "onnx", "tvm", "openvino")
 
 
 def rules_for(backend: str) -> tuple[type[Legalization], ...]:

@@ -6,6 +6,8 @@ rule                               the bug it avoids
 ceil-pool-as-floor                 onnx shape inference counts one ceil-mode window too many where
                                    torch drops a last window that would start in the right padding
 sdpa-as-4d                         torchlib's SDPA translation takes only 4-d operands
+sdpa-masked-rows-as-zeros          a query row whose keys a boolean mask all masks out is zeros
+                                   in torch's SDPA, the values' mean once exported (OpenVINO: NaN)
 near-identity-scalar-as-tensor     the exporter's optimizer deletes ``x + 1e-12`` and ``x * 1.000001``
 (shared) adaptive-max-pool-as-...  no translation of adaptive max pooling
 =================================  ============================================================
@@ -111,6 +113,51 @@ class SdpaAs4d(Legalization):
         self.replace(node, self.emit(node, aten.squeeze.dim, (out, 1)))
 
 
+class SdpaMaskedRowsAsZeros(Legalization):
+    """``scaled_dot_product_attention`` with a boolean mask -> the same attention with an
+    additive float mask, and the rows whose keys are all masked out set to zeros:
+    ``where(any(M, -1), sdpa(q, k, v, (not M) * finfo.min), 0)``. torch's SDPA gives such a row
+    zeros (a padded query position: HF's ``sdpa`` attention on a left-padded batch); the
+    exporter's translation gives the mean of the values there, and OpenVINO's NaN -- which the
+    next layer's attention spreads over the whole sequence. Every other row is exact: a masked
+    score plus the dtype's minimum underflows to a zero probability, as torch's ``-inf`` does.
+    The float mask is also what ONNX Runtime's fused attention kernels take (``ort-contrib-ops``
+    refuses boolean masks). A float mask is left as it is: HF's masks hold the dtype's minimum,
+    never ``-inf``, and torch gives such a row the mean of the values too; a hand-written
+    ``-inf`` row stays a difference (NaN on ONNX Runtime), which the compile check reports when
+    the example inputs hold one."""
+
+    name = "sdpa-masked-rows-as-zeros"
+    backends = ("onnx", "openvino")
+    targets = (aten.scaled_dot_product_attention.default,)
+
+    def check(self, node):
+        mask = arg(node, 3, "attn_mask")
+        mv = val(mask)
+        if mask is None or not isinstance(mv, torch.Tensor) or mv.dtype != torch.bool:
+            return None
+        if arg(node, 4, "dropout_p", 0.0) or arg(node, 5, "is_causal", False):
+            return None                   # torch refuses a mask with is_causal; dropout: training
+        out = val(node)
+        if not isinstance(out, torch.Tensor) or not out.is_floating_point():
+            return MatchResult.fail("an attention output that is not floating point")
+        return MatchResult.success(mask=mask, dtype=out.dtype)
+
+    def apply(self, node, m):
+        mask = m["mask"]
+        masked = self.emit(node, aten.logical_not.default, (mask,))
+        bias = self.emit(node, aten._to_copy.default, (masked,), {"dtype": m["dtype"]})
+        bias = self.emit(node, aten.mul.Tensor, (bias, torch.finfo(m["dtype"]).min))
+        rows = self.emit(node, aten.any.dim, (mask, -1, True))
+        args, kwargs = list(node.args), dict(node.kwargs)
+        if len(args) > 3:
+            args[3] = bias
+        else:
+            kwargs["attn_mask"] = bias
+        out = self.emit(node, aten.scaled_dot_product_attention.default, tuple(args), kwargs)
+        self.replace(node, self.emit(node, aten.where.ScalarOther, (rows, out, 0.0)))
+
+
 _SCALAR_OPS = {aten.add.Tensor: "add", aten.sub.Tensor: "add", aten.mul.Tensor: "mul", aten.div.Tensor: "mul",
                aten.add.Scalar: "add", aten.sub.Scalar: "add", aten.mul.Scalar: "mul", aten.div.Scalar: "mul"}
 _TENSOR_OPS = {aten.add.Scalar: aten.add.Tensor, aten.sub.Scalar: aten.sub.Tensor,
@@ -145,4 +192,4 @@ class NearIdentityScalarAsTensor(Legalization):
         self.replace(node, self.emit(node, _TENSOR_OPS.get(node.target, node.target), (m["x"], const)))
 
 
-RULES = (CeilPoolAsFloor, SdpaAs4d, NearIdentityScalarAsTensor)
+RULES = (CeilPoolAsFloor, SdpaAs4d, SdpaMaskedRowsAsZeros, NearIdentityScalarAsTensor)

@@ -197,17 +197,22 @@ def test_gqa_reference_kernel_is_sdpa_on_repeated_heads():
     torch.testing.assert_close(got, want)
 
 
-def test_boolean_mask_is_refused_with_the_reason():
+def test_boolean_mask_reaches_the_kernel_as_a_float_bias():
+    """The ONNX legalization writes a boolean mask as a float bias and zeros the rows it masks out
+    entirely (torch's SDPA does; ONNX Runtime's kernel would average the values there), so
+    MultiHeadAttention takes it: here a whole batch row is padding."""
     torch.manual_seed(0)
     model = Attn(mask="bool_sdpa").eval()
-    inputs = _inputs()
-    compiled, report = optc.compile(model, inputs, backend="onnx")
-    rec = _stage_record(report)
-    assert "ort-multihead-attention" not in rec.stats
-    assert any(rule == "ort-multihead-attention" and "boolean mask" in why for rule, _, why in rec.rejections)
-    assert _count(compiled, "MultiHeadAttention") == 0
+    x, pad = _inputs()
+    pad[1] = 0.0
+    compiled, report = optc.compile(model, (x, pad), backend="onnx")
+    assert report.backend_stage.stats("legalize") == {"sdpa-masked-rows-as-zeros": 1}
+    assert _stage_record(report).stats == {"ort-multihead-attention": 1}
+    assert _count(compiled, "MultiHeadAttention") == 1
     with torch.no_grad():
-        check_close(model(*inputs), compiled(*inputs), rtol=1e-5)
+        ref = model(x, pad)
+        check_close(ref, compiled(x, pad), rtol=1e-5)
+    assert torch.allclose(ref[1], model.o.bias.expand_as(ref[1]))       # the masked row: zeros through o
 
 
 def test_cross_attention_with_causal_and_different_lengths_is_refused():

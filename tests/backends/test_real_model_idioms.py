@@ -271,3 +271,64 @@ def test_stable_sort_of_floats_is_refused_by_name():
 
     with pytest.raises(optc.LoweringError, match=r"aten::sort\.stable.*test_real_model_idioms.py:\d+"):
         optc.compile(FloatSort(), (torch.randn(6),), backend="onnx")
+
+
+class PaddedBooleanMaskAttention(nn.Module):
+    """HF's ``sdpa`` attention on a left-padded batch: a boolean causal-and-padding mask, so the
+    query rows of padding positions have every key masked out. torch gives those rows zeros;
+    exported, they were the values' mean (ONNX) or NaN (OpenVINO), and the next attention spread
+    the NaN over the whole sequence."""
+
+    def __init__(self, d=32, heads=4):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(d, 3 * d)
+        self.out = nn.Linear(d, d)
+
+    def attend(self, x, mask):
+        b, s, d = x.shape
+        q, k, v = self.qkv(x).view(b, s, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        a = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return x + self.out(a.transpose(1, 2).reshape(b, s, d))
+
+    def forward(self, x, pad):
+        s = x.shape[1]
+        pos = torch.arange(s, device=x.device)
+        causal = pos[None, :] <= pos[:, None]                         # [S, S]
+        mask = causal[None, None] & pad[:, None, None, :].bool()      # [B, 1, S, S]
+        return self.attend(self.attend(x, mask), mask)
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["openvino"])
+def test_boolean_mask_with_fully_masked_rows(backend):
+    if backend == "openvino":
+        pytest.importorskip("openvino")
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 32)
+    pad = torch.ones(2, 6, dtype=torch.long)
+    pad[1, :2] = 0                                   # batch row 1: two padding positions on the left
+    model = PaddedBooleanMaskAttention().eval()
+    with torch.no_grad():
+        assert torch.equal(model.attend(x, torch.zeros(2, 1, 6, 6, dtype=torch.bool))[0], x[0] + model.out.bias)
+    compiled, report = _compile_and_compare(model, (x, pad), backend)
+    fired = report.backend_stage.stats("legalize").get("sdpa-masked-rows-as-zeros", 0)
+    assert fired == (2 if backend in ("onnx", "openvino") else 0)
+    if backend == "onnx":
+        # the float bias is what ONNX Runtime's attention kernel takes
+        assert report.backend_stage.stats("ort-contrib-ops").get("ort-multihead-attention") == 2
+
+
+def test_a_float_mask_is_left_as_it_is():
+    """HF's eager masks are float (the dtype's minimum, never -inf): not rewritten."""
+    class FloatMask(PaddedBooleanMaskAttention):
+        def forward(self, x, pad):
+            s = x.shape[1]
+            pos = torch.arange(s)
+            keep = (pos[None, :] <= pos[:, None])[None, None] & pad[:, None, None, :].bool()
+            mask = torch.zeros(keep.shape).masked_fill(~keep, torch.finfo(torch.float32).min)
+            return self.attend(self.attend(x, mask), mask)
+    torch.manual_seed(0)
+    x, pad = torch.randn(2, 6, 32), torch.ones(2, 6, dtype=torch.long)
+    pad[1, :2] = 0
+    _, report = _compile_and_compare(FloatMask().eval(), (x, pad), "onnx")
+    assert report.backend_stage.stats("legalize").get("sdpa-masked-rows-as-zeros", 0) == 0
