@@ -15,6 +15,10 @@ index-put-full-indices         IndexPut wants one index per dim, adds duplicates
 cumsum-int64                   a bool/int32 ``cumsum`` keeps its dtype (LLVM aborts on bool)
 amax-as-max-dim                no ``amax``/``amin`` translation
 var-mean-as-two                no ``var_mean`` translation
+sdpa-view-as-reshape           a ``view`` that relies on the memory layout of torch's CPU SDPA
+                               kernel (``[B, S, N, H]``): the importer decomposes SDPA into
+                               ops whose output is ``[B, N, S, H]``, and the ``view`` of its
+                               transpose fails ("Cannot view a tensor ...")
 (shared) add-alpha-as-mul      ``alpha`` of ``add``/``sub`` dropped (silent)
 (shared) adaptive-max-pool...  no adaptive max pooling translation
 =============================  ====================================================================
@@ -350,5 +354,37 @@ class VarMeanAsTwo(Legalization):
         self.gm.graph.erase_node(node)
 
 
+_LAYOUT_CARRIERS = (aten.view.default, aten._unsafe_view.default, aten.transpose.int, aten.permute.default,
+                    aten.reshape.default, aten.alias.default)
+
+
+class SdpaViewAsReshape(Legalization):
+    """``aten.view`` of (a transpose or view of) ``scaled_dot_product_attention``'s output ->
+    ``aten.reshape``. torch.export records HF's ``attn.transpose(1, 2).contiguous().reshape(B, S,
+    -1)`` as plain views when the CPU kernel's output is laid out ``[B, S, N, H]`` in memory (its
+    ``.contiguous()`` is then a no-op and vanishes); ``from_exported_program`` decomposes SDPA
+    into matmuls and a softmax whose output is ``[B, N, S, H]``, and retracing the ``view`` fails.
+    ``reshape`` computes the same values whatever the layout (HF GPT-2 with ``sdpa`` attention)."""
+
+    name = "sdpa-view-as-reshape"
+    backends = ("tvm",)
+    targets = (aten.view.default,)
+
+    def check(self, node):
+        x = node.args[0]
+        for _ in range(8):
+            if not isinstance(x, torch.fx.Node) or x.op != "call_function":
+                return None
+            if x.target is aten.scaled_dot_product_attention.default:
+                return MatchResult.success()
+            if x.target not in _LAYOUT_CARRIERS:
+                return None
+            x = x.args[0]
+        return None
+
+    def apply(self, node, m):
+        self.replace(node, self.emit(node, aten.reshape.default, node.args, node.kwargs))
+
+
 RULES = (CatDropEmpty, IntDivScalarAsTensor, IndexWrapNegative, IndexAddAsOneHotMatmul, IndexPutFullIndices, CumsumInt64,
-         AmaxAsMaxDim, VarMeanAsTwo)
+         AmaxAsMaxDim, VarMeanAsTwo, SdpaViewAsReshape)

@@ -332,3 +332,31 @@ def test_a_float_mask_is_left_as_it_is():
     pad[1, :2] = 0
     _, report = _compile_and_compare(FloatMask().eval(), (x, pad), "onnx")
     assert report.backend_stage.stats("legalize").get("sdpa-masked-rows-as-zeros", 0) == 0
+
+
+class SdpaOutputViewed(nn.Module):
+    """HF GPT-2's ``sdpa`` attention: ``attn.transpose(1, 2).contiguous().reshape(B, S, -1)``, then
+    Conv1D's ``x.view(-1, x.size(-1))``. torch's CPU SDPA kernel lays its output out ``[B, S, N, H]``
+    in memory, so torch.export records only views; TVM's importer decomposes SDPA into ops laid
+    out ``[B, N, S, H]`` and the view failed ("Cannot view a tensor ...")."""
+
+    def __init__(self, d=32, heads=4):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Parameter(torch.randn(d, d) / d ** 0.5)
+
+    def forward(self, x):
+        b, s, d = x.shape
+        q, k, v = self.qkv(x).view(b, s, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        a = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        a = a.transpose(1, 2).contiguous().reshape(b, s, -1)
+        return (a.view(-1, d) @ self.proj).view(b, s, d)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_view_of_the_sdpa_output_layout(backend):
+    torch.manual_seed(0)
+    _, report = _compile_and_compare(SdpaOutputViewed().eval(), (torch.randn(2, 6, 32),), backend)
+    if backend == "tvm":
+        assert report.backend_stage.stats("legalize").get("sdpa-view-as-reshape", 0) >= 1
