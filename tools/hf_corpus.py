@@ -84,6 +84,10 @@ def is_available() -> bool:
         return False
 
 
+# transformers' attn_implementation the builders use (build(name, attention=...) sets it)
+_ATTENTION = ["eager"]
+
+
 def _ids(batch: int = 1, seq: int = SEQ, vocab: int = VOCAB, seed: int = 0) -> torch.Tensor:
     return torch.randint(4, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
 
@@ -123,7 +127,7 @@ def _text(model_cls: str, config_cls: str, *, call: dict | None = None, **config
     def make():
         T = _transformers()
         torch.manual_seed(0)
-        cfg = getattr(T, config_cls)(**{"vocab_size": VOCAB, "attn_implementation": "eager", **config})
+        cfg = getattr(T, config_cls)(**{"vocab_size": VOCAB, "attn_implementation": _ATTENTION[0], **config})
         model = getattr(T, model_cls)(cfg)
         return _finish(model, _Out(model, **(call or {})), (_ids(),))
     return make
@@ -137,7 +141,7 @@ def _encdec(model_cls: str, config_cls: str, **config: Any) -> Callable:
     def make():
         T = _transformers()
         torch.manual_seed(0)
-        cfg = getattr(T, config_cls)(**{"vocab_size": VOCAB, "attn_implementation": "eager", "pad_token_id": 0,
+        cfg = getattr(T, config_cls)(**{"vocab_size": VOCAB, "attn_implementation": _ATTENTION[0], "pad_token_id": 0,
                                         "bos_token_id": 1, "eos_token_id": 2, "decoder_start_token_id": 2, **config})
         model = getattr(T, model_cls)(cfg)
         return _finish(model, _EncDec(model), (_ids(), _ids(seq=8, seed=1)))
@@ -150,7 +154,7 @@ def _vision(model_cls: str, config_cls: str, size: int = 32, **config: Any) -> C
         torch.manual_seed(0)
         cfg = getattr(T, config_cls)(**config)
         if hasattr(cfg, "_attn_implementation") and "attn_implementation" not in config:
-            cfg._attn_implementation = "eager"
+            cfg._attn_implementation = _ATTENTION[0]
         model = getattr(T, model_cls)(cfg)
         return _finish(model, _Out(model), (_pixels(size, config.get("num_channels", 3)),))
     return make
@@ -163,7 +167,7 @@ def _whisper():
                           encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=128,
                           decoder_ffn_dim=128, max_source_positions=16, max_target_positions=32,
                           pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=2,
-                          attn_implementation="eager")
+                          attn_implementation=_ATTENTION[0])
     model = T.WhisperModel(cfg)
     feats = torch.randn(1, 16, 32, generator=torch.Generator().manual_seed(0))
     return _finish(model, _EncDec(model, first="input_features"), (feats, _ids(seq=8, seed=1)))
@@ -174,7 +178,7 @@ def _wav2vec2():
     torch.manual_seed(0)
     cfg = T.Wav2Vec2Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
                            conv_dim=(32, 32), conv_stride=(5, 2), conv_kernel=(10, 3), num_conv_pos_embeddings=16,
-                           num_conv_pos_embedding_groups=4, attn_implementation="eager")
+                           num_conv_pos_embedding_groups=4, attn_implementation=_ATTENTION[0])
     model = T.Wav2Vec2Model(cfg)
     audio = torch.randn(1, 400, generator=torch.Generator().manual_seed(0))
     return _finish(model, _Out(model), (audio,))
@@ -184,7 +188,7 @@ def _clip_text():
     T = _transformers()
     torch.manual_seed(0)
     cfg = T.CLIPTextConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                           intermediate_size=128, max_position_embeddings=32, attn_implementation="eager")
+                           intermediate_size=128, max_position_embeddings=32, attn_implementation=_ATTENTION[0])
     model = T.CLIPTextModel(cfg)
     return _finish(model, _Out(model), (_ids(),))
 
@@ -326,7 +330,7 @@ def llama_decode(past: int = 7) -> tuple[nn.Module, tuple, tuple]:
     that HF's cache code makes over a named range)."""
     T = _transformers()
     torch.manual_seed(0)
-    cfg = T.LlamaConfig(**{"vocab_size": VOCAB, "attn_implementation": "eager", **_TEXT, **_LLAMA})
+    cfg = T.LlamaConfig(**{"vocab_size": VOCAB, "attn_implementation": _ATTENTION[0], **_TEXT, **_LLAMA})
     model = T.LlamaModel(cfg)
     realistic_norms(model)
     step = LlamaDecodeStep(model.eval()).eval()
@@ -342,12 +346,20 @@ def names(kind: str | None = None) -> list[str]:
     return [n for n, e in ENTRIES.items() if kind is None or e.kind == kind]
 
 
-def build(name: str) -> tuple[nn.Module, tuple]:
-    """``(model, example_inputs)`` of corpus entry ``name``."""
+def build(name: str, attention: str = "eager") -> tuple[nn.Module, tuple]:
+    """``(model, example_inputs)`` of corpus entry ``name``. ``attention``: transformers'
+    ``attn_implementation`` -- ``"eager"`` (the attention written out, what the fusions are
+    tested on) or ``"sdpa"`` (transformers' default: ``scaled_dot_product_attention`` calls)."""
+    from optc.errors import OptcError
     if name not in ENTRIES:
-        from optc.errors import OptcError
         raise OptcError(f"unknown HF corpus entry '{name}' (valid: {', '.join(ENTRIES)})")
-    return ENTRIES[name].make()
+    if attention not in ("eager", "sdpa"):
+        raise OptcError(f"attention must be 'eager' or 'sdpa', got {attention!r}")
+    _ATTENTION[0] = attention
+    try:
+        return ENTRIES[name].make()
+    finally:
+        _ATTENTION[0] = "eager"
 
 
 def __getattr__(name: str):
