@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import tempfile
 import warnings
@@ -121,6 +122,33 @@ def _default_threads() -> int:
         return os.cpu_count() or 1
 
 
+_UNCONVERTED = re.compile(r"No conversion rule found for operations: ([^\n]+)")
+
+
+def _unconverted_ops(exc: BaseException) -> list[str]:
+    """The ops OpenVINO's frontend names in its conversion summary (``aten.histc.default``, or
+    ONNX op types on the onnx route), or ``[]``."""
+    m = _UNCONVERTED.search(str(exc))
+    return [op.strip() for op in m.group(1).split(",") if op.strip()] if m else []
+
+
+def _unconverted_error(ops: list[str], program: Program, route: str) -> LoweringError:
+    """A LoweringError naming the ops OpenVINO cannot convert, and the first node of the program
+    that calls one of them (its op, name and the user's source line)."""
+    from optc.backends.base import op_name
+    from optc.ir.source import node_source
+    wanted = {op.removeprefix("aten.").split(".")[0] for op in ops}
+    node = next((n for n in program.graph.nodes if n.op == "call_function"
+                 and getattr(n.target, "_opname", None) in wanted), None)
+    msg = (f"OpenVINO ({route} route) has no conversion for {', '.join(ops)}"
+           + ("" if node is not None else " (an op torch.export's decompositions made; the program's own ops are "
+                                          "all convertible)"))
+    if node is None:
+        return LoweringError(msg, backend="openvino")
+    return LoweringError(msg, backend="openvino", op=op_name(node.target), node=node.name,
+                         source=node_source(node))
+
+
 class OpenVINOBackend(Backend):
     name = "openvino"
     packages = (("openvino", "openvino"),)
@@ -137,7 +165,7 @@ class OpenVINOBackend(Backend):
         quantized program (the ``onnx`` route goes through it), OpenVINO's own otherwise."""
         from optc.ir.quant_ops import is_quant_op
         quantized = any(n.op == "call_function" and is_quant_op(n.target) for n in program.graph.nodes)
-        return ["decompose{backend=onnx}", "lower-optc-ops",
+        return ["decompose{backend=openvino}", "lower-optc-ops",
                 "legalize{backend=onnx}" if quantized else "legalize{backend=openvino}"]
 
     def native_ops(self, target: Target) -> frozenset:
@@ -179,10 +207,16 @@ class OpenVINOBackend(Backend):
         ep = export_program(program)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            if route == "export":
-                ov_model = ov.convert_model(ep)
-            else:
-                ov_model, workdir = self._via_onnx(ep, signature)
+            try:
+                if route == "export":
+                    ov_model = ov.convert_model(ep)
+                else:
+                    ov_model, workdir = self._via_onnx(ep, signature)
+            except Exception as e:  # noqa: BLE001 - OpenVINO raises its own OpConversionFailure (a RuntimeError)
+                unconverted = _unconverted_ops(e)
+                if not unconverted:
+                    raise
+                raise _unconverted_error(unconverted, program, route) from e
         options = {"threads": threads, "route": route, "precision": precision}
         try:
             model = OpenVINOModel(ov_model, signature, target, threads=threads, precision=precision,

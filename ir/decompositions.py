@@ -24,6 +24,11 @@ op                                 written as
 ``aten.sort.stable``                a 1-d integer or bool input (transformers' MoE sorts expert ids
                                    with ``stable=True``): ranks by counting pairwise comparisons,
                                    exact, O(n^2); floats (NaN order) and longer inputs are refused.
+``aten.empty_like``                ``zeros_like`` (OpenVINO only: its PyTorch frontend has no
+                                   ``empty_permuted``, which ``empty_like`` becomes). An empty
+                                   tensor's values are unspecified, zeros are one choice of them;
+                                   transformers' MoE routing writes every element after
+                                   (``inv[perm] = arange``).
 =================================  ==============================================================
 
 Each entry also states which backends lack the op (``needed_by``): the backend stage decomposes
@@ -58,7 +63,7 @@ class Decomposition:
 _TABLE: dict[str, Decomposition] = {}
 
 
-def register_decomposition(qualname: str, *, needed_by=("torchscript", "onnx", "tvm"),
+def register_decomposition(qualname: str, *, needed_by=("torchscript", "onnx", "tvm", "openvino"),
                            check: Callable[[fx.Node], "str | None"] | None = None):
     """Decorator: ``fn(builder, *args, **kwargs)`` decomposes calls of ``qualname`` (``builder.node``
     is the node, ``builder.call(op, ...)`` emits an op with no proxy argument)."""
@@ -192,7 +197,7 @@ def _histc_check(node: fx.Node) -> str | None:
     return None
 
 
-@register_decomposition("aten::histc", needed_by=("tvm",), check=_histc_check)
+@register_decomposition("aten::histc", needed_by=("tvm", "openvino"), check=_histc_check)
 def _histc(b, x, *_args, **_kwargs):
     bins, lo, hi = _histc_args(b.node)
     xv = _val(b.node, 0)
@@ -230,7 +235,7 @@ def _stable_sort_check(node: fx.Node) -> str | None:
     return None
 
 
-@register_decomposition("aten::sort.stable", needed_by=("onnx", "tvm"), check=_stable_sort_check)
+@register_decomposition("aten::sort.stable", needed_by=("onnx", "tvm", "openvino"), check=_stable_sort_check)
 def _stable_sort(b, x, *_args, **_kwargs):
     """Stable sort of a 1-d integer tensor (transformers' MoE sorts expert ids, ``sort(stable=True)``)
     by counting: the rank of ``x_i`` is the number of ``x_j`` before it in the order (``x_j < x_i``,
@@ -250,3 +255,10 @@ def _stable_sort(b, x, *_args, **_kwargs):
 
 
 __all__ = ["Decomposition", "register_decomposition", "decomposition_for", "inline", "table", "qualname"]
+
+
+# ---- aten::empty_like (OpenVINO) -----------------------------------------------------------------------
+@register_decomposition("aten::empty_like", needed_by=("openvino",))
+def _empty_like(b, x, **kwargs):
+    dtype = kwargs.get("dtype")
+    return aten.zeros_like.default(x, dtype=dtype) if dtype is not None else aten.zeros_like.default(x)

@@ -21,7 +21,7 @@ from optc.passes.base import Option, PassContext, PassResult, register_pass
 
 @register_pass("decompose", exact=True,
                description="write ops a backend lacks (transformers' grouped_mm_fallback, histc) with ATen ops",
-               options={"backend": Option(str, "all", "decompose for this backend only (torchscript, onnx, tvm), or all")})
+               options={"backend": Option(str, "all", "decompose for this backend only (torchscript, onnx, tvm, openvino), or all")})
 def decompose(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     backend = ctx.options.get("backend", "all")
     n = 0

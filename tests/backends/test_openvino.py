@@ -89,3 +89,38 @@ def test_bad_options_are_lowering_errors(captured_zoo):
         lower(program, "cpu", "openvino", threads=0)
     with pytest.raises(LoweringError, match="precision must be f32, bf16 or f16"):
         lower(program, "cpu", "openvino", precision="int4")
+
+
+class _DataEdgedHistogram(torch.nn.Module):
+    def forward(self, x):
+        return torch.histc(x, bins=4) + 1     # min = max = 0: edges from the data, not decomposed
+
+
+def test_an_op_openvino_cannot_convert_is_named():
+    with pytest.raises(LoweringError) as info:
+        optc.compile(_DataEdgedHistogram(), (torch.randn(16),), backend="openvino")
+    e = info.value
+    assert "OpenVINO (export route) has no conversion for aten.histc.default" in str(e)
+    assert e.op == "aten::histc" and e.node == "histc" and "test_openvino.py" in e.source
+
+
+class _MoeRouting(torch.nn.Module):
+    """What transformers' MoE layers (Mixtral) write and OpenVINO's frontend lacked: ``histc``
+    of the chosen experts, ``empty_like`` filled by an index_put (``inv[perm] = arange``)."""
+
+    def forward(self, scores):
+        top = scores.topk(2, -1).indices.flatten()
+        counts = torch.histc(top.float(), bins=4, min=0, max=3)
+        perm = top.argsort(stable=True)
+        inv = torch.empty_like(perm)
+        inv[perm] = torch.arange(perm.numel())
+        return counts, inv
+
+
+def test_moe_routing_ops_are_decomposed_for_openvino():
+    torch.manual_seed(0)
+    model, x = _MoeRouting(), torch.randn(6, 4)
+    compiled, report = optc.compile(model, (x,), backend="openvino")
+    assert {"aten::histc", "aten::empty_like"} <= set(report.backend_stage.stats("decompose"))
+    got, want = compiled(x), model(x)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
