@@ -3,8 +3,6 @@ kernels for a quantized program, the IR saves and loads, bad options and a missi
 
 from __future__ import annotations
 
-import subprocess
-import sys
 
 import pytest
 import torch
