@@ -53,7 +53,7 @@ MODELS = {"bert_base": bert_base, "llama_0_5b": llama_0_5b}
 
 
 def _session_op_types(proto, threads: int, disabled=()) -> dict:
-    """The op types ONNX Runtime runs for ``proto`` after its own graph optimizations (ORT_ENABLE_ALL):
+    """The op types ONNX Runtime runs for ``proto`` (a ModelProto, or the path of a model on disk) after its own graph optimizations (ORT_ENABLE_ALL):
     the optimized model it writes with ``optimized_model_filepath``, with the graph transformers
     optc's session leaves out left out here too."""
     import os
@@ -66,8 +66,12 @@ def _session_op_types(proto, threads: int, disabled=()) -> dict:
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.intra_op_num_threads = threads
         so.optimized_model_filepath = os.path.join(d, "opt.onnx")
-        src = os.path.join(d, "in.onnx")
-        onnx.save(proto, src, save_as_external_data=proto.ByteSize() > 1 << 30, location="in.onnx.data")
+        if isinstance(proto, str):     # a model streamed to disk: its file, beside its external data
+            src = proto
+            so.add_session_config_entry("session.optimized_model_external_initializers_file_name", "opt.onnx.data")
+        else:
+            src = os.path.join(d, "in.onnx")
+            onnx.save(proto, src, save_as_external_data=proto.ByteSize() > 1 << 30, location="in.onnx.data")
         ort.InferenceSession(src, so, providers=["CPUExecutionProvider"], disabled_optimizers=list(disabled))
         opt = onnx.load(so.optimized_model_filepath, load_external_data=False)
     return dict(collections.Counter(n.op_type for n in opt.graph.node).most_common())
@@ -128,7 +132,7 @@ def main(argv=None) -> int:
         fusions = {r.name: r.stats.get("fused") or r.stats.get("merged_groups") for r in rep.pipeline.records
                    if r.modified and r.name.startswith(("fuse", "merge"))}
         proto = onnx_lib.load_from_string(cm.model_bytes) if cm.model_bytes is not None else \
-            onnx_lib.load(f"{cm.model_dir}/model.onnx", load_external_data=False)
+            f"{cm.model_dir}/model.onnx"
         kernels = _session_op_types(proto, args.threads, cm.backend_options.get("ort_disabled_optimizers", ()))
         del cm, proto
         fmt = (lambda r: f"{r[0]:.3f} [{r[1][0]:.3f}, {r[1][1]:.3f}]" if r else "n/a")
