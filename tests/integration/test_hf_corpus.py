@@ -33,6 +33,8 @@ aten = torch.ops.aten
 NAMES = hf_corpus.names()
 FAST_BACKEND_SUBSET = ["bert", "llama", "bloom", "t5", "vit"]
 BACKENDS = ["torchscript", "onnx", "tvm"]
+# the corpus on every backend: OpenVINO too where its extra is installed (skipped without it)
+EVERY_BACKEND = BACKENDS + ["openvino"]
 _SOFTMAX = (aten.softmax.int, aten._softmax.default, aten._safe_softmax.default)
 _THROUGH = (aten.dropout.default, aten.clone.default, aten._to_copy.default, aten.to.dtype, aten.view.default,
             aten.reshape.default, aten._unsafe_view.default, aten.type_as.default, aten.contiguous.default)
@@ -101,20 +103,22 @@ def test_default_pipeline_fuses_attention_and_rms_norm(name):
 
 
 def _backend_case(name, backend):
+    if backend == "openvino":
+        pytest.importorskip("openvino", reason="needs the openvino extra")
     model, inputs = hf_corpus.build(name)
     compiled, report = optc.compile(model, inputs, backend=backend)
     assert report.check is not None and report.check.ok
     _check_numerics(f"{name} on {backend}", model, inputs, compiled, optc.capture(model, inputs))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", EVERY_BACKEND)
 @pytest.mark.parametrize("name", FAST_BACKEND_SUBSET)
 def test_corpus_subset_on_every_backend(name, backend):
     _backend_case(name, backend)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", EVERY_BACKEND)
 @pytest.mark.parametrize("name", [n for n in NAMES if n not in FAST_BACKEND_SUBSET])
 def test_corpus_on_every_backend(name, backend):
     _backend_case(name, backend)
@@ -132,6 +136,8 @@ SDPA_FAST_SUBSET = ["llama", "gpt2", "bart", "t5", "vit"]
 
 
 def _sdpa_case(name, backend):
+    if backend == "openvino":
+        pytest.importorskip("openvino", reason="needs the openvino extra")
     model, inputs = hf_corpus.build(name, attention="sdpa")
     compiled, report = optc.compile(model, inputs, backend=backend)
     assert report.check is not None and report.check.ok
@@ -139,7 +145,7 @@ def _sdpa_case(name, backend):
     return report
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", EVERY_BACKEND)
 @pytest.mark.parametrize("name", SDPA_FAST_SUBSET)
 def test_corpus_subset_with_sdpa_attention_on_every_backend(name, backend):
     # transformers' default attention: SDPA calls with boolean masks, and views that rely on the
@@ -151,7 +157,7 @@ def test_corpus_subset_with_sdpa_attention_on_every_backend(name, backend):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", EVERY_BACKEND)
 @pytest.mark.parametrize("name", [n for n in _sdpa_entries() if n not in SDPA_FAST_SUBSET])
 def test_corpus_with_sdpa_attention_on_every_backend(name, backend):
     _sdpa_case(name, backend)
