@@ -28,8 +28,8 @@ Both take float masks only. A boolean mask reaches them as a float bias: the ONN
 legalization ``sdpa-masked-rows-as-zeros`` (``backends/legalize/onnx.py``, run before this
 stage) writes it as ``(not M) * finfo.min`` and sets to zeros the rows it masks out entirely, as
 torch's SDPA computes them (ONNX Runtime's kernels give such a row NaN or the values' mean). An
-additive mask that is ``-inf`` on a whole row keeps that difference; HF's masks use the dtype's
-minimum, which is finite.
+additive mask that may hold ``-inf`` gets the same zeroing of its fully masked rows (the kernels
+give NaN there); HF's masks use the dtype's minimum, which is finite, and are left alone.
 
 ``ort-rotary-embedding`` (option ``rotary``, on by default)
     a rotary embedding ``x * cos + rotate(x) * sin`` (``fuse-rotary``'s ``optc::rotary_embedding``,

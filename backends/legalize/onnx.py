@@ -6,8 +6,8 @@ rule                               the bug it avoids
 ceil-pool-as-floor                 onnx shape inference counts one ceil-mode window too many where
                                    torch drops a last window that would start in the right padding
 sdpa-as-4d                         torchlib's SDPA translation takes only 4-d operands
-sdpa-masked-rows-as-zeros          a query row whose keys a boolean mask all masks out is zeros
-                                   in torch's SDPA, the values' mean once exported (OpenVINO: NaN)
+sdpa-masked-rows-as-zeros          a query row whose keys a boolean or -inf mask all masks out is
+                                   zeros in torch's SDPA, the values' mean or NaN once exported
 near-identity-scalar-as-tensor     the exporter's optimizer deletes ``x + 1e-12`` and ``x * 1.000001``
 (shared) adaptive-max-pool-as-...  no translation of adaptive max pooling
 =================================  ============================================================
@@ -114,18 +114,20 @@ class SdpaAs4d(Legalization):
 
 
 class SdpaMaskedRowsAsZeros(Legalization):
-    """``scaled_dot_product_attention`` with a boolean mask -> the same attention with an
-    additive float mask, and the rows whose keys are all masked out set to zeros:
-    ``where(any(M, -1), sdpa(q, k, v, (not M) * finfo.min), 0)``. torch's SDPA gives such a row
-    zeros (a padded query position: HF's ``sdpa`` attention on a left-padded batch); the
-    exporter's translation gives the mean of the values there, and OpenVINO's NaN -- which the
-    next layer's attention spreads over the whole sequence. Every other row is exact: a masked
-    score plus the dtype's minimum underflows to a zero probability, as torch's ``-inf`` does.
-    The float mask is also what ONNX Runtime's fused attention kernels take (``ort-contrib-ops``
-    refuses boolean masks). A float mask is left as it is: HF's masks hold the dtype's minimum,
-    never ``-inf``, and torch gives such a row the mean of the values too; a hand-written
-    ``-inf`` row stays a difference (NaN on ONNX Runtime), which the compile check reports when
-    the example inputs hold one."""
+    """``scaled_dot_product_attention`` with a boolean mask, or a float mask that may hold
+    ``-inf`` -> the same attention with the rows whose keys are all masked out set to zeros:
+    ``where(any(M, -1), sdpa(q, k, v, (not M) * finfo.min), 0)`` for a boolean ``M``, and
+    ``where(any(M != -inf, -1), sdpa(q, k, v, M), 0)`` for a float one. torch's SDPA gives such a
+    row zeros (a padded query position: HF's ``sdpa`` attention on a left-padded batch, or a
+    hand-written ``masked_fill(pad == 0, -inf)``); the exporter's translation gives it the values'
+    mean (boolean) or NaN (``-inf``), OpenVINO NaN -- which the next layer's attention spreads
+    over the whole sequence. Every other row is exact: a masked score plus the dtype's minimum
+    underflows to a zero probability, as torch's ``-inf`` does. The float bias is also what ONNX
+    Runtime's fused attention kernels take (``ort-contrib-ops`` refuses boolean masks). A float
+    mask that cannot hold ``-inf`` (HF's masks hold the dtype's minimum: torch then gives such a
+    row the values' mean too, as the exported model does) is left alone: only an op writing
+    ``-inf`` (``masked_fill``, ``where``, ``full``) or a constant holding it, reached from the
+    mask through shape ops and arithmetic, makes the rule fire."""
 
     name = "sdpa-masked-rows-as-zeros"
     backends = ("onnx", "openvino")
@@ -134,21 +136,28 @@ class SdpaMaskedRowsAsZeros(Legalization):
     def check(self, node):
         mask = arg(node, 3, "attn_mask")
         mv = val(mask)
-        if mask is None or not isinstance(mv, torch.Tensor) or mv.dtype != torch.bool:
+        if mask is None or not isinstance(mv, torch.Tensor):
             return None
+        if mv.dtype != torch.bool and not (mv.is_floating_point() and _may_hold_neg_inf(mask)):
+            return None                   # a float mask with no -inf (HF's: the dtype's minimum)
         if arg(node, 4, "dropout_p", 0.0) or arg(node, 5, "is_causal", False):
             return None                   # torch refuses a mask with is_causal; dropout: training
         out = val(node)
         if not isinstance(out, torch.Tensor) or not out.is_floating_point():
             return MatchResult.fail("an attention output that is not floating point")
-        return MatchResult.success(mask=mask, dtype=out.dtype)
+        return MatchResult.success(mask=mask, dtype=out.dtype, boolean=mv.dtype == torch.bool)
 
     def apply(self, node, m):
         mask = m["mask"]
-        masked = self.emit(node, aten.logical_not.default, (mask,))
-        bias = self.emit(node, aten._to_copy.default, (masked,), {"dtype": m["dtype"]})
-        bias = self.emit(node, aten.mul.Tensor, (bias, torch.finfo(m["dtype"]).min))
-        rows = self.emit(node, aten.any.dim, (mask, -1, True))
+        if m["boolean"]:
+            masked = self.emit(node, aten.logical_not.default, (mask,))
+            bias = self.emit(node, aten._to_copy.default, (masked,), {"dtype": m["dtype"]})
+            bias = self.emit(node, aten.mul.Tensor, (bias, torch.finfo(m["dtype"]).min))
+            keep = mask
+        else:                             # the float mask as it is; a key is kept where it is above -inf
+            bias = mask
+            keep = self.emit(node, aten.ne.Scalar, (mask, float("-inf")))
+        rows = self.emit(node, aten.any.dim, (keep, -1, True))
         args, kwargs = list(node.args), dict(node.kwargs)
         if len(args) > 3:
             args[3] = bias
@@ -156,6 +165,49 @@ class SdpaMaskedRowsAsZeros(Legalization):
             kwargs["attn_mask"] = bias
         out = self.emit(node, aten.scaled_dot_product_attention.default, tuple(args), kwargs)
         self.replace(node, self.emit(node, aten.where.ScalarOther, (rows, out, 0.0)))
+
+
+_NEG_INF_WRITERS = (aten.masked_fill.Scalar, aten.where.ScalarOther, aten.where.ScalarSelf, aten.full.default,
+                    aten.fill.Scalar, aten.full_like.default, aten.masked_fill.Tensor, aten.where.self)
+_MASK_CARRIERS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.expand.default,
+                  aten.unsqueeze.default, aten.squeeze.dim, aten.slice.Tensor, aten.select.int, aten.clone.default,
+                  aten._to_copy.default, aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.minimum.default,
+                  aten.maximum.default, aten.transpose.int, aten.permute.default, aten.cat.default)
+
+
+def _is_neg_inf(a) -> bool:
+    if isinstance(a, float):
+        return a == float("-inf")
+    if isinstance(a, torch.fx.Node) and a.op == "get_attr":
+        from optc.ir.rewrite import attr_value
+        v = attr_value(a)
+        return isinstance(v, torch.Tensor) and v.is_floating_point() and bool(torch.isneginf(v).any())
+    return False
+
+
+def _may_hold_neg_inf(mask: torch.fx.Node) -> bool:
+    """The float mask may hold ``-inf``: an op that writes ``-inf`` (``masked_fill(m, -inf)``,
+    ``where(c, x, -inf)``, ``full(-inf)``) or a constant holding it, reached from ``mask``
+    through shape ops and arithmetic."""
+    seen, todo = set(), [mask]
+    while todo and len(seen) < 64:
+        n = todo.pop()
+        if not isinstance(n, torch.fx.Node) or n in seen:
+            continue
+        seen.add(n)
+        if _is_neg_inf(n):
+            return True
+        if n.op != "call_function":
+            continue
+        if n.target in _NEG_INF_WRITERS and any(_is_neg_inf(a) for a in n.args):
+            return True
+        if n.target in _MASK_CARRIERS or n.target in _NEG_INF_WRITERS:
+            for a in n.args:
+                if isinstance(a, (list, tuple)):
+                    todo.extend(a)
+                else:
+                    todo.append(a)
+    return False
 
 
 _SCALAR_OPS = {aten.add.Tensor: "add", aten.sub.Tensor: "add", aten.mul.Tensor: "mul", aten.div.Tensor: "mul",

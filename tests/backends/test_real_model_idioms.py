@@ -360,3 +360,30 @@ def test_view_of_the_sdpa_output_layout(backend):
     _, report = _compile_and_compare(SdpaOutputViewed().eval(), (torch.randn(2, 6, 32),), backend)
     if backend == "tvm":
         assert report.backend_stage.stats("legalize").get("sdpa-view-as-reshape", 0) >= 1
+
+
+class NegInfPaddingMask(nn.Module):
+    """A hand-written additive padding mask, ``masked_fill(pad == 0, -inf)``, straight into SDPA:
+    a fully padded batch row has every key masked. torch gives that row zeros; exported, it was NaN
+    (ONNX Runtime and OpenVINO)."""
+
+    def forward(self, q, k, v, pad):
+        mask = torch.zeros(pad.shape[0], 1, 1, pad.shape[1]).masked_fill(pad[:, None, None, :] == 0, float("-inf"))
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["openvino"])
+def test_neg_inf_mask_with_a_fully_masked_row(backend):
+    if backend == "openvino":
+        pytest.importorskip("openvino")
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 4, 8) for _ in range(3))
+    pad = torch.ones(2, 4)
+    pad[1] = 0.0
+    pad[0, -1] = 0.0
+    model = NegInfPaddingMask().eval()
+    assert torch.equal(model(q, k, v, pad)[1], torch.zeros(2, 4, 8))
+    compiled, report = _compile_and_compare(model, (q, k, v, pad), backend)
+    assert torch.isfinite(compiled(q, k, v, pad)).all()
+    fired = report.backend_stage.stats("legalize").get("sdpa-masked-rows-as-zeros", 0)
+    assert fired == (1 if backend in ("onnx", "openvino") else 0)
