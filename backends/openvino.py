@@ -136,10 +136,10 @@ def _unconverted_error(ops: list[str], program: Program, route: str) -> Lowering
     """A LoweringError naming the ops OpenVINO cannot convert, and the first node of the program
     that calls one of them (its op, name and the user's source line)."""
     from optc.backends.base import op_name
+    from optc.backends.lowering import _find_node
     from optc.ir.source import node_source
-    wanted = {op.removeprefix("aten.").split(".")[0] for op in ops}
-    node = next((n for n in program.graph.nodes if n.op == "call_function"
-                 and getattr(n.target, "_opname", None) in wanted), None)
+    # OpenVINO writes ``aten.histc.default``; the lowering's node finder reads ``aten::histc.default``
+    node = _find_node(", ".join(op.replace(".", "::", 1) for op in ops), program)
     msg = (f"OpenVINO ({route} route) has no conversion for {', '.join(ops)}"
            + ("" if node is not None else " (an op torch.export's decompositions made; the program's own ops are "
                                           "all convertible)"))
