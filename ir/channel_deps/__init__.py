@@ -8,10 +8,14 @@ concatenation, the ``H`` of a ``view(B, L, H, D)``... This package finds those t
 Vocabulary
 ----------
 space    the output channels of one prunable *producer*: a convolution with ``groups=1`` or
-         a linear layer with constant weights.
+         a linear layer with constant weights; or a *virtual* space, the heads of a key/value
+         tensor repeated for grouped-query attention (no producer, no weights).
 group    spaces that must be pruned together (their channels meet position-wise: residual
          adds and multiplies, attention's q/k/v heads). Union-find over spaces; the unit
-         that a pruning pass keeps or removes channels of.
+         that a pruning pass keeps or removes channels of. Weighted: a space's ``mult`` is how
+         many of its heads share one head of its parent (a query projection has ``n_rep`` heads
+         per key/value head); the root is the coarsest space and a group's channels are counted
+         in the root's coordinates (:meth:`ChannelGraph.root_channels`).
 layout   how the *channel axis* of one tensor maps onto spaces: the axis and a sequence of
          pieces, each a channel range of one space (or an opaque range that no producer
          owns: an input, an embedding). ``per`` channels per position describe heads
@@ -40,7 +44,9 @@ Refusals (a group that is refused keeps all its channels; the reason is recorded
   over the channel axis, a matmul contracting the channels of two activations;
 - a grouped convolution (``1 < groups < channels``) reading or producing the channels;
 - a view/reshape that splits or merges the channel axis other than C -> (H, D), (H, D) -> C,
-  C x spatial -> flattened and back; a slice with a step or a cut inside a head;
+  C x spatial -> flattened and back, and grouped-query attention's repeat of whole heads
+  (H, n_rep) -> H * n_rep; a slice with a step or a cut inside a head (slices, splits and
+  reshapes of the head dim itself are within each head and carry the head layout on);
 - two different channel ranges tied together (e.g. q/k/v split out of one fused linear).
 
 Exactness: the surgery keeps a subset of each group's channels. Since every removed

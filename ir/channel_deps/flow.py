@@ -76,6 +76,13 @@ def _repeated_along(x, dims) -> bool:
     return bool(dims) and len(src) == len(shape_of(x)) and all(static(src[d]) == 1 for d in dims)
 
 
+def _whole_heads(lay: Layout) -> bool:
+    """Every channel of ``lay`` is on a head axis (``per`` channels per position): ops within each head
+    (slices, splits and reshapes of the head dim) leave whole heads whole. A reshape that merges heads
+    back into channels checks that the head dim is whole again."""
+    return lay.sub_axis is not None and all(p.per > 1 for p in lay.pieces if p.space is not None)
+
+
 def on_reshape(cg: ChannelGraph, node: fx.Node) -> Layout:
     lay = cg.only_input(node)
     x = node.args[0]
@@ -90,11 +97,11 @@ def on_reshape(cg: ChannelGraph, node: fx.Node) -> Layout:
     sub = lay.sub_axis
     new_sub: int | None = None
     if sub is not None and sub not in gi:
-        sgi, sgo = where[sub]
+        _, sgo = where[sub]
         s_out = [d for d in sgo if static(outs[d]) != 1]
-        if [d for d in sgi if static(ins[d]) != 1] != [sub] or len(s_out) != 1:
-            raise Refused("a reshape splits or merges the head dim")
-        new_sub = s_out[0]
+        if not s_out:
+            raise Refused("a reshape drops the head dim")
+        new_sub = s_out[0]        # reshaped within each head: the head axis is untouched
     if non1_in == [lay.axis] and len(non1_out) == 1:
         res = Layout(non1_out[0], lay.pieces, new_sub)
     elif len(non1_out) == 1 and non1_in and non1_in[0] == lay.axis:
@@ -108,9 +115,10 @@ def on_reshape(cg: ChannelGraph, node: fx.Node) -> Layout:
             pieces = tuple(Piece(p.space, p.start, p.stop) if p.space is not None
                            else Piece(None, 0, p.stop * inner) for p in lay.pieces)
             res = Layout(non1_out[0], pieces)
-        elif _repeated_along(x, non1_in[1:]):
-            raise Refused("grouped-query attention repeats the key/value heads for the query heads here "
-                          "(repeat_kv: expand + reshape); pruning heads through that repeat is not supported")
+        elif len(non1_in) == 2 and _repeated_along(x, non1_in[1:]) and any(p.per > 1 for p in lay.pieces):
+            # grouped-query attention's repeat_kv (unsqueeze, expand, reshape): every key/value head
+            # serves ``inner`` query heads; the key/value heads are tied to the query heads they serve
+            res = cg.repeat_heads(lay, inner, non1_out[0], new_sub, node)
         else:
             raise Refused("a reshape merges the channel axis with other dims")
     elif non1_in == [lay.axis] and len(non1_out) == 2 and sub is None and \
@@ -244,9 +252,9 @@ def on_split(cg: ChannelGraph, node: fx.Node) -> tuple:
     dim = norm_dim(arg(node, 2, "dim", 0), rank)        # split, split_with_sizes and chunk alike
     outs = node.meta["val"]
     if dim != lay.axis:
-        if dim == lay.sub_axis:
+        if dim == lay.sub_axis and not _whole_heads(lay):
             raise Refused("a split cuts the head dim")
-        return tuple(lay for _ in outs)
+        return tuple(lay for _ in outs)       # within each head (partial rotary, a per-head q/k/v split)
     res, pos, ranges = [], 0, []
     for o in outs:
         n = static(o.shape[dim])
@@ -266,9 +274,9 @@ def on_slice(cg: ChannelGraph, node: fx.Node) -> Layout:
     dim = norm_dim(arg(node, 1, "dim", 0), rank)
     size = static(shape_of(node.args[0])[dim])
     if dim != lay.axis:
-        if dim == lay.sub_axis:
+        if dim == lay.sub_axis and not _whole_heads(lay):
             raise Refused("a slice cuts the head dim")
-        return lay
+        return lay                            # within each head (partial rotary, interleaved halves)
     if packet(node) is aten.narrow:
         start, length = node.args[2], node.args[3]
         if not isinstance(start, int) or not isinstance(length, int):

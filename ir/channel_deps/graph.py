@@ -36,7 +36,7 @@ def _op_handlers() -> dict[Any, Callable]:
     for ops, handler in (
             (UNARY, flow.on_unary),
             (ELEMENTWISE, flow.on_elementwise),
-            ((aten.layer_norm,), layers.on_layer_norm),
+            ((aten.layer_norm, aten.rms_norm), layers.on_layer_norm),
             (RESHAPES, flow.on_reshape),
             ((aten.transpose, aten.t, aten.permute, aten.swapaxes, aten.movedim), flow.on_permute),
             ((aten.expand,), flow.on_expand),
@@ -77,25 +77,59 @@ class ChannelGraph:
         self.groups = self._groups()
 
     # -- union-find --
+    # Weighted: a space's ``mult`` is how many of its heads share one head of its parent (grouped-query
+    # attention: a key/value head serves ``n_rep`` query heads); the root of a group is its coarsest
+    # space, and a group's channels are counted in the root's coordinates.
     def find(self, s: int) -> int:
+        path = []
         while self.spaces[s].parent != s:
-            self.spaces[s].parent = self.spaces[self.spaces[s].parent].parent
+            path.append(s)
             s = self.spaces[s].parent
+        for x in reversed(path):          # closest to the root first: its parent is compressed already
+            sp = self.spaces[x]
+            if sp.parent != s:
+                sp.mult *= self.spaces[sp.parent].mult
+                sp.parent = s
         return s
 
-    def _union(self, a: int, b: int) -> None:
+    def mult(self, s: int) -> int:
+        """How many heads of space ``s`` share one head of its group's root."""
+        return 1 if self.find(s) == s else self.spaces[s].mult
+
+    def _union(self, a: int, b: int, ratio: int = 1, unit: int | None = None) -> str | None:
+        """Tie space ``a`` to space ``b``, ``a`` having ``ratio`` heads (of ``unit`` channels) per head of
+        ``b``; returns why they cannot be tied, or None."""
         ra, rb = self.find(a), self.find(b)
+        num, den = ratio * self.mult(b), self.mult(a)       # heads of root(a) per head of root(b)
         if ra == rb:
-            return
-        if rb < ra:
-            ra, rb = rb, ra
+            return None if num == den else "grouped-query heads are tied with two different ratios"
+        if num % den and den % num:
+            return "grouped-query heads are tied with ratios that do not divide"
+        k = num // den if num % den == 0 else den // num
+        if (k == 1 and rb < ra) or (k > 1 and num % den == 0):
+            ra, rb = rb, ra                                 # ra becomes the root: the coarser space
         A, B = self.spaces[ra], self.spaces[rb]
-        B.parent = ra
+        units = {u for u in (A.unit, B.unit, unit if k > 1 else None) if u is not None}
+        if len(units) > 1:
+            return "grouped-query heads of different sizes are tied"
+        if k > 1 and any(sp.cuts for sp in (A, B)):
+            return "slices of grouped-query heads are not supported"
+        B.parent, B.mult = ra, k
+        A.unit = units.pop() if units else None
         A.block = A.block * B.block // math.gcd(A.block, B.block)
         A.heads = A.heads or B.heads
         A.cuts |= B.cuts
         A.reasons += B.reasons
         A.inexact += B.inexact
+        return None
+
+    def root_channels(self, s: int, chans: torch.Tensor) -> torch.Tensor:
+        """Channels ``chans`` of space ``s`` in its root's coordinates."""
+        m = self.mult(s)
+        if m == 1:
+            return chans
+        u = self.root(s).unit
+        return torch.div(chans, m * u, rounding_mode="floor") * u + chans % u
 
     def root(self, s: int) -> Space:
         return self.spaces[self.find(s)]
@@ -154,17 +188,22 @@ class ChannelGraph:
             fp = p.start == 0 and p.stop == self.spaces[p.space].size
             fq = q.start == 0 and q.stop == self.spaces[q.space].size
             if fp and fq:
-                self._union(p.space, q.space)
-            elif not (self.find(p.space) == self.find(q.space) and (p.start, p.stop) == (q.start, q.stop)):
+                why = self._union(p.space, q.space)
+                if why:
+                    self.refuse([a, b], node, why)
+            elif not (self.find(p.space) == self.find(q.space) and (p.start, p.stop) == (q.start, q.stop)
+                      and self.mult(p.space) == self.mult(q.space)):
                 self.refuse([a, b], node, "different channel ranges are tied together (q/k/v split out of one "
                                            "fused projection? prune before merge-parallel-linear)")
         if a.sub_axis is not None and b.sub_axis is not None and a.sub_axis != b.sub_axis:
             self.refuse([a, b], node, "head axes do not line up")
         return Layout(a.axis, a.pieces, a.sub_axis if a.sub_axis is not None else b.sub_axis)
 
-    def _cut(self, lay: Layout) -> None:
+    def _cut(self, lay: Layout, node: fx.Node) -> None:
         for p in lay.pieces:
             if p.space is not None and (p.start != 0 or p.stop != self.spaces[p.space].size):
+                if self.mult(p.space) != 1 or self.root(p.space).unit is not None:
+                    self.refuse([lay], node, "slices of grouped-query heads are not supported")
                 self.spaces[p.space].cuts.update((p.start, p.stop))
                 r = self.root(p.space)
                 r.cuts.update((p.start, p.stop))
@@ -188,8 +227,29 @@ class ChannelGraph:
                     out.append(Piece(p.space, p.start + lo * p.per, p.start + hi * p.per, p.per, 1))
             pos += n
         res = Layout(lay.axis, merge_pieces(out), lay.sub_axis)
-        self._cut(res)
+        self._cut(res, node)
         return res
+
+    def repeat_heads(self, lay: Layout, n_rep: int, axis: int, sub_axis: int | None, node: fx.Node) -> Layout:
+        """The layout of heads repeated ``n_rep`` times each (grouped-query attention: position ``h`` of
+        the result is head ``h // n_rep`` of ``lay``), on ``axis``: each piece of a space becomes a new
+        virtual space of ``n_rep`` times its heads, tied to it."""
+        pieces = []
+        for p in lay.pieces:
+            if p.space is None:
+                pieces.append(Piece(None, 0, p.stop * n_rep))
+                continue
+            if p.per == 1 or p.start != 0 or p.stop != self.spaces[p.space].size:
+                raise Refused("grouped-query attention repeats channels that are not whole heads of one "
+                              "projection")
+            sid = len(self.spaces)
+            self.spaces.append(Space(sid, p.stop * n_rep, node, layer_name(node), sid, block=p.per, heads=True,
+                                     virtual=True))
+            why = self._union(sid, p.space, n_rep, p.per)
+            if why:
+                raise Refused(why)
+            pieces.append(Piece(sid, 0, p.stop * n_rep, p.per))
+        return Layout(axis, tuple(pieces), sub_axis)
 
     # -- the walk --
     def _run(self) -> None:
@@ -255,8 +315,11 @@ class ChannelGraph:
             R = self.spaces[r]
             g = by_root.get(r)
             if g is None:
-                g = by_root[r] = Group(sp.producer.name, R.size, R.block, [], [], R.heads, (), list(R.reasons),
-                                       list(R.inexact), root=r)
+                g = by_root[r] = Group("", R.size, R.block, [], [], R.heads, (), list(R.reasons), list(R.inexact),
+                                       root=r)
+            if sp.virtual:
+                continue
+            g.leader = g.leader or sp.producer.name
             g.producers.append(sp.producer)
             g.layers.append(sp.name)
         for g in by_root.values():
@@ -265,7 +328,9 @@ class ChannelGraph:
             g.cuts = tuple(cuts)
             if R.size % R.block or any(c % R.block for c in cuts):
                 g.reasons.append(f"heads of {R.block} channels do not tile the {R.size} channels")
-        return list(by_root.values())
+            if R.unit is not None and R.block != R.unit:
+                g.reasons.append(f"grouped-query heads of {R.unit} channels are pruned in blocks of {R.block}")
+        return [g for g in by_root.values() if g.producers]
 
     # -- positions --
     def kept_positions(self, lay: Layout, kept: dict[int, list[int]]) -> list[int] | None:
@@ -279,7 +344,9 @@ class ChannelGraph:
             if keep is None:
                 out.extend(range(pos, pos + n))
             else:
-                chans = [c for c in keep if p.start <= c < p.stop]
+                own = torch.arange(p.start, p.stop)
+                hit = torch.isin(self.root_channels(p.space, own), torch.tensor(keep, dtype=torch.long))
+                chans = own[hit].tolist()
                 if p.per == 1:
                     out.extend(pos + (c - p.start) * p.rep + j for c in chans for j in range(p.rep))
                 else:
@@ -290,8 +357,8 @@ class ChannelGraph:
 
     def position_map(self, lay: Layout) -> list[tuple[int, torch.Tensor, torch.Tensor, float]]:
         """Where the positions of ``lay``'s axis live: per piece of a space, ``(root, positions,
-        channels, share)`` -- position ``positions[i]`` holds channel ``channels[i]`` (a head
-        position holds ``per`` channels, each with ``share = 1/per`` of it)."""
+        channels, share)`` -- position ``positions[i]`` holds channel ``channels[i]`` of the root
+        (a head position holds ``per`` channels, each with ``share = 1/per`` of it)."""
         out, pos = [], 0
         for p in lay.pieces:
             n = p.positions
@@ -300,9 +367,9 @@ class ChannelGraph:
                 k = torch.arange(p.stop - p.start)
                 if p.per == 1:
                     j = torch.arange(n)
-                    out.append((r, pos + j, p.start + j // p.rep, 1.0))
+                    out.append((r, pos + j, self.root_channels(p.space, p.start + j // p.rep), 1.0))
                 else:
-                    out.append((r, pos + k // p.per, p.start + k, 1.0 / p.per))
+                    out.append((r, pos + k // p.per, self.root_channels(p.space, p.start + k), 1.0 / p.per))
             pos += n
         return out
 

@@ -107,22 +107,29 @@ def on_batch_norm(cg: ChannelGraph, node: fx.Node, bn) -> Any:
 
 
 def on_layer_norm(cg: ChannelGraph, node: fx.Node) -> Layout:
+    """LayerNorm and RMSNorm: over other dims, or within each head (Qwen3's and OLMo's q/k norms over the
+    head dim: whole heads removed leave the others' statistics alone), the layout carries on; over the
+    channels it is inexact (pruning changes the statistics)."""
     lay = cg.only_input(node)
     rank = rank_of(node)
     shape = list(node.args[1])
-    if lay.axis < rank - len(shape) and (lay.sub_axis is None or lay.sub_axis < rank - len(shape)):
+    first = rank - len(shape)
+    if lay.axis < first and (lay.sub_axis is None or lay.sub_axis < first or
+                             (all(p.per > 1 for p in lay.pieces if p.space is not None) and lay.sub_axis == rank - 1
+                              and len(shape) == 1)):
         return lay
+    kind = "RMSNorm" if node.target is aten.rms_norm.default else "LayerNorm"
     if len(shape) != 1 or lay.axis != rank - 1:
-        raise Refused("a LayerNorm normalises over the channels together with other dims")
-    for i, name in ((2, "weight"), (3, "bias")):
+        raise Refused(f"a {kind} normalises over the channels together with other dims")
+    for i, name in ((2, "weight"), (3, "bias"))[:1 if kind == "RMSNorm" else 2]:
         n = arg(node, i, name)
         if n is None:
             continue
         if not is_const(n):
-            raise Refused(f"LayerNorm {name} is not a constant")
+            raise Refused(f"{kind} {name} is not a constant")
         cg.params.append(ParamUse(node, arg_key(node, i, name), 0, lay, "ln"))
     cg.shapes.append(ShapeUse(node, "normalized_shape", lay, key=1))
-    note = f"LayerNorm %{node.name} normalises over the channels: pruning changes its statistics"
+    note = f"{kind} %{node.name} normalises over the channels: pruning changes its statistics"
     for p in lay.pieces:
         if p.space is not None and note not in cg.root(p.space).inexact:
             cg.root(p.space).inexact.append(note)
@@ -187,6 +194,12 @@ def on_sdpa(cg: ChannelGraph, node: fx.Node) -> Layout:
             raise Refused(f"attention mixes heads with %{t.name}, whose heads no producer owns")
         if lt.axis >= r - 2:
             raise Refused("attention reads channels on its sequence or feature axis")
+        if t is not q and arg(node, 7, "enable_gqa", False) and lt.size != lays[0].size:
+            # grouped-query attention: query head h reads key/value head h // n_rep
+            n_rep = lays[0].size // lt.size if lt.size else 0
+            if lt.axis != lays[0].axis or not n_rep or n_rep * lt.size != lays[0].size:
+                raise Refused("grouped-query attention's key/value heads do not divide the query heads")
+            lt = cg.repeat_heads(lt, n_rep, lt.axis, lt.sub_axis, node)
         lays.append(lt)
     merged = lays[0]
     for other in lays[1:]:

@@ -107,6 +107,11 @@ class Space:
     cuts: set = field(default_factory=set)
     reasons: list = field(default_factory=list)
     inexact: list = field(default_factory=list)
+    # grouped-query attention ties a key/value head to ``mult`` query heads: head ``h`` of this space
+    # (``unit`` channels each, ``unit`` set on the root) is head ``h // mult`` of its parent
+    mult: int = 1
+    unit: int | None = None
+    virtual: bool = False      # a repeated key/value tensor's heads: no producer, no weights
 
 
 @dataclass

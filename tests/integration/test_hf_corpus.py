@@ -239,12 +239,31 @@ def test_onnx_attention_kernels_on_grouped_and_plain_heads(name, rule):
     _check_numerics(name, model, inputs, compiled, optc.capture(model, inputs))
 
 
-def test_pruning_llama_heads_is_refused_naming_the_key_value_repeat():
-    # grouped-query attention: a key/value head serves several query heads through repeat_kv;
-    # pruning through that repeat is not supported, and the refusal says so (not a generic reshape)
-    model, inputs = hf_corpus.build("llama")
-    optimized, report = optc.optimize(optc.capture(model, inputs), "default,prune-heads", "cpu")
-    record = next(r for r in report.records if r.name.startswith("prune"))
-    assert record.stats["pruned"] == 0
-    repeat = [why for _, _, why in record.rejections if "repeat_kv" in why]
-    assert len(repeat) == 4, record.rejections      # key and value of both layers
+@pytest.mark.parametrize("name, heads, kv_heads", [("llama", 4, 2), ("qwen3", 4, 2), ("phi", 4, 4)])
+def test_pruning_heads_of_decoders(name, heads, kv_heads):
+    """Grouped-query attention (a key/value head and the query heads it serves are one group; Qwen3's
+    q/k norms over the head dim) and partial rotary (Phi: a slice of the head dim) prune whole heads,
+    exactly: the pruned program is the unpruned one with the removed heads' o_proj columns zeroed.
+    ``default,prune-heads`` runs it inside the default pipeline and the result lowers to ONNX."""
+    from optc.passes.prune_channels import zero_removed_channels
+    model, inputs = hf_corpus.build(name)
+    before, _ = optc.optimize(optc.capture(model, inputs), "default", "torchscript:cpu")  # q/k/v not merged
+    pruned, report = optc.optimize(before, "prune-heads", "torchscript:cpu")
+    record = report.record("prune-heads")
+    assert record.stats["pruned"] == 2 and not record.rejections, record.rejections   # both layers
+    for keep in pruned.meta["prune_plan"].keep.values():
+        assert len(keep) == 16 * kv_heads // 2         # half the key/value heads (16 channels each) kept
+    weights = {proj: [tuple(n.args[1].meta["val"].shape) for n in pruned.graph.nodes
+                      if is_op(n, aten.linear.default) and proj in str(n.args[1].target)]
+               for proj in ("q_proj", "k_proj", "o_proj" if name != "phi" else "self_attn_dense")}
+    # each kept key/value head keeps the heads // kv_heads query heads it serves
+    assert list(weights.values()) == [[(16 * heads // 2, 64)] * 2, [(16 * kv_heads // 2, 64)] * 2,
+                                      [(64, 16 * heads // 2)] * 2], weights
+    zeroed = zero_removed_channels(before, pruned.meta["prune_plan"])
+    with torch.no_grad():
+        (got,), (want,), full = pruned.graph_module(*inputs), zeroed.graph_module(*inputs), model(*inputs)
+    assert float((got - want).abs().max() / want.abs().max()) < 1e-5
+    assert float((got - full).abs().max() / full.abs().max()) > 1e-2     # heads were removed
+    compiled, compile_report = optc.compile(model, inputs, backend="onnx", pipeline="default,prune-heads")
+    rec = next(r for r in compile_report.pipeline.records if r.name.startswith("prune"))
+    assert rec.stats["pruned"] == 2

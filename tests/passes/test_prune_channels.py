@@ -403,3 +403,76 @@ def test_exclude_pattern_matching_nothing_is_an_error():
         PassManager("prune-channels{exclude=layer9.*}", default="").run(program)
     assert isinstance(info.value.__cause__, PipelineError)
     assert "exclude pattern 'layer9.*' matches no layer (layers: stem, conv1, conv2, fc)" in str(info.value)
+
+
+# ---- grouped-query attention: a key/value head and the query heads that share it are one group -----
+class GQABlock(nn.Module):
+    """4 query heads and 2 key/value heads of 4, written the ways real decoders write them: HF's repeat_kv
+    (unsqueeze, expand, reshape), SDPA with ``enable_gqa``, or a tiled ``repeat`` (a different head map,
+    which must not be pruned as if it were repeat_kv). ``within_head`` adds per-head work on the head dim:
+    an RMSNorm over it (Qwen3's q/k norm) and a partial rotation of its first half (Phi's partial rotary)."""
+
+    def __init__(self, repeat="repeat_kv", within_head=False):
+        super().__init__()
+        self.repeat, self.within_head = repeat, within_head
+        self.q, self.o = nn.Linear(16, 16), nn.Linear(16, 16)
+        self.k, self.v = nn.Linear(16, 8), nn.Linear(16, 8)
+        self.norm_w = nn.Parameter(torch.rand(4) + 0.5)
+
+    def _head_ops(self, t):
+        t = F.rms_norm(t, (4,), self.norm_w, 1e-6)
+        rot, rest = t[..., :2], t[..., 2:]
+        return torch.cat([torch.cat([-rot[..., 1:], rot[..., :1]], -1), rest], -1)
+
+    def forward(self, x):
+        b, s, _ = x.shape
+        q = self.q(x).view(b, s, -1, 4).transpose(1, 2)
+        k, v = (m(x).view(b, s, -1, 4).transpose(1, 2) for m in (self.k, self.v))
+        if self.within_head:
+            q, k = self._head_ops(q), self._head_ops(k)
+        if self.repeat == "enable_gqa":
+            a = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+        else:
+            if self.repeat == "repeat_kv":
+                k, v = (t[:, :, None].expand(b, 2, 2, s, 4).reshape(b, 4, s, 4) for t in (k, v))
+            else:
+                k, v = (t.repeat(1, 2, 1, 1) for t in (k, v))
+            a = F.scaled_dot_product_attention(q, k, v)
+        return x + self.o(a.transpose(1, 2).reshape(b, s, 16))
+
+
+@pytest.mark.parametrize("repeat", ["repeat_kv", "enable_gqa"])
+@pytest.mark.parametrize("within_head", [False, True])
+def test_prune_heads_through_grouped_query_attention(repeat, within_head):
+    model = GQABlock(repeat, within_head)
+    with torch.no_grad():   # key/value head 1 and the query heads 2 and 3 it serves carry the weight
+        model.q.weight[8:] *= 10
+        model.k.weight[4:] *= 10
+    original, new, report = prune("prune-heads{ratio=0.5}", model, (torch.randn(2, 5, 16),))
+    st = report.stats("prune-heads")
+    assert (st["groups"], st["pruned"], st["channels_before"], st["channels_after"]) == (1, 1, 8, 4), \
+        report.record("prune-heads").rejections
+    # the group is counted in key/value channels; key/value head 1 kept, so query heads 2 and 3
+    assert new.meta["prune_plan"].keep["linear"] == (4, 5, 6, 7)
+    shapes = {n.name: tuple(n.meta["val"].shape) for n in new.graph.nodes if n.op == "get_attr"}
+    assert shapes["q_weight_pruned"] == (8, 16) and shapes["k_weight_pruned"] == (4, 16)
+    assert shapes["v_weight_pruned"] == (4, 16) and shapes["o_weight_pruned"] == (16, 8)
+    assert torch.equal(new.graph_module.q_weight_pruned, original.graph_module.q.weight[8:])
+    assert torch.equal(new.graph_module.k_weight_pruned, original.graph_module.k.weight[4:])
+    assert_exact_surgery(original, new)
+
+
+def test_prune_channels_prunes_grouped_query_heads_with_the_rest():
+    original, new, report = prune("prune-channels{ratio=0.5}", GQABlock(within_head=True), (torch.randn(2, 5, 16),))
+    assert report.stats("prune-channels")["pruned"] == 1
+    assert_exact_surgery(original, new)
+
+
+def test_a_tiled_key_value_repeat_is_not_taken_for_repeat_kv():
+    # k.repeat(1, 2, 1, 1) gives query head h key/value head h % 2, not h // 2: tying them as repeat_kv
+    # does would prune the wrong heads; the op is refused by name
+    _, _, report = prune("prune-heads", GQABlock("tile"), (torch.randn(2, 5, 16),))
+    rec = report.record("prune-heads")
+    assert not rec.modified
+    assert any("aten.repeat is not known to preserve channels" in why for _, _, why in rec.rejections), \
+        rec.rejections
