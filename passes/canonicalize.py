@@ -47,6 +47,10 @@ every dimension longer than 1, all read from ``meta["val"]`` and static):
 ``expand-as-to-expand``
     ``aten.expand_as(%x, %y) ==> aten.expand(%x, shape(%y))`` for a static shape: ``%y``'s shape is
     all it reads.
+``constant-matmul-to-linear``
+    ``aten.addmm(%b, %x, %W)``, ``aten.mm(%x, %W)``, ``aten.matmul(%x, %W)`` with ``%W`` a constant
+    ``[K, N]`` matrix ``==> aten.linear(%x, %W.t(), %b)`` (a transposed view of the constant, no copy):
+    GPT-2's ``Conv1D`` layers and ``x @ self.weight`` become linear layers the other passes know.
 ``mm-add-to-addmm``
     ``aten.add.Tensor(aten.mm(%a, %b), %bias) ==> aten.addmm(%bias, %a, %b)``, also for
     ``aten.matmul`` of two 2-D tensors (``x @ w + b``; nn.Linear is captured as
@@ -70,7 +74,8 @@ import torch.fx as fx
 
 from optc.ir.effects import writes_in_place
 from optc.ir.queries import same_shape, val
-from optc.ir.rewrite import MatchResult, RewriteRule, apply_rules, arg, call, erase_if_unused, is_op
+from optc.ir.rewrite import (MatchResult, RewriteRule, add_attr, apply_rules, arg, attr_node, attr_value, call,
+                             erase_if_unused, is_op)
 from optc.passes.base import PassContext, PassResult, register_pass
 
 log = logging.getLogger(__name__)
@@ -311,6 +316,63 @@ class MmAddToAddmm(RewriteRule):
         erase_if_unused(m["mm"])
 
 
+class ConstantMatmulToLinear(RewriteRule):
+    """``aten.addmm(%b, %x, %W)``, ``aten.mm(%x, %W)`` and ``aten.matmul(%x, %W)`` with ``%W`` a constant
+    ``[K, N]`` matrix ``==> aten.linear(%x, %W.t(), %b)``: a layer written as a product with its weight
+    (HF's ``Conv1D`` in GPT-2: ``addmm(bias, x.view(-1, K), weight)``) becomes the linear layer that the
+    folding, pruning, quantization and merging passes know. The new weight is a transposed *view* of
+    the constant: no copy."""
+
+    name = "constant-matmul-to-linear"
+
+    def __init__(self) -> None:
+        self.transposed: dict[str, str] = {}      # constant's target -> its transposed view's attribute
+
+    def match(self, node, ctx):
+        if not is_op(node, aten.addmm.default, aten.mm.default, aten.matmul.default):
+            return None
+        addmm = is_op(node, aten.addmm.default)
+        bias, x, w = (node.args[0], node.args[1], node.args[2]) if addmm else (None, node.args[0], node.args[1])
+        wv = attr_value(w) if isinstance(w, fx.Node) else None
+        if wv is None:
+            return None                         # a product of two activations: not a candidate
+        if not addmm and len(node.users) == 1:
+            m = MmAddToAddmm().match(next(iter(node.users)), ctx)
+            if m is not None and m.ok:
+                return None                     # its bias add joins it first (next sweep: addmm -> linear)
+        xv, out = val(x), val(node)
+        if xv is None or out is None:
+            return MatchResult.fail("missing shape metadata")
+        if wv.dim() != 2 or xv.dim() < 2:
+            return MatchResult.fail(f"not an activation times a constant matrix ({xv.dim()}-D x {wv.dim()}-D)")
+        if not wv.dtype.is_floating_point or len({wv.dtype, xv.dtype, out.dtype}) != 1:
+            return MatchResult.fail(f"dtypes differ or are not floating point (x {xv.dtype}, weight {wv.dtype})")
+        if addmm:
+            if arg(node, 3, "beta", 1) != 1 or arg(node, 4, "alpha", 1) != 1:
+                return MatchResult.fail("addmm with beta or alpha other than 1")
+            bv = val(bias)
+            if bv is None or list(bv.shape) != [wv.shape[1]] or bv.dtype != wv.dtype:
+                return MatchResult.fail(f"addmm's input is not a bias vector of {wv.shape[1]} "
+                                        f"(shape {None if bv is None else list(bv.shape)})")
+        return MatchResult.success(x=x, w=w, bias=bias)
+
+    def rewrite(self, node, m, ctx):
+        g, w = node.graph, m["w"]
+        gm = g.owning_module
+        target = self.transposed.get(w.target)
+        if target is None:
+            wv = attr_value(w)
+            target = self.transposed[w.target] = add_attr(gm, f"{w.target}_t", wv.detach().t(),
+                                                          parameter=isinstance(wv, torch.nn.Parameter))
+        with g.inserting_before(node):
+            wt = attr_node(gm, target, like=w, pass_name=ctx.pass_name)
+            new = call(g, aten.linear.default, (m["x"], wt) + ((m["bias"],) if m["bias"] is not None else ()),
+                       like=node, pass_name=ctx.pass_name, name="linear")
+        log.debug("%s: %%%s -> %%%s", self.name, node.name, new.name)
+        _drop(node, new)
+        erase_if_unused(w)
+
+
 class RecomposeBatchNorm(RewriteRule):
     """``getitem(aten._native_batch_norm_legit_no_training(x, w, b, mean, var, momentum, eps), 0)``
     ``==> aten.batch_norm(x, w, b, mean, var, False, momentum, eps, True)`` when the saved
@@ -474,13 +536,13 @@ def rules(gm: fx.GraphModule) -> list[RewriteRule]:
     """The rule set, in the order rules are tried on each node."""
     mut = any(writes_in_place(n) for n in gm.graph.nodes)
     return [DropEvalDropout(), DropDetach(mut), DropAlias(mut), DropClone(mut), DropNoopTo(mut),
-            DropNoopView(mut), CancelViewChain(), MmAddToAddmm(), RecomposeBatchNorm(), DropAssert(),
+            DropNoopView(mut), CancelViewChain(), MmAddToAddmm(), ConstantMatmulToLinear(), RecomposeBatchNorm(), DropAssert(),
             DropSoftmaxDtype(), DropEmptyCatOperand(), DropArithIdentity(mut), ExpandAsToExpand()]
 
 
 @register_pass("canonicalize", exact=True,
-               description="drop no-op ops (eval dropout, detach, clone, same-type to, no-op views) "
-                           "and fuse mm + bias into addmm")
+               description="drop no-op ops (eval dropout, detach, clone, same-type to, no-op views), "
+                           "fuse mm + bias into addmm, and products with a constant matrix into linear")
 def canonicalize(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     rule_set = rules(gm)
     for r in rule_set:

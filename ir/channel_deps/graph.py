@@ -194,7 +194,8 @@ class ChannelGraph:
             elif not (self.find(p.space) == self.find(q.space) and (p.start, p.stop) == (q.start, q.stop)
                       and self.mult(p.space) == self.mult(q.space)):
                 self.refuse([a, b], node, "different channel ranges are tied together (q/k/v split out of one "
-                                           "fused projection? prune before merge-parallel-linear)")
+                                           "fused projection: the model's own, as GPT-2's c_attn, or "
+                                           "merge-parallel-linear's, which pruning must run before)")
         if a.sub_axis is not None and b.sub_axis is not None and a.sub_axis != b.sub_axis:
             self.refuse([a, b], node, "head axes do not line up")
         return Layout(a.axis, a.pieces, a.sub_axis if a.sub_axis is not None else b.sub_axis)

@@ -8,7 +8,8 @@ from optc.passes import PassManager
 from optc.testing import check_pass, run_pass
 
 NO_RULE_FIRED = {"drop-eval-dropout": 0, "drop-detach": 0, "drop-alias": 0, "drop-clone": 0, "drop-noop-to": 0,
-                 "drop-noop-view": 0, "cancel-view-chain": 0, "mm-add-to-addmm": 0, "recompose-batch-norm": 0,
+                 "drop-noop-view": 0, "cancel-view-chain": 0, "mm-add-to-addmm": 0, "constant-matmul-to-linear": 0,
+                 "recompose-batch-norm": 0,
                  "drop-assert": 0, "drop-softmax-dtype": 0, "drop-empty-cat-operand": 0,
                  "drop-arith-identity": 0, "expand-as-to-expand": 0}
 
@@ -87,10 +88,19 @@ class MatmulBias(nn.Module):
         return torch.relu(x @ self.w + self.b)
 
 
+class MatmulInputBias(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.b = nn.Parameter(torch.randn(4))
+
+    def forward(self, x, w):
+        return torch.relu(x @ w + self.b)
+
+
 def test_canonicalize_mm_add_to_addmm():
-    check_pass("canonicalize", MatmulBias(), (torch.randn(3, 8),), """\
-graph(%x : f32[3,8]):
-  %w : f32[8,4] = get_attr w
+    # a product with a weight computed at run time: addmm, and no linear layer
+    check_pass("canonicalize", MatmulInputBias(), (torch.randn(3, 8), torch.randn(8, 4)), """\
+graph(%x : f32[3,8], %w : f32[8,4]):
   %b : f32[4] = get_attr b
   %addmm : f32[3,4] = aten.addmm(%b, %x, %w)
   %relu : f32[3,4] = aten.relu(%addmm)
@@ -98,22 +108,80 @@ graph(%x : f32[3,8]):
 """, modified=True, stats={"canonicalize": {**NO_RULE_FIRED, "mm-add-to-addmm": 1}})
 
 
+def test_canonicalize_product_with_a_constant_matrix_to_linear():
+    # x @ W + b with W a constant: the bias joins the product first (addmm), then it is a linear layer
+    # whose weight is a transposed view of W (the same storage: no copy)
+    model = MatmulBias()
+    out = check_pass("canonicalize", model, (torch.randn(3, 8),), """\
+graph(%x : f32[3,8]):
+  %b : f32[4] = get_attr b
+  %w_t : f32[4,8] = get_attr w_t
+  %linear : f32[3,4] = aten.linear(%x, %w_t, %b)
+  %relu : f32[3,4] = aten.relu(%linear)
+  return (%relu)
+""", modified=True, stats={"canonicalize": {**NO_RULE_FIRED, "mm-add-to-addmm": 1, "constant-matmul-to-linear": 1}})
+    w_t = out.program.graph_module.w_t
+    assert w_t.untyped_storage().data_ptr() == model.w.untyped_storage().data_ptr() and torch.equal(w_t, model.w.t())
+
+
+class GPT2Conv1D(nn.Module):
+    """HF GPT-2's ``Conv1D`` (``addmm(bias, x.view(-1, nx), weight).view(...)``, weight ``[nx, nf]``) and a
+    3-D ``x @ weight``."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight, self.bias = nn.Parameter(torch.randn(8, 12)), nn.Parameter(torch.randn(12))
+        self.proj = nn.Parameter(torch.randn(12, 8))
+
+    def forward(self, x):
+        size_out = x.size()[:-1] + (12,)
+        h = torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight).view(size_out)
+        return torch.tanh(h) @ self.proj
+
+
+def test_gpt2_conv1d_becomes_linear_layers():
+    out = run_pass("canonicalize", GPT2Conv1D(), (torch.randn(2, 5, 8),))
+    assert out.stats("canonicalize")["constant-matmul-to-linear"] == 2
+    assert out.text.count("aten.linear(") == 2 and "addmm" not in out.text and "matmul" not in out.text
+
+
+class ConstantMatmulRefused(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w, self.b, self.full = nn.Parameter(torch.randn(4, 4)), nn.Parameter(torch.randn(4)), \
+            nn.Parameter(torch.randn(4, 4))
+        self.w3 = nn.Parameter(torch.randn(2, 4, 4))
+
+    def forward(self, x):
+        return (torch.addmm(self.b, x, self.w, beta=2.0), torch.addmm(self.full, x, self.w),
+                x.expand(2, 4, 4) @ self.w3)
+
+
+def test_constant_matmul_to_linear_must_not_fire_where_it_does_not_hold():
+    out = run_pass("canonicalize", ConstantMatmulRefused(), (torch.randn(4, 4),))
+    assert out.stats("canonicalize")["constant-matmul-to-linear"] == 0
+    assert [r for r in out.rejections("canonicalize") if r[0] == "constant-matmul-to-linear"] == [
+        ("constant-matmul-to-linear", "addmm", "addmm with beta or alpha other than 1"),
+        ("constant-matmul-to-linear", "addmm_1", "addmm's input is not a bias vector of 4 (shape [4, 4])"),
+        ("constant-matmul-to-linear", "matmul", "not an activation times a constant matrix (3-D x 3-D)"),
+    ]
+
+
 class Refused(nn.Module):
     def __init__(self):
         super().__init__()
-        self.w = nn.Parameter(torch.randn(4, 4))
         self.b = nn.Parameter(torch.randn(4))
 
-    def forward(self, x, y):
-        h = x @ self.w
-        full = x @ self.w.t() + y                            # a full matrix, not a bias vector
+    def forward(self, x, y, w):
+        h = x @ w
+        full = x @ w.t() + y                                 # a full matrix, not a bias vector
         z = x.transpose(0, 1).contiguous().view(16)          # the copy makes the view legal
         noisy = F.dropout(x, 0.5, training=True)             # training mode
         return h + self.b, h, full, z, x.transpose(0, 1), noisy, x.clone()
 
 
 def test_canonicalize_must_not_fire_where_rewrites_do_not_hold():
-    out = run_pass("canonicalize", Refused(), (torch.randn(4, 4), torch.randn(4, 4)))
+    out = run_pass("canonicalize", Refused(), (torch.randn(4, 4), torch.randn(4, 4), torch.randn(4, 4)))
     assert not out.report.record("canonicalize").modified
     assert out.stats("canonicalize") == {**NO_RULE_FIRED, "not-fired": 5}
     assert out.text.count("aten.transpose.int(%x, 0, 1)") == 2    # same shape, other data: no no-op
