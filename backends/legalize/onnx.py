@@ -127,7 +127,8 @@ class SdpaMaskedRowsAsZeros(Legalization):
     mask that cannot hold ``-inf`` (HF's masks hold the dtype's minimum: torch then gives such a
     row the values' mean too, as the exported model does) is left alone: only an op writing
     ``-inf`` (``masked_fill``, ``where``, ``full``) or a constant holding it, reached from the
-    mask through shape ops and arithmetic, makes the rule fire."""
+    mask through shape ops and arithmetic, or a float model input reached through shape ops and
+    additions (a mask the caller passes in may hold ``-inf``), makes the rule fire."""
 
     name = "sdpa-masked-rows-as-zeros"
     backends = ("onnx", "openvino")
@@ -185,28 +186,36 @@ def _is_neg_inf(a) -> bool:
     return False
 
 
+_SCALINGS = (aten.mul.Tensor, aten.minimum.default, aten.maximum.default)
+
+
 def _may_hold_neg_inf(mask: torch.fx.Node) -> bool:
     """The float mask may hold ``-inf``: an op that writes ``-inf`` (``masked_fill(m, -inf)``,
     ``where(c, x, -inf)``, ``full(-inf)``) or a constant holding it, reached from ``mask``
-    through shape ops and arithmetic."""
-    seen, todo = set(), [mask]
+    through shape ops and arithmetic; or a float model input reached through shape ops and
+    additions only (an additive mask the caller passes in: nothing says it holds no ``-inf``; a 0/1
+    mask scaled by the dtype's minimum, as HF builds them, is left alone)."""
+    seen, todo = set(), [(mask, False)]
     while todo and len(seen) < 64:
-        n = todo.pop()
-        if not isinstance(n, torch.fx.Node) or n in seen:
+        n, scaled = todo.pop()
+        if not isinstance(n, torch.fx.Node) or (n, scaled) in seen:
             continue
-        seen.add(n)
+        seen.add((n, scaled))
         if _is_neg_inf(n):
             return True
+        if n.op == "placeholder":
+            v = n.meta.get("val")
+            if not scaled and isinstance(v, torch.Tensor) and v.is_floating_point():
+                return True
+            continue
         if n.op != "call_function":
             continue
         if n.target in _NEG_INF_WRITERS and any(_is_neg_inf(a) for a in n.args):
             return True
         if n.target in _MASK_CARRIERS or n.target in _NEG_INF_WRITERS:
+            through = scaled or n.target in _SCALINGS
             for a in n.args:
-                if isinstance(a, (list, tuple)):
-                    todo.extend(a)
-                else:
-                    todo.append(a)
+                todo.extend((x, through) for x in (a if isinstance(a, (list, tuple)) else [a]))
     return False
 
 

@@ -387,3 +387,30 @@ def test_neg_inf_mask_with_a_fully_masked_row(backend):
     assert torch.isfinite(compiled(q, k, v, pad)).all()
     fired = report.backend_stage.stats("legalize").get("sdpa-masked-rows-as-zeros", 0)
     assert fired == (1 if backend in ("onnx", "openvino") else 0)
+
+
+class MaskInput(nn.Module):
+    """An additive mask the caller passes in, added to a causal one built with the dtype's minimum: nothing
+    in the graph says whether the input holds ``-inf``, so fully masked rows are made zeros as torch
+    computes them."""
+
+    def forward(self, q, k, v, mask):
+        causal = torch.triu(torch.full((q.shape[2], q.shape[2]), torch.finfo(q.dtype).min), 1)
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask + causal)
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["openvino"])
+def test_neg_inf_mask_passed_in_with_a_fully_masked_row(backend):
+    if backend == "openvino":
+        pytest.importorskip("openvino")
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 4, 8) for _ in range(3))
+    mask = torch.zeros(2, 1, 1, 4)
+    mask[1] = float("-inf")                          # batch row 1: every key masked
+    mask[0, ..., 2] = float("-inf")
+    model = MaskInput().eval()
+    assert torch.equal(model(q, k, v, mask)[1], torch.zeros(2, 4, 8))
+    compiled, report = _compile_and_compare(model, (q, k, v, mask), backend)
+    assert torch.isfinite(compiled(q, k, v, mask)).all()
+    assert report.backend_stage.stats("legalize").get("sdpa-masked-rows-as-zeros", 0) == \
+        (1 if backend in ("onnx", "openvino") else 0)
