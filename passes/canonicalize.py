@@ -50,7 +50,8 @@ every dimension longer than 1, all read from ``meta["val"]`` and static):
 ``constant-matmul-to-linear``
     ``aten.addmm(%b, %x, %W)``, ``aten.mm(%x, %W)``, ``aten.matmul(%x, %W)`` with ``%W`` a constant
     ``[K, N]`` matrix ``==> aten.linear(%x, %W.t(), %b)`` (a transposed view of the constant, no copy):
-    GPT-2's ``Conv1D`` layers and ``x @ self.weight`` become linear layers the other passes know.
+    GPT-2's ``Conv1D`` layers and ``x @ self.weight`` become linear layers the other passes know;
+    ``x @ W.T`` (Falcon's ``FalconLinear``) becomes ``aten.linear(%x, %W)``.
 ``mm-add-to-addmm``
     ``aten.add.Tensor(aten.mm(%a, %b), %bias) ==> aten.addmm(%bias, %a, %b)``, also for
     ``aten.matmul`` of two 2-D tensors (``x @ w + b``; nn.Linear is captured as
@@ -333,7 +334,8 @@ class ConstantMatmulToLinear(RewriteRule):
             return None
         addmm = is_op(node, aten.addmm.default)
         bias, x, w = (node.args[0], node.args[1], node.args[2]) if addmm else (None, node.args[0], node.args[1])
-        wv = attr_value(w) if isinstance(w, fx.Node) else None
+        wt = _transposed_constant(w)            # x @ W.T (Falcon's FalconLinear): W is the linear weight
+        wv = attr_value(wt).t() if wt is not None else (attr_value(w) if isinstance(w, fx.Node) else None)
         if wv is None:
             return None                         # a product of two activations: not a candidate
         if not addmm and len(node.users) == 1:
@@ -354,23 +356,44 @@ class ConstantMatmulToLinear(RewriteRule):
             if bv is None or list(bv.shape) != [wv.shape[1]] or bv.dtype != wv.dtype:
                 return MatchResult.fail(f"addmm's input is not a bias vector of {wv.shape[1]} "
                                         f"(shape {None if bv is None else list(bv.shape)})")
-        return MatchResult.success(x=x, w=w, bias=bias)
+        return MatchResult.success(x=x, w=w, wt=wt, bias=bias)
 
     def rewrite(self, node, m, ctx):
         g, w = node.graph, m["w"]
         gm = g.owning_module
-        target = self.transposed.get(w.target)
-        if target is None:
-            wv = attr_value(w)
-            target = self.transposed[w.target] = add_attr(gm, f"{w.target}_t", wv.detach().t(),
-                                                          parameter=isinstance(wv, torch.nn.Parameter))
+        if m["wt"] is not None:
+            weight = m["wt"]                    # the constant the product transposed
+        else:
+            target = self.transposed.get(w.target)
+            if target is None:
+                wv = attr_value(w)
+                target = self.transposed[w.target] = add_attr(gm, f"{w.target}_t", wv.detach().t(),
+                                                              parameter=isinstance(wv, torch.nn.Parameter))
+            with g.inserting_before(node):
+                weight = attr_node(gm, target, like=w, pass_name=ctx.pass_name)
         with g.inserting_before(node):
-            wt = attr_node(gm, target, like=w, pass_name=ctx.pass_name)
-            new = call(g, aten.linear.default, (m["x"], wt) + ((m["bias"],) if m["bias"] is not None else ()),
+            new = call(g, aten.linear.default, (m["x"], weight) + ((m["bias"],) if m["bias"] is not None else ()),
                        like=node, pass_name=ctx.pass_name, name="linear")
         log.debug("%s: %%%s -> %%%s", self.name, node.name, new.name)
         _drop(node, new)
         erase_if_unused(w)
+
+
+def _transposed_constant(w) -> fx.Node | None:
+    """The constant matrix ``W`` when ``w`` is ``W.t()``, ``W.T`` (``numpy_T``, or ``permute(W, [1, 0])``
+    once decomposed) or ``W.transpose(0, 1)``."""
+    if not (isinstance(w, fx.Node) and is_op(w, aten.t.default, aten.numpy_T.default, aten.permute.default,
+                                             aten.transpose.int)):
+        return None
+    src = w.args[0]
+    sv = attr_value(src) if isinstance(src, fx.Node) else None
+    if sv is None or sv.dim() != 2:
+        return None
+    if is_op(w, aten.permute.default) and [d % 2 for d in w.args[1]] != [1, 0]:
+        return None
+    if is_op(w, aten.transpose.int) and {w.args[1] % 2, w.args[2] % 2} != {0, 1}:
+        return None
+    return src
 
 
 class RecomposeBatchNorm(RewriteRule):

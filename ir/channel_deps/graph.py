@@ -151,10 +151,11 @@ class ChannelGraph:
                         if self._log:
                             log.debug("group of %s: unprunable: %s", r.producer.name, reason)
 
-    def new_space(self, producer: fx.Node, size: int) -> int:
-        """A new space: the ``size`` output channels of ``producer``."""
+    def new_space(self, producer: fx.Node, size: int, offset: int | None = None) -> int:
+        """A new space: the ``size`` output channels of ``producer`` (from ``offset`` on, for one part of
+        a fused projection whose parts are split apart)."""
         sid = len(self.spaces)
-        self.spaces.append(Space(sid, size, producer, layer_name(producer), sid))
+        self.spaces.append(Space(sid, size, producer, layer_name(producer), sid, offset=offset))
         self.producers[producer] = sid
         return sid
 
@@ -320,7 +321,8 @@ class ChannelGraph:
                                        root=r)
             if sp.virtual:
                 continue
-            g.leader = g.leader or sp.producer.name
+            g.leader = g.leader or (sp.producer.name if sp.offset is None else
+                                    f"{sp.producer.name}[{sp.offset}:{sp.offset + sp.size}]")
             g.producers.append(sp.producer)
             g.layers.append(sp.name)
         for g in by_root.values():

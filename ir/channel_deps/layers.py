@@ -14,7 +14,7 @@ import torch
 import torch.fx as fx
 
 from optc.ir.channel_deps.model import Layout, ParamUse, Piece, Refused, ShapeUse
-from optc.ir.channel_deps.nodes import arg_key, conv_groups, is_const, rank_of, shape_of, static
+from optc.ir.channel_deps.nodes import arg_key, conv_groups, is_const, norm_dim, rank_of, shape_of, static
 from optc.ir.rewrite import arg
 
 if TYPE_CHECKING:
@@ -42,7 +42,9 @@ def on_layer(cg: ChannelGraph, node: fx.Node, layer) -> Layout | None:
                           if lin.axis == rank_of(x) - 1 else "a linear layer runs over another axis")
         if not consts:
             return None
-        out = Layout(rank - 1, (Piece(cg.new_space(node, layer.out_channels), 0, layer.out_channels),))
+        bounds = [0, *_split_points(node, rank - 1, layer.out_channels), layer.out_channels]
+        out = Layout(rank - 1, tuple(Piece(cg.new_space(node, b - a, offset=a if len(bounds) > 2 else None), 0, b - a)
+                                     for a, b in zip(bounds, bounds[1:])))
         cg.params.append(ParamUse(node, wkey, 0, out, "producer"))
         if b is not None:
             cg.params.append(ParamUse(node, bkey, 0, out, "producer"))
@@ -86,6 +88,42 @@ def on_layer(cg: ChannelGraph, node: fx.Node, layer) -> Layout | None:
     if b is not None:
         cg.params.append(ParamUse(node, bkey, 0, out, "producer"))
     return out
+
+
+_VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
+_SPLITS = (aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default)
+
+
+def _split_points(node: fx.Node, axis: int, size: int) -> list[int]:
+    """Where the users of a linear layer's output split its channels (a fused projection: GPT-2's
+    ``c_attn`` split into q, k and v, Phi-3's ``qkv_proj`` sliced into them, a fused gate/up): the
+    interior cut points of ``split``/``chunk``/``slice`` users along the channel axis, reached
+    through views that keep it. Each part becomes a space of its own (as if the layer were one
+    linear per part), so that parts tied position-wise (q, k and v heads at the attention) form a
+    group instead of being refused as different ranges of one space."""
+    cur = node
+    while len(cur.users) == 1:
+        u = next(iter(cur.users))
+        uv = u.meta.get("val")
+        if u.target not in _VIEWS or not isinstance(uv, torch.Tensor) or uv.dim() < 1 or \
+                static(uv.shape[-1]) != size or axis != rank_of(cur) - 1:
+            break
+        cur, axis = u, uv.dim() - 1
+    cuts: set[int] = set()
+    for u in cur.users:
+        if u.target in _SPLITS and norm_dim(arg(u, 2, "dim", 0), rank_of(cur)) == axis:
+            pos = 0
+            for o in u.meta["val"][:-1]:
+                pos += static(o.shape[axis]) or 0
+                cuts.add(pos)
+        elif u.target is aten.slice.Tensor and norm_dim(arg(u, 1, "dim", 0), rank_of(cur)) == axis and \
+                arg(u, 4, "step", 1) == 1:
+            for b in (arg(u, 2, "start", None), arg(u, 3, "end", None)):
+                if isinstance(b, int):
+                    cuts.add(min(max(norm_dim(b, size), 0), size))
+        else:
+            return []                    # the whole projection is read somewhere: one space
+    return sorted(c for c in cuts if 0 < c < size)
 
 
 def on_batch_norm(cg: ChannelGraph, node: fx.Node, bn) -> Any:

@@ -112,6 +112,7 @@ class Space:
     mult: int = 1
     unit: int | None = None
     virtual: bool = False      # a repeated key/value tensor's heads: no producer, no weights
+    offset: int | None = None  # one part of a fused projection: its first output channel
 
 
 @dataclass

@@ -125,24 +125,26 @@ graph(%x : f32[3,8]):
 
 
 class GPT2Conv1D(nn.Module):
-    """HF GPT-2's ``Conv1D`` (``addmm(bias, x.view(-1, nx), weight).view(...)``, weight ``[nx, nf]``) and a
-    3-D ``x @ weight``."""
+    """HF GPT-2's ``Conv1D`` (``addmm(bias, x.view(-1, nx), weight).view(...)``, weight ``[nx, nf]``), a
+    3-D ``x @ weight``, and Falcon's ``FalconLinear`` (``x @ self.weight.T``, weight ``[out, in]``)."""
 
     def __init__(self):
         super().__init__()
         self.weight, self.bias = nn.Parameter(torch.randn(8, 12)), nn.Parameter(torch.randn(12))
         self.proj = nn.Parameter(torch.randn(12, 8))
+        self.falcon = nn.Parameter(torch.randn(6, 8))
 
     def forward(self, x):
         size_out = x.size()[:-1] + (12,)
         h = torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight).view(size_out)
-        return torch.tanh(h) @ self.proj
+        return torch.tanh(torch.tanh(h) @ self.proj) @ self.falcon.T
 
 
-def test_gpt2_conv1d_becomes_linear_layers():
+def test_gpt2_conv1d_and_falcon_linear_become_linear_layers():
     out = run_pass("canonicalize", GPT2Conv1D(), (torch.randn(2, 5, 8),))
-    assert out.stats("canonicalize")["constant-matmul-to-linear"] == 2
-    assert out.text.count("aten.linear(") == 2 and "addmm" not in out.text and "matmul" not in out.text
+    assert out.stats("canonicalize")["constant-matmul-to-linear"] == 3
+    assert out.text.count("aten.linear(") == 3 and "addmm" not in out.text and "matmul" not in out.text
+    assert "aten.linear(%tanh_1, %falcon)" in out.text and "permute" not in out.text   # W.T read as W itself
 
 
 class ConstantMatmulRefused(nn.Module):

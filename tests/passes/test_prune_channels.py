@@ -322,22 +322,66 @@ def test_grouped_conv_is_refused_not_broken():
 
 
 class Fused(nn.Module):
-    """q, k, v split out of one linear: their heads are different channel ranges of one space."""
+    """q, k, v split out of one linear (GPT-2's ``c_attn``); ``whole``: the fused output is also read whole
+    (then its parts are different channel ranges of one space, and refused)."""
 
-    def __init__(self):
+    def __init__(self, whole=False):
         super().__init__()
+        self.whole = whole
         self.qkv, self.o = nn.Linear(8, 24), nn.Linear(8, 8)
 
     def forward(self, x):
-        q, k, v = (t.view(2, 3, 2, 4).transpose(1, 2) for t in self.qkv(x).split(8, -1))
-        return self.o(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(2, 3, 8))
+        qkv = self.qkv(x)
+        q, k, v = (t.view(2, 3, 2, 4).transpose(1, 2) for t in qkv.split(8, -1))
+        out = self.o(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(2, 3, 8))
+        return out + qkv.mean(-1, keepdim=True) if self.whole else out
 
 
-def test_fused_qkv_is_refused():
-    _, _, report = prune("prune-heads", Fused(), (torch.randn(2, 3, 8),))
+def test_fused_qkv_heads_are_pruned():
+    # each part of the fused projection is a space of its own; q, k and v heads tie them into one group
+    model = Fused()
+    with torch.no_grad():
+        model.qkv.weight[4:8] *= 10            # q head 1 carries the weight
+    original, new, report = prune("prune-heads", model, (torch.randn(2, 3, 8),))
+    st = report.stats("prune-heads")
+    assert (st["groups"], st["pruned"], st["channels_before"], st["channels_after"]) == (1, 1, 8, 4)
+    assert new.meta["prune_plan"].keep == {"linear[0:8]": (4, 5, 6, 7)}
+    w = new.graph_module.qkv_weight_pruned
+    assert torch.equal(w, original.graph_module.qkv.weight[[4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23]])
+    assert "aten.split_with_sizes(%linear, [4, 4, 4], -1)" in format_text(new, with_source=False)
+    assert_exact_surgery(original, new)
+
+
+class FusedGQASlices(nn.Module):
+    """Phi-3: one ``qkv_proj`` sliced into 4 query heads and 2 key/value heads each, repeat_kv after."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv, self.o = nn.Linear(16, 32), nn.Linear(16, 16)
+
+    def forward(self, x):
+        b, s, _ = x.shape
+        qkv = self.qkv(x)
+        q, k, v = qkv[..., :16], qkv[..., 16:24], qkv[..., 24:]
+        q = q.view(b, s, 4, 4).transpose(1, 2)
+        k, v = (t.view(b, s, 2, 4).transpose(1, 2)[:, :, None].expand(b, 2, 2, s, 4).reshape(b, 4, s, 4)
+                for t in (k, v))
+        return self.o(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, s, 16))
+
+
+def test_fused_grouped_query_projection_sliced_is_pruned():
+    original, new, report = prune("prune-heads", FusedGQASlices(), (torch.randn(2, 5, 16),))
+    st = report.stats("prune-heads")
+    assert (st["pruned"], st["channels_before"], st["channels_after"]) == (1, 8, 4)
+    assert tuple(new.graph_module.qkv_weight_pruned.shape) == (16, 16)     # 2 query heads + 1 k + 1 v head
+    assert_exact_surgery(original, new)
+
+
+def test_fused_qkv_read_whole_is_refused():
+    _, _, report = prune("prune-heads", Fused(whole=True), (torch.randn(2, 3, 8),))
     rec = report.record("prune-heads")
     assert not rec.modified
-    assert any("different channel ranges" in why for _, _, why in rec.rejections)
+    assert any("different channel ranges" in why for _, _, why in rec.rejections), rec.rejections
 
 
 class NormedChannels(nn.Module):
