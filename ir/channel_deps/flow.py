@@ -110,10 +110,12 @@ def on_reshape(cg: ChannelGraph, node: fx.Node) -> Layout:
             pieces = tuple(Piece(p.space, p.start, p.stop, 1, p.rep * inner) if p.space is not None
                            else Piece(None, 0, p.stop * inner) for p in lay.pieces)
             res = Layout(non1_out[0], pieces)
-        elif sub is not None and non1_in == [lay.axis, sub] and \
-                all(p.space is None or p.per == static(ins[sub]) for p in lay.pieces):
-            pieces = tuple(Piece(p.space, p.start, p.stop) if p.space is not None
-                           else Piece(None, 0, p.stop * inner) for p in lay.pieces)
+        elif sub is not None and non1_in == [lay.axis, sub] and all(p.rep == 1 for p in lay.pieces):
+            # heads back into channels: channel for channel where the head dim is whole; else (each
+            # head's fused q/k/v split along it) head for head, ``inner`` positions each
+            pieces = tuple(Piece(None, 0, p.stop * inner) if p.space is None else
+                           Piece(p.space, p.start, p.stop) if p.per == inner else
+                           Piece(p.space, p.start, p.stop, p.per, inner) for p in lay.pieces)
             res = Layout(non1_out[0], pieces)
         elif len(non1_in) == 2 and _repeated_along(x, non1_in[1:]) and any(p.per > 1 for p in lay.pieces):
             # grouped-query attention's repeat_kv (unsqueeze, expand, reshape): every key/value head

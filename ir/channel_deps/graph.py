@@ -226,7 +226,11 @@ class ChannelGraph:
                         return None
                     out.append(Piece(p.space, p.start + lo // p.rep, p.start + hi // p.rep, 1, p.rep))
                 else:
-                    out.append(Piece(p.space, p.start + lo * p.per, p.start + hi * p.per, p.per, 1))
+                    if lo % p.rep or hi % p.rep:
+                        self.refuse([lay], node, "a slice cuts inside a head")
+                        return None
+                    out.append(Piece(p.space, p.start + lo // p.rep * p.per, p.start + hi // p.rep * p.per, p.per,
+                                     p.rep))
             pos += n
         res = Layout(lay.axis, merge_pieces(out), lay.sub_axis)
         self._cut(res, node)
@@ -241,7 +245,7 @@ class ChannelGraph:
             if p.space is None:
                 pieces.append(Piece(None, 0, p.stop * n_rep))
                 continue
-            if p.per == 1 or p.start != 0 or p.stop != self.spaces[p.space].size:
+            if p.per == 1 or p.rep != 1 or p.start != 0 or p.stop != self.spaces[p.space].size:
                 raise Refused("grouped-query attention repeats channels that are not whole heads of one "
                               "projection")
             sid = len(self.spaces)
@@ -353,7 +357,8 @@ class ChannelGraph:
                 if p.per == 1:
                     out.extend(pos + (c - p.start) * p.rep + j for c in chans for j in range(p.rep))
                 else:
-                    out.extend(pos + (c - p.start) // p.per for c in chans if (c - p.start) % p.per == 0)
+                    out.extend(pos + (c - p.start) // p.per * p.rep + j for c in chans if (c - p.start) % p.per == 0
+                               for j in range(p.rep))
                 changed = changed or len(chans) != p.stop - p.start
             pos += n
         return out if changed else None
@@ -372,7 +377,9 @@ class ChannelGraph:
                     j = torch.arange(n)
                     out.append((r, pos + j, self.root_channels(p.space, p.start + j // p.rep), 1.0))
                 else:
-                    out.append((r, pos + k // p.per, self.root_channels(p.space, p.start + k), 1.0 / p.per))
+                    for j in range(p.rep):
+                        out.append((r, pos + k // p.per * p.rep + j, self.root_channels(p.space, p.start + k),
+                                    1.0 / p.per))
             pos += n
         return out
 

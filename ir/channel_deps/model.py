@@ -18,7 +18,10 @@ class Piece:
     """Channels ``[start, stop)`` of space ``space`` laid out along an axis.
 
     ``space is None``: ``stop`` positions that belong to no prunable space (kept whole).
-    ``per`` channels per position (heads), ``rep`` positions per channel (flatten); one is 1.
+    ``per`` channels per position (heads), ``rep`` positions per channel (flatten); one is 1 -- or
+    both above 1: heads merged back into channels with a head dim of ``rep`` positions that is
+    not their ``per`` channels (GPT-NeoX splits each head's ``3D`` fused q/k/v channels into ``D``
+    each): head ``h`` spans positions ``[h*rep, (h+1)*rep)``, which channel of it each holds unknown.
     """
 
     space: int | None
@@ -32,7 +35,7 @@ class Piece:
         n = self.stop - self.start
         if self.space is None:
             return n
-        return n * self.rep if self.per == 1 else n // self.per
+        return n * self.rep if self.per == 1 else n // self.per * self.rep
 
 
 @dataclass(frozen=True)

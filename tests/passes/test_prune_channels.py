@@ -520,3 +520,33 @@ def test_a_tiled_key_value_repeat_is_not_taken_for_repeat_kv():
     assert not rec.modified
     assert any("aten.repeat is not known to preserve channels" in why for _, _, why in rec.rejections), \
         rec.rejections
+
+
+class PerHeadFusedQKV(nn.Module):
+    """GPT-NeoX: one projection viewed as ``[H, 3D]`` (each head's q, k and v rows together), chunked
+    along the head dim; the attention output merged back from heads of ``D``."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv, self.o = nn.Linear(16, 48), nn.Linear(16, 16)
+
+    def forward(self, x):
+        b, s, _ = x.shape
+        q, k, v = self.qkv(x).view(b, s, 4, 12).transpose(1, 2).chunk(3, dim=-1)
+        return self.o(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, s, 16))
+
+
+def test_per_head_fused_qkv_prunes_whole_heads():
+    model = PerHeadFusedQKV()
+    with torch.no_grad():
+        model.qkv.weight[12:24] *= 10          # head 1 (its q, k and v rows) carries the weight
+    original, new, report = prune("prune-heads{ratio=0.5}", model, (torch.randn(2, 5, 16),))
+    st = report.stats("prune-heads")
+    assert (st["pruned"], st["channels_before"], st["channels_after"]) == (1, 48, 24), \
+        report.record("prune-heads").rejections
+    keep = new.meta["prune_plan"].keep["linear"]
+    assert len(keep) == 24 and set(range(12, 24)) <= set(keep)     # whole heads of 12 rows, head 1 among them
+    kept_heads = sorted({c // 12 for c in keep})
+    o_cols = [h * 4 + j for h in kept_heads for j in range(4)]
+    assert torch.equal(new.graph_module.o_weight_pruned, original.graph_module.o.weight[:, o_cols])
+    assert_exact_surgery(original, new)
