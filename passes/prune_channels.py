@@ -236,7 +236,7 @@ def apply_plan(gm: fx.GraphModule, plan: PrunePlan, *, pass_name: str | None = "
         _replace_param(gm, pu, t.detach().index_select(pu.dim, sel), t, "_pruned", pass_name, mask)
         touched += 1
     for su in cg.shapes:
-        touched += _apply_shape(su, cg, kept)
+        touched += _apply_shape(su, cg, kept, gm, pass_name)
     mode = fake_mode_of(gm)
     for node in gm.graph.nodes:
         if node.op == "call_function":
@@ -244,11 +244,23 @@ def apply_plan(gm: fx.GraphModule, plan: PrunePlan, *, pass_name: str | None = "
     return touched
 
 
-def _apply_shape(su: ShapeUse, cg: ChannelGraph, kept: dict[int, list[int]]) -> int:
+def _apply_shape(su: ShapeUse, cg: ChannelGraph, kept: dict[int, list[int]], gm: fx.GraphModule,
+                 pass_name: str | None) -> int:
     idx = cg.kept_positions(su.layout, kept)
     if idx is None:
         return 0
     node = su.node
+    if su.kind == "select":
+        src = get_arg(node, su.key)
+        target = add_attr(gm, f"{src.name}_kept", _index(idx, src.meta["val"].device))
+        with gm.graph.inserting_before(node):
+            index = gm.graph.get_attr(target)
+            carry_meta(index, node, pass_name)
+            infer_val(index, fake_mode_of(gm))
+            sel = gm.graph.call_function(aten.index_select.default, (src, su.index, index))
+            carry_meta(sel, node, pass_name)
+        set_arg(node, su.key, sel)
+        return 1
     if su.kind == "sizes":
         sizes = list(node.args[su.key])
         if sizes[su.index] == -1:

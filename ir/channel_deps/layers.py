@@ -247,7 +247,12 @@ def on_sdpa(cg: ChannelGraph, node: fx.Node) -> Layout:
             raise Refused("channels flow into an attention mask")
         d = merged.axis - (rank_of(q) - rank_of(mask))
         if d >= 0 and static(shape_of(mask)[d]) != 1:
-            raise Refused(f"an attention mask %{mask.name} is per head")
+            if static(shape_of(mask)[d]) != merged.size:
+                raise Refused(f"an attention mask %{mask.name} is per head")
+            # a bias per head (T5's relative bias, BEiT's and Swin's position tables): this attention
+            # reads the kept heads' rows of it (an index_select inserted for it alone: the bias may
+            # be shared by other layers, which keep other heads)
+            cg.shapes.append(ShapeUse(node, "select", merged, key=arg_key(node, 3, "attn_mask"), index=d))
     sub = lays[2].sub_axis if lays[2].sub_axis == rank_of(v) - 1 else None
     return Layout(merged.axis, merged.pieces, None if sub is None else rank_of(node) - 1)
 

@@ -287,3 +287,21 @@ def test_pruning_heads_through_a_fused_qkv_projection(name, fused):
     with torch.no_grad():
         got, want = pruned.graph_module(*inputs)[0], zeroed.graph_module(*inputs)[0]
     assert float((got - want).abs().max() / want.abs().max()) < 1e-5
+
+
+@pytest.mark.parametrize("name, groups", [("gpt_neox", 2), ("t5", 6), ("swin", 2), ("mpnet", 2)])
+def test_pruning_heads_through_per_head_idioms(name, groups):
+    """GPT-NeoX's per-head fused q/k/v (``[H, 3D]``, chunked), and per-head attention biases (T5's shared
+    relative bias, Swin's position tables, MPNet's relative bias): every attention's heads pruned, exactly."""
+    from optc.passes.prune_channels import zero_removed_channels
+    model, inputs = hf_corpus.build(name)
+    before, _ = optc.optimize(optc.capture(model, inputs), "default", "torchscript:cpu")
+    pruned, report = optc.optimize(before, "prune-heads", "torchscript:cpu")
+    record = report.record("prune-heads")
+    assert (record.stats["groups"], record.stats["pruned"]) == (groups, groups), record.rejections
+    zeroed = zero_removed_channels(before, pruned.meta["prune_plan"])
+    with torch.no_grad():
+        got, want, full = pruned.graph_module(*inputs)[0], zeroed.graph_module(*inputs)[0], \
+            before.graph_module(*inputs)[0]
+    assert float((got - want).abs().max() / want.abs().max()) < 1e-5
+    assert float((got - full).abs().max() / full.abs().max()) > 1e-3     # heads were removed

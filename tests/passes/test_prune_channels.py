@@ -550,3 +550,36 @@ def test_per_head_fused_qkv_prunes_whole_heads():
     o_cols = [h * 4 + j for h in kept_heads for j in range(4)]
     assert torch.equal(new.graph_module.o_weight_pruned, original.graph_module.o.weight[:, o_cols])
     assert_exact_surgery(original, new)
+
+
+class SharedHeadBias(nn.Module):
+    """T5: one relative-position bias per head, computed once and read by the attention of every layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.table = nn.Embedding(8, 4)
+        self.blocks = nn.ModuleList(TinyBlock("sdpa") for _ in range(2))
+
+    def forward(self, x):
+        b, s, c = x.shape
+        pos = torch.arange(s)
+        bias = self.table((pos[None, :] - pos[:, None]).clamp(-4, 3) + 4).permute(2, 0, 1).unsqueeze(0)
+        for blk in self.blocks:
+            q, k, v = (m(x).view(b, s, 4, 4).transpose(1, 2) for m in (blk.q, blk.k, blk.v))
+            a = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+            x = x + blk.o(a.transpose(1, 2).reshape(b, s, c))
+        return x
+
+
+def test_a_per_head_attention_bias_shared_by_layers_is_read_per_layer():
+    model = SharedHeadBias()
+    with torch.no_grad():                      # layer 0 keeps heads 0 and 1, layer 1 heads 2 and 3
+        model.blocks[0].q.weight[:8] *= 10
+        model.blocks[1].q.weight[8:] *= 10
+    original, new, report = prune("prune-heads{ratio=0.5}", model, (torch.randn(2, 6, 16),))
+    assert report.stats("prune-heads")["pruned"] == 2
+    sel = [n for n in new.graph.nodes if n.target is torch.ops.aten.index_select.default]
+    assert len(sel) == 2 and sel[0].args[0] is sel[1].args[0]          # one bias, read by each layer
+    kept = [getattr(new.graph_module, n.args[2].target).tolist() for n in sel]
+    assert kept == [[0, 1], [2, 3]]
+    assert_exact_surgery(original, new)
