@@ -372,23 +372,6 @@ class NegInfPaddingMask(nn.Module):
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
-@pytest.mark.parametrize("backend", BACKENDS + ["openvino"])
-def test_neg_inf_mask_with_a_fully_masked_row(backend):
-    if backend == "openvino":
-        pytest.importorskip("openvino")
-    torch.manual_seed(0)
-    q, k, v = (torch.randn(2, 2, 4, 8) for _ in range(3))
-    pad = torch.ones(2, 4)
-    pad[1] = 0.0
-    pad[0, -1] = 0.0
-    model = NegInfPaddingMask().eval()
-    assert torch.equal(model(q, k, v, pad)[1], torch.zeros(2, 4, 8))
-    compiled, report = _compile_and_compare(model, (q, k, v, pad), backend)
-    assert torch.isfinite(compiled(q, k, v, pad)).all()
-    fired = report.backend_stage.stats("legalize").get("sdpa-masked-rows-as-zeros", 0)
-    assert fired == (1 if backend in ("onnx", "openvino") else 0)
-
-
 class MaskInput(nn.Module):
     """An additive mask the caller passes in, added to a causal one built with the dtype's minimum: nothing
     in the graph says whether the input holds ``-inf``, so fully masked rows are made zeros as torch
@@ -399,18 +382,30 @@ class MaskInput(nn.Module):
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask + causal)
 
 
+def _neg_inf_case(case):
+    """(model, fourth input) of a mask with a fully masked batch row: built in the model from a 0/1
+    padding input, or passed in as an additive mask."""
+    if case == "built":
+        pad = torch.ones(2, 4)
+        pad[1] = 0.0
+        pad[0, -1] = 0.0
+        return NegInfPaddingMask().eval(), pad
+    mask = torch.zeros(2, 1, 1, 4)
+    mask[1] = float("-inf")                          # batch row 1: every key masked
+    mask[0, ..., 2] = float("-inf")
+    return MaskInput().eval(), mask
+
+
+@pytest.mark.parametrize("case", ["built", "passed_in"])
 @pytest.mark.parametrize("backend", BACKENDS + ["openvino"])
-def test_neg_inf_mask_passed_in_with_a_fully_masked_row(backend):
+def test_neg_inf_mask_with_a_fully_masked_row(backend, case):
     if backend == "openvino":
         pytest.importorskip("openvino")
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 2, 4, 8) for _ in range(3))
-    mask = torch.zeros(2, 1, 1, 4)
-    mask[1] = float("-inf")                          # batch row 1: every key masked
-    mask[0, ..., 2] = float("-inf")
-    model = MaskInput().eval()
-    assert torch.equal(model(q, k, v, mask)[1], torch.zeros(2, 4, 8))
-    compiled, report = _compile_and_compare(model, (q, k, v, mask), backend)
-    assert torch.isfinite(compiled(q, k, v, mask)).all()
+    model, m = _neg_inf_case(case)
+    assert torch.equal(model(q, k, v, m)[1], torch.zeros(2, 4, 8))
+    compiled, report = _compile_and_compare(model, (q, k, v, m), backend)
+    assert torch.isfinite(compiled(q, k, v, m)).all()
     assert report.backend_stage.stats("legalize").get("sdpa-masked-rows-as-zeros", 0) == \
         (1 if backend in ("onnx", "openvino") else 0)
