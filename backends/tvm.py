@@ -57,7 +57,7 @@ from optc.backends.base import (
     target_from_manifest,
 )
 from optc.errors import ArtifactError, BackendUnavailableError, LoweringError
-from optc.memory import page_out_mapped, release_heap
+from optc.memory import page_out_mapped, release_heap, release_mapped
 from optc.ir.program import Program
 from optc.ir.source import node_source
 from optc.target import Target
@@ -301,7 +301,15 @@ def _transformed(vm, params) -> tuple:
     import tvm
     if params is None:
         return ()
-    return tuple(vm["main_transform_params"]([tvm.runtime.from_dlpack(_aligned(t)) for t in params]))
+    args = []
+    for t in params:
+        a = _aligned(t)
+        if a.data_ptr() != t.data_ptr():
+            # an aligned copy of a weight memory-mapped from the compile's weight files: the file's
+            # pages it was read from are handed back, not held beside the copy (optc.memory)
+            release_mapped([t])
+        args.append(tvm.runtime.from_dlpack(a))
+    return tuple(vm["main_transform_params"](args))
 
 
 def _aligned(t: torch.Tensor, align: int = 64) -> torch.Tensor:

@@ -17,6 +17,8 @@ prints as "Maximum resident set size") is its own:
   ``optc.compile(..., backend="onnx", weights=[model.safetensors, rotary buffers])``: the weights
   memory-mapped from a safetensors file written beforehand by another process (the rotary
   ``inv_freq`` buffers, which no checkpoint holds, computed by a real rotary module);
+- ``optc-torchscript-meta``, ``optc-tvm-meta``, ``optc-openvino-meta``: the same to the other
+  backends;
 - ``optc-torchscript-bf16-meta``: the same from a meta model to TorchScript with
   ``default,to-half{dtype=bfloat16}`` (the weights cast to bfloat16 as they are read; the error
   against eager float32 is bfloat16's);
@@ -41,9 +43,11 @@ import tempfile
 import time
 
 ROUTES = ("plain", "optc-onnx", "optc-torchscript", "optc-tvm", "optc-openvino", "optc-onnx-meta",
-          "optc-torchscript-bf16-meta", "optc-onnx-int8-meta")
+          "optc-torchscript-meta", "optc-tvm-meta", "optc-openvino-meta", "optc-torchscript-bf16-meta",
+          "optc-onnx-int8-meta")
 # the meta routes: backend and pipeline
-META = {"optc-onnx-meta": ("onnx", "default"),
+META = {"optc-onnx-meta": ("onnx", "default"), "optc-torchscript-meta": ("torchscript", "default"),
+        "optc-tvm-meta": ("tvm", "default"), "optc-openvino-meta": ("openvino", "default"),
         "optc-torchscript-bf16-meta": ("torchscript", "default,to-half{dtype=bfloat16}"),
         "optc-onnx-int8-meta": ("onnx", "default,insert-qdq{scheme=dynamic}")}
 
@@ -147,8 +151,8 @@ def _child(route: str, layers: int, hidden: int, seq: int) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--routes", nargs="+", default=[r for r in ROUTES if r != "optc-openvino"], choices=ROUTES,
-                    help="default: all but optc-openvino (the openvino extra)")
+    ap.add_argument("--routes", nargs="+", default=[r for r in ROUTES if "openvino" not in r], choices=ROUTES,
+                    help="default: all but the OpenVINO routes (the openvino extra)")
     ap.add_argument("--layers", type=int, default=24)
     ap.add_argument("--hidden", type=int, default=1024)
     ap.add_argument("--seq", type=int, default=128)
