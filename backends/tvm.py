@@ -296,20 +296,38 @@ class TVMModel(CompiledModel):
 
 
 def _transformed(vm, params) -> tuple:
-    """``main``'s weight arguments: ``main_transform_params`` of ``params`` (torch tensors shared
-    through DLPack), or nothing when the library has its weights bound."""
+    """``main``'s weight arguments: the weight transforms of ``params`` (torch tensors shared
+    through DLPack), or nothing when the library has its weights bound. Run group by group where
+    the library has them (``tvm_schedule/split_params.py``): a weight's aligned copy, when it
+    needs one, lives only while its group is transformed."""
     import tvm
+    from optc.backends.tvm_schedule.split_params import GROUP_PREFIX, GROUPS
     if params is None:
         return ()
-    args = []
-    for t in params:
-        a = _aligned(t)
-        if a.data_ptr() != t.data_ptr():
-            # an aligned copy of a weight memory-mapped from the compile's weight files: the file's
-            # pages it was read from are handed back, not held beside the copy (optc.memory)
-            release_mapped([t])
-        args.append(tvm.runtime.from_dlpack(a))
-    return tuple(vm["main_transform_params"](args))
+    params = list(params)
+    try:
+        table = vm[GROUPS]().numpy().astype("int64").reshape(-1, 3)
+    except Exception:  # noqa: BLE001 - a library without the split (one group, or built before it)
+        return tuple(vm["main_transform_params"]([_weight_arg(t) for t in params]))
+    groups: dict[int, tuple[list[int], list[int]]] = {}
+    for g, kind, index in table.tolist():
+        groups.setdefault(g, ([], []))[kind].append(index)
+    outputs: dict[int, object] = {}
+    for g in sorted(groups):
+        inputs, outs = groups[g]
+        res = vm[f"{GROUP_PREFIX}{g}"]([_weight_arg(params[i]) for i in inputs])
+        outputs.update(zip(outs, res))
+    return tuple(outputs[j] for j in range(len(outputs)))
+
+
+def _weight_arg(t: torch.Tensor):
+    """A weight as a TVM argument: shared, or an aligned copy (then the pages of a weight file it was
+    read from are handed back rather than held beside the copy: optc.memory)."""
+    import tvm
+    a = _aligned(t)
+    if a.data_ptr() != t.data_ptr():
+        release_mapped([t])
+    return tvm.runtime.from_dlpack(a)
 
 
 def _aligned(t: torch.Tensor, align: int = 64) -> torch.Tensor:

@@ -62,6 +62,15 @@ def import_program(ep: torch.export.ExportedProgram, convert_map: dict | None, k
     from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
     decomposed = ep.run_decompositions()
     importer = ExportedProgramImporter()
+    if keep_params:
+        # the importer converts every parameter to a TVM tensor for main's "params" attribute, which
+        # is dropped below (the Program's own tensors are the weights): a copy of every weight that
+        # is not 64-byte aligned (all of a safetensors file's), and the file pages read for it.
+        # Parameters get an empty placeholder instead; buffers and constants (bound) are converted.
+        import tvm
+        own = {id(t) for t in dict(decomposed.named_parameters()).values()}
+        convert, placeholder = importer._convert_pytorch_tensor_to_tvm, tvm.runtime.empty((0,), "float32")
+        importer._convert_pytorch_tensor_to_tvm = lambda t: placeholder if id(t) in own else convert(t)
     mod = importer.from_exported_program(decomposed, keep_params, False, False, convert_map)
     params = None
     if keep_params:

@@ -162,11 +162,13 @@ def build_pipeline(target: Target, layout: str = "NHWC", database=None, *, pre_s
     ``pre_scheduled``: the module already went through :func:`pre_schedule_pipeline`.
     ``lift_params``: ``main`` takes the weights as arguments (after its ``num_input`` inputs):
     what computes only on them (transposes, the CPU schedules' weight repacking) moves to
-    ``main_transform_params`` (``LiftTransformParams``), which the model runs once when it loads."""
+    ``main_transform_params`` (``LiftTransformParams``), which the model runs once when it loads,
+    group of weights by group (``split_params.py``)."""
     passes = [] if pre_scheduled else pre_schedule_passes(target, layout)
     passes += schedule_passes(target, database)
     if lift_params:
-        passes.append(relax.transform.LiftTransformParams())
+        from optc.backends.tvm_schedule.split_params import split_transform_params
+        passes += [relax.transform.LiftTransformParams(), split_transform_params]
     passes += lower_passes(target)
     return _in_target(target, passes, "OptcBuild")
 

@@ -9,6 +9,7 @@ import os
 import sys
 
 import pytest
+import numpy as np
 import torch
 
 import optc
@@ -488,6 +489,24 @@ def test_weights_by_reference(tmp_path):
         f.write(b"\0" * 8)
     with pytest.raises(ArtifactError, match="params.pt"):
         optc.load(path)
+
+
+def test_weights_by_reference_are_transformed_group_by_group():
+    """The weight transforms run one group of weights at a time (each aligned copy lives only for its
+    group): the library lists the groups, and group by group gives what main_transform_params gives."""
+    import tvm
+    from optc.backends.tvm import _transformed
+    torch.manual_seed(0)
+    model = _QKVBlock().eval()
+    compiled, _ = optc.compile(model, (torch.randn(2, 5, 64),), backend="tvm", params="reference")
+    table = compiled.vm["optc_transform_params_groups"]().numpy().reshape(-1, 3)
+    groups = {int(g) for g in table[:, 0]}
+    assert len(groups) == len(compiled.params) == 9     # q, k, v (weights, biases), out (no bias), norm (2)
+    assert sorted(table[table[:, 1] == 0][:, 2].tolist()) == list(range(9))    # every weight read once
+    whole = compiled.vm["main_transform_params"]([tvm.runtime.from_dlpack(t.detach().contiguous().clone())
+                                                   for t in compiled.params])
+    split = _transformed(compiled.vm, compiled.params)
+    assert len(split) == len(whole) and all(np.array_equal(a.numpy(), b.numpy()) for a, b in zip(split, whole))
 
 
 def test_weights_by_reference_bad_options(captured_structured):

@@ -1,0 +1,112 @@
+"""``main_transform_params`` split into one function per independent group of weights.
+
+With weights by reference (``params="reference"``), ``LiftTransformParams`` moves what computes on
+the weights alone (transposes, the CPU schedules' weight repacking) into ``main_transform_params``,
+which takes every weight and returns every transformed one in one call: its inputs (64-byte
+aligned copies where a weight is not aligned, as TVM requires) and its outputs are all alive at
+once. Nearly every output depends on one weight, so the transform splits: this pass adds
+``optc_transform_params_<k>`` for each group of outputs that share their inputs (the tuple of
+that group's weights -> the tuple of its outputs), and ``optc_transform_params_groups``, which
+returns an ``int64 [n, 3]`` tensor of ``(group, 0 = input / 1 = output, index)`` rows, so that
+a loaded library says how to call them. The model then transforms the weights group by group
+(``backends/tvm.py``, ``_transformed``), each aligned copy freed before the next is made.
+``main_transform_params`` stays (what a library built before this pass has).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tvm
+from tvm import relax
+
+TRANSFORM = "main_transform_params"
+GROUP_PREFIX = "optc_transform_params_"
+GROUPS = "optc_transform_params_groups"
+
+
+def _groups(func: relax.Function) -> list[tuple[list[int], list[int]]] | None:
+    """``[(input indices, output indices)]`` of ``func``'s outputs grouped by the weights they read,
+    or None when its body is not one dataflow block of bindings returning a tuple."""
+    if len(func.params) != 1 or not isinstance(func.body, relax.SeqExpr) or len(func.body.blocks) != 1:
+        return None
+    param = func.params[0]
+    bindings = func.body.blocks[0].bindings
+    reads: dict = {}                     # var -> set of weight indices it depends on
+    for b in bindings:
+        v = b.value
+        if isinstance(v, relax.TupleGetItem) and v.tuple_value.same_as(param):
+            reads[b.var] = {int(v.index)}
+            continue
+        deps: set[int] = set()
+        for u in relax.analysis.free_vars(v):
+            if u.same_as(param):
+                return None              # the whole tuple read at once: no split
+            deps |= reads.get(u, set())
+        reads[b.var] = deps
+    body = func.body.body
+    by_var = {b.var: b.value for b in bindings}
+    out = by_var.get(body, body) if isinstance(body, relax.Var) else body
+    if not isinstance(out, relax.Tuple):
+        return None
+    groups: dict[tuple, list[int]] = {}
+    for j, field in enumerate(out.fields):
+        key = tuple(sorted(reads.get(field, set()))) if isinstance(field, relax.Var) else ()
+        groups.setdefault(key, []).append(j)
+    return [(list(k), outs) for k, outs in groups.items()]
+
+
+def _group_function(func: relax.Function, inputs: list[int], outputs: list[int]) -> relax.Function:
+    """``func`` restricted to ``outputs``, reading only the weights ``inputs`` (a tuple of them)."""
+    param = func.params[0]
+    fields = param.ty.fields
+    new_param = relax.Var("params", relax.TupleType([fields[i] for i in inputs]))
+    position = {i: n for n, i in enumerate(inputs)}
+    bindings = func.body.blocks[0].bindings
+    body = func.body.body
+    by_var = {b.var: b.value for b in bindings}
+    out = by_var.get(body, body) if isinstance(body, relax.Var) else body
+    wanted = [out.fields[j] for j in outputs]
+    needed: set = set()
+    todo = [w for w in wanted if isinstance(w, relax.Var)]
+    while todo:
+        v = todo.pop()
+        if v in needed or v not in by_var:
+            continue
+        needed.add(v)
+        todo.extend(u for u in relax.analysis.free_vars(by_var[v]) if not u.same_as(param))
+    new_bindings = []
+    for b in bindings:
+        if b.var not in needed:
+            continue
+        value = b.value
+        if isinstance(value, relax.TupleGetItem) and value.tuple_value.same_as(param):
+            value = relax.TupleGetItem(new_param, position[int(value.index)])
+        new_bindings.append(relax.VarBinding(b.var, value))
+    result = relax.Var("out", relax.TupleType([w.ty for w in wanted]))
+    new_bindings.append(relax.VarBinding(result, relax.Tuple(wanted)))
+    seq = relax.SeqExpr([relax.DataflowBlock(new_bindings)], result)
+    new = relax.Function([new_param], seq, result.ty, is_pure=True)
+    new = new.with_attr("num_input", 0)
+    return relax.utils.copy_with_new_vars(new)
+
+
+@tvm.transform.module_pass(opt_level=0, name="OptcSplitTransformParams")
+def split_transform_params(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+    if TRANSFORM not in [gv.name_hint for gv in mod.functions]:
+        return mod
+    func = mod[TRANSFORM]
+    groups = _groups(func)
+    if not groups or len(groups) < 2:
+        return mod
+    mod = tvm.IRModule(dict(mod.functions), attrs=mod.attrs)
+    rows = []
+    for k, (inputs, outputs) in enumerate(groups):
+        f = _group_function(func, inputs, outputs).with_attr("global_symbol", f"{GROUP_PREFIX}{k}")
+        mod[f"{GROUP_PREFIX}{k}"] = f
+        rows += [(k, 0, i) for i in inputs] + [(k, 1, j) for j in outputs]
+    table = relax.const(np.array(rows, dtype="int64").reshape(-1, 3))
+    mod[GROUPS] = relax.Function([], table, table.ty, is_pure=True).with_attr("global_symbol", GROUPS)
+    return mod
+
+
+__all__ = ["GROUPS", "GROUP_PREFIX", "split_transform_params"]
