@@ -123,10 +123,12 @@ def on_reshape(cg: ChannelGraph, node: fx.Node) -> Layout:
             res = cg.repeat_heads(lay, inner, non1_out[0], new_sub, node)
         else:
             raise Refused("a reshape merges the channel axis with other dims")
-    elif non1_in == [lay.axis] and len(non1_out) == 2 and sub is None and \
+    elif non1_in == [lay.axis] and len(non1_out) >= 2 and sub is None and \
             all(p.per == 1 and p.rep == 1 for p in lay.pieces):
-        h_axis, d_axis = non1_out
-        dsz = static(outs[d_axis])
+        # channels into heads: (H, D), or (H, 3, D) (BLOOM's fused q/k/v per head; the last dim is
+        # the head dim the layout follows, the others are within each head too)
+        h_axis, d_axis = non1_out[0], non1_out[-1]
+        dsz = math.prod(static(outs[d]) for d in non1_out[1:])
         pieces, pos = [], 0
         for p in lay.pieces:
             n = p.positions

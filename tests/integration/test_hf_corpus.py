@@ -289,10 +289,11 @@ def test_pruning_heads_through_a_fused_qkv_projection(name, fused):
     assert float((got - want).abs().max() / want.abs().max()) < 1e-5
 
 
-@pytest.mark.parametrize("name, groups", [("gpt_neox", 2), ("t5", 6), ("swin", 2), ("mpnet", 2)])
+@pytest.mark.parametrize("name, groups", [("gpt_neox", 2), ("bloom", 2), ("t5", 6), ("swin", 2), ("mpnet", 2)])
 def test_pruning_heads_through_per_head_idioms(name, groups):
-    """GPT-NeoX's per-head fused q/k/v (``[H, 3D]``, chunked), and per-head attention biases (T5's shared
-    relative bias, Swin's position tables, MPNet's relative bias): every attention's heads pruned, exactly."""
+    """Per-head fused q/k/v (GPT-NeoX's ``[H, 3D]`` chunked, BLOOM's ``[H, 3, D]`` indexed) and per-head
+    attention biases (BLOOM's ALiBi, T5's shared relative bias, Swin's position tables, MPNet's
+    relative bias): every attention's heads pruned, exactly."""
     from optc.passes.prune_channels import zero_removed_channels
     model, inputs = hf_corpus.build(name)
     before, _ = optc.optimize(optc.capture(model, inputs), "default", "torchscript:cpu")

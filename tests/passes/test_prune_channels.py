@@ -583,3 +583,28 @@ def test_a_per_head_attention_bias_shared_by_layers_is_read_per_layer():
     kept = [getattr(new.graph_module, n.args[2].target).tolist() for n in sel]
     assert kept == [[0, 1], [2, 3]]
     assert_exact_surgery(original, new)
+
+
+class PerHeadFusedQKV3(nn.Module):
+    """BLOOM: one projection viewed as ``[H, 3, D]`` (each head's q, k and v rows together), q, k and v
+    picked by index along the ``3``."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv, self.o = nn.Linear(16, 48), nn.Linear(16, 16)
+
+    def forward(self, x):
+        b, s, _ = x.shape
+        qkv = self.qkv(x).view(b, s, 4, 3, 4)
+        q, k, v = (qkv[..., i, :].transpose(1, 2) for i in range(3))
+        return self.o(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, s, 16))
+
+
+def test_per_head_fused_qkv_viewed_in_three_dims_prunes_whole_heads():
+    original, new, report = prune("prune-heads{ratio=0.5}", PerHeadFusedQKV3(), (torch.randn(2, 5, 16),))
+    st = report.stats("prune-heads")
+    assert (st["pruned"], st["channels_before"], st["channels_after"]) == (1, 48, 24), \
+        report.record("prune-heads").rejections
+    keep = new.meta["prune_plan"].keep["linear"]
+    assert all(c % 12 == 0 for c in keep[::12]) and len(keep) == 24      # whole heads of 12 rows
+    assert_exact_surgery(original, new)
