@@ -239,7 +239,18 @@ def apply_plan(gm: fx.GraphModule, plan: PrunePlan, *, pass_name: str | None = "
         touched += _apply_shape(su, cg, kept, gm, pass_name)
     mode = fake_mode_of(gm)
     for node in gm.graph.nodes:
-        if node.op == "call_function":
+        if node.op != "call_function":
+            continue
+        try:
+            infer_val(node, mode)
+        except (RuntimeError, ValueError):
+            # a view torch.export recorded because the tensor it reads was laid out for it -- HF's
+            # sdpa attention: ``attn.transpose(1, 2).reshape(...)`` over an SDPA output whose
+            # memory layout depends on its head count -- may not be a view any more: a reshape
+            # computes the same values either way
+            if node.target not in (aten.view.default, aten._unsafe_view.default):
+                raise
+            node.target = aten.reshape.default
             infer_val(node, mode)
     return touched
 
