@@ -132,17 +132,41 @@ def _unconverted_ops(exc: BaseException) -> list[str]:
     return [op.strip() for op in m.group(1).split(",") if op.strip()] if m else []
 
 
-def _unconverted_error(ops: list[str], program: Program, route: str) -> LoweringError:
+_FAILED = re.compile(r"Conversion is failed for: ([^\n]+)")
+
+
+def _failed_conversion(exc: BaseException) -> tuple[list[str], str, str | None] | None:
+    """The ops OpenVINO's frontend tried and failed to convert (``aten.cat.default``; its own
+    ``SequenceMark`` left out), the last line of the first one's message (``Axis -2 out of the
+    tensor rank range [-1, 0].``) and the node it names (``cat_1``), or None."""
+    text = str(exc)
+    m = _FAILED.search(text)
+    if not m:
+        return None
+    ops = [op.strip() for op in m.group(1).split(",") if op.strip() and "." in op]
+    if not ops:
+        return None
+    start = text.find(f"-- {ops[0]} with a message:")
+    block = text[start:].split("\n-- ", 1)[0].split("\n\nSummary", 1)[0] if start >= 0 else ""
+    lines = [ln.strip() for ln in block.splitlines()[1:] if ln.strip()]
+    node = re.search(r"conversion of operation ([\w.]+)/" + re.escape(ops[0]), block)
+    return ops, (lines[-1] if lines else ""), (node.group(1) if node else None)
+
+
+def _unconverted_error(ops: list[str], program: Program, route: str, why: str | None = None,
+                       node_name: str | None = None) -> LoweringError:
     """A LoweringError naming the ops OpenVINO cannot convert, and the first node of the program
     that calls one of them (its op, name and the user's source line)."""
     from optc.backends.base import op_name
     from optc.backends.lowering import _find_node
     from optc.ir.source import node_source
     # OpenVINO writes ``aten.histc.default``; the lowering's node finder reads ``aten::histc.default``
-    node = _find_node(", ".join(op.replace(".", "::", 1) for op in ops), program)
-    msg = (f"OpenVINO ({route} route) has no conversion for {', '.join(ops)}"
-           + ("" if node is not None else " (an op torch.export's decompositions made; the program's own ops are "
-                                          "all convertible)"))
+    node = next((n for n in program.graph.nodes if n.name == node_name), None) if node_name else None
+    node = node or _find_node(", ".join(op.replace(".", "::", 1) for op in ops), program)
+    msg = (f"OpenVINO ({route} route) has no conversion for {', '.join(ops)}" if why is None else
+           f"OpenVINO ({route} route) failed to convert {', '.join(ops)}: {why}")
+    msg += "" if node is not None else (" (an op torch.export's decompositions made; the program's own ops are "
+                                        "all convertible)" if why is None else "")
     if node is None:
         return LoweringError(msg, backend="openvino")
     return LoweringError(msg, backend="openvino", op=op_name(node.target), node=node.name,
@@ -214,9 +238,13 @@ class OpenVINOBackend(Backend):
                     ov_model, workdir = self._via_onnx(ep, signature)
             except Exception as e:  # noqa: BLE001 - OpenVINO raises its own OpConversionFailure (a RuntimeError)
                 unconverted = _unconverted_ops(e)
-                if not unconverted:
-                    raise
-                raise _unconverted_error(unconverted, program, route) from e
+                if unconverted:
+                    raise _unconverted_error(unconverted, program, route) from e
+                failed = _failed_conversion(e)
+                if failed:
+                    raise _unconverted_error(failed[0], program, route, why=failed[1] or "no reason given",
+                                             node_name=failed[2]) from e
+                raise
         options = {"threads": threads, "route": route, "precision": precision}
         try:
             model = OpenVINOModel(ov_model, signature, target, threads=threads, precision=precision,

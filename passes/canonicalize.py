@@ -486,14 +486,15 @@ class DropEmptyCatOperand(RewriteRule):
         tensors = list(node.args[0])
         vals = [val(t) for t in tensors]
         out = val(node)
-        if out is None or not all(v is not None and _static(v) for v in vals):
+        if out is None or any(v is None for v in vals):
             return None
-        keep = [t for t, v in zip(tensors, vals) if v.numel() > 0]
+        # empty: a static dim of 0 (the other operands may have dynamic dims: a cache's sequence)
+        keep = [t for t, v in zip(tensors, vals) if not any(isinstance(d, int) and d == 0 for d in v.shape)]
         if len(keep) == len(tensors) or not keep:
             return None
         if len(keep) == 1:
             kv = val(keep[0])
-            if list(kv.shape) != list(out.shape) or kv.dtype != out.dtype:
+            if [str(d) for d in kv.shape] != [str(d) for d in out.shape] or kv.dtype != out.dtype:
                 return MatchResult.fail("the operand left is not of the result's shape and dtype")
             if any(u.op == "output" for u in node.users):
                 return MatchResult.fail("the concatenation is a graph output (it would alias its operand)")

@@ -122,3 +122,29 @@ def test_moe_routing_ops_are_decomposed_for_openvino():
     assert {"aten::histc", "aten::empty_like"} <= set(report.backend_stage.stats("decompose"))
     got, want = compiled(x), model(x)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+class _EmptyCacheCat(torch.nn.Module):
+    """transformers' first key/value cache update: ``torch.cat([torch.tensor([]), k], dim=-2)`` (torch's
+    legacy rule lets an empty 1-d tensor join any concatenation), here with a dynamic length."""
+
+    def forward(self, k):
+        return torch.cat([torch.tensor([]), k], dim=-2) * 2.0
+
+
+def test_an_op_openvino_fails_to_convert_is_named_with_its_reason():
+    # without canonicalize's drop-empty-cat-operand, OpenVINO's frontend fails on the concatenation
+    # (its Concat takes no rank-1 operand with axis -2); the error names the op, the node and why
+    k = torch.randn(2, 5, 8)
+    dynamic = ({1: torch.export.Dim("seq", min=2, max=32)},)
+    with pytest.raises(LoweringError) as info:
+        optc.compile(_EmptyCacheCat(), (k,), backend="openvino", pipeline="dce", dynamic_shapes=dynamic)
+    e = info.value
+    assert "OpenVINO (export route) failed to convert aten.cat.default: Axis -2 out of the tensor rank range" \
+        in str(e), str(e)
+    assert e.op == "aten::cat" and e.node == "cat" and "test_openvino.py" in e.source
+    # the default pipeline drops the empty operand, also with a dynamic length
+    compiled, report = optc.compile(_EmptyCacheCat(), (k,), backend="openvino", dynamic_shapes=dynamic)
+    assert report.pipeline.stats("canonicalize")["drop-empty-cat-operand"] == 1
+    k2 = torch.randn(2, 11, 8)
+    assert torch.equal(compiled(k2), k2 * 2.0)

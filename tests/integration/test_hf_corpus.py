@@ -187,10 +187,14 @@ def test_pruning_after_default_prunes_bert_heads(pipeline, stat):
     assert sum(is_op(n, aten.scaled_dot_product_attention.default) for n in optimized.graph.nodes) == 2
 
 
-@pytest.mark.parametrize("backend", ["onnx", "torchscript", "tvm"])
+@pytest.mark.parametrize("backend", EVERY_BACKEND)
 def test_llama_with_a_dynamic_sequence_length(backend):
     """A Llama-family decoder captured with a dynamic sequence dim stays dynamic through the default
-    pipeline and the backend, and matches eager at other lengths."""
+    pipeline and the backend, and matches eager at other lengths. (OpenVINO failed on the cache's
+    first update, a concatenation with an empty operand, until canonicalize dropped it with dynamic
+    shapes too.)"""
+    if backend == "openvino":
+        pytest.importorskip("openvino", reason="needs the openvino extra")
     model, (ids,) = hf_corpus.build("llama")
     seq = torch.export.Dim("seq", min=2, max=64)
     compiled, report = optc.compile(model, (ids,), backend=backend, dynamic_shapes=(({1: seq},),))
@@ -202,10 +206,12 @@ def test_llama_with_a_dynamic_sequence_length(backend):
         assert float((ref - got).abs().max() / ref.abs().max()) < 1e-5
 
 
-@pytest.mark.parametrize("backend", ["onnx", "torchscript", "tvm"])
+@pytest.mark.parametrize("backend", EVERY_BACKEND)
 def test_llama_decode_step_with_a_growing_cache(backend):
     """The decode form -- one new token, the key/value cache as inputs and outputs, a dynamic past
     length -- compiles on every backend and matches eager at other cache lengths."""
+    if backend == "openvino":
+        pytest.importorskip("openvino", reason="needs the openvino extra")
     step, inputs, dynamic = hf_corpus.llama_decode()
     compiled, report = optc.compile(step, inputs, backend=backend, dynamic_shapes=dynamic)
     assert report.pipeline.stats("fuse-attention").get("fused") == 2
