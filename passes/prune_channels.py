@@ -46,7 +46,7 @@ import torch.nn as nn
 
 from optc.ir.channel_deps import ChannelGraph, ParamUse, ShapeUse, analyze, get_arg, set_arg
 from optc.ir.program import Program, attr_tensors
-from optc.ir.rewrite import add_attr, attr_value, carry_meta, fake_mode_of, infer_val
+from optc.ir.rewrite import add_attr, attr_node, attr_value, call, carry_meta, fake_mode_of, infer_val
 from optc.passes.base import Option, PassContext, PassResult, register_pass
 from optc.passes.options import LayerFilter, PositiveIntOption, RatioOption
 
@@ -265,11 +265,8 @@ def _apply_shape(su: ShapeUse, cg: ChannelGraph, kept: dict[int, list[int]], gm:
         src = get_arg(node, su.key)
         target = add_attr(gm, f"{src.name}_kept", _index(idx, src.meta["val"].device))
         with gm.graph.inserting_before(node):
-            index = gm.graph.get_attr(target)
-            carry_meta(index, node, pass_name)
-            infer_val(index, fake_mode_of(gm))
-            sel = gm.graph.call_function(aten.index_select.default, (src, su.index, index))
-            carry_meta(sel, node, pass_name)
+            index = attr_node(gm, target, like=node, pass_name=pass_name)
+            sel = call(gm.graph, aten.index_select.default, (src, su.index, index), like=node, pass_name=pass_name)
         set_arg(node, su.key, sel)
         return 1
     if su.kind == "sizes":

@@ -76,13 +76,6 @@ def _repeated_along(x, dims) -> bool:
     return bool(dims) and len(src) == len(shape_of(x)) and all(static(src[d]) == 1 for d in dims)
 
 
-def _whole_heads(lay: Layout) -> bool:
-    """Every channel of ``lay`` is on a head axis (``per`` channels per position): ops within each head
-    (slices, splits and reshapes of the head dim) leave whole heads whole. A reshape that merges heads
-    back into channels checks that the head dim is whole again."""
-    return lay.sub_axis is not None and all(p.per > 1 for p in lay.pieces if p.space is not None)
-
-
 def on_reshape(cg: ChannelGraph, node: fx.Node) -> Layout:
     lay = cg.only_input(node)
     x = node.args[0]
@@ -256,7 +249,7 @@ def on_split(cg: ChannelGraph, node: fx.Node) -> tuple:
     dim = norm_dim(arg(node, 2, "dim", 0), rank)        # split, split_with_sizes and chunk alike
     outs = node.meta["val"]
     if dim != lay.axis:
-        if dim == lay.sub_axis and not _whole_heads(lay):
+        if dim == lay.sub_axis and not lay.whole_heads:
             raise Refused("a split cuts the head dim")
         return tuple(lay for _ in outs)       # within each head (partial rotary, a per-head q/k/v split)
     res, pos, ranges = [], 0, []
@@ -278,7 +271,7 @@ def on_slice(cg: ChannelGraph, node: fx.Node) -> Layout:
     dim = norm_dim(arg(node, 1, "dim", 0), rank)
     size = static(shape_of(node.args[0])[dim])
     if dim != lay.axis:
-        if dim == lay.sub_axis and not _whole_heads(lay):
+        if dim == lay.sub_axis and not lay.whole_heads:
             raise Refused("a slice cuts the head dim")
         return lay                            # within each head (partial rotary, interleaved halves)
     if packet(node) is aten.narrow:

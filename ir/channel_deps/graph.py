@@ -20,8 +20,8 @@ from optc.ir.channel_deps import flow, layers
 from optc.ir.channel_deps.layers import on_batch_norm, on_layer
 from optc.ir.channel_deps.model import (Group, Layout, ParamUse, Piece, Refused, ShapeUse, Space, flat_layouts,
                                         merge_pieces)
-from optc.ir.channel_deps.nodes import (ELEMENTWISE, MATMULS, PADS, REDUCTIONS, RESHAPES, SOFTMAX, SPATIAL, UNARY,
-                                        packet)
+from optc.ir.channel_deps.nodes import (ELEMENTWISE, MATMULS, PADS, REDUCTIONS, RESHAPES, SOFTMAX, SPATIAL, SPLITS,
+                                        UNARY, packet)
 from optc.ir.printer import op_name
 from optc.ir.queries import layer_name
 from optc.ir.views import as_batch_norm, as_layer
@@ -42,8 +42,7 @@ def _op_handlers() -> dict[Any, Callable]:
             ((aten.expand,), flow.on_expand),
             ((aten.cat, aten.concat), flow.on_cat),
             ((aten.stack,), flow.on_stack),
-            ((aten.split, aten.split_with_sizes, aten.chunk, aten.unsafe_split, aten.unsafe_split_with_sizes),
-             flow.on_split),
+            (SPLITS, flow.on_split),
             ((aten.slice, aten.narrow), flow.on_slice),
             ((aten.select, aten.index_select, aten.unbind), flow.on_select),
             (REDUCTIONS, flow.on_reduction),

@@ -14,7 +14,8 @@ import torch
 import torch.fx as fx
 
 from optc.ir.channel_deps.model import Layout, ParamUse, Piece, Refused, ShapeUse
-from optc.ir.channel_deps.nodes import arg_key, conv_groups, is_const, norm_dim, rank_of, shape_of, static
+from optc.ir.channel_deps.nodes import (SIZED_RESHAPES, SPLITS, arg_key, conv_groups, is_const, norm_dim, packet,
+                                        rank_of, shape_of, static)
 from optc.ir.rewrite import arg
 
 if TYPE_CHECKING:
@@ -90,10 +91,6 @@ def on_layer(cg: ChannelGraph, node: fx.Node, layer) -> Layout | None:
     return out
 
 
-_VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
-_SPLITS = (aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default)
-
-
 def _split_points(node: fx.Node, axis: int, size: int) -> list[int]:
     """Where the users of a linear layer's output split its channels (a fused projection: GPT-2's
     ``c_attn`` split into q, k and v, Phi-3's ``qkv_proj`` sliced into them, a fused gate/up): the
@@ -105,13 +102,13 @@ def _split_points(node: fx.Node, axis: int, size: int) -> list[int]:
     while len(cur.users) == 1:
         u = next(iter(cur.users))
         uv = u.meta.get("val")
-        if u.target not in _VIEWS or not isinstance(uv, torch.Tensor) or uv.dim() < 1 or \
+        if packet(u) not in SIZED_RESHAPES or not isinstance(uv, torch.Tensor) or uv.dim() < 1 or \
                 static(uv.shape[-1]) != size or axis != rank_of(cur) - 1:
             break
         cur, axis = u, uv.dim() - 1
     cuts: set[int] = set()
     for u in cur.users:
-        if u.target in _SPLITS and norm_dim(arg(u, 2, "dim", 0), rank_of(cur)) == axis:
+        if packet(u) in SPLITS and norm_dim(arg(u, 2, "dim", 0), rank_of(cur)) == axis:
             pos = 0
             for o in u.meta["val"][:-1]:
                 pos += static(o.shape[axis]) or 0
@@ -153,8 +150,7 @@ def on_layer_norm(cg: ChannelGraph, node: fx.Node) -> Layout:
     shape = list(node.args[1])
     first = rank - len(shape)
     if lay.axis < first and (lay.sub_axis is None or lay.sub_axis < first or
-                             (all(p.per > 1 for p in lay.pieces if p.space is not None) and lay.sub_axis == rank - 1
-                              and len(shape) == 1)):
+                             (lay.whole_heads and lay.sub_axis == rank - 1 and len(shape) == 1)):
         return lay
     kind = "RMSNorm" if node.target is aten.rms_norm.default else "LayerNorm"
     if len(shape) != 1 or lay.axis != rank - 1:

@@ -51,6 +51,13 @@ class Layout:
     def moved(self, axis: int, sub_axis: int | None) -> "Layout":
         return Layout(axis, self.pieces, sub_axis)
 
+    @property
+    def whole_heads(self) -> bool:
+        """Every channel is on a head axis (``per`` channels per position) with a head dim: ops within
+        each head (slices, splits, reshapes and norms of the head dim) leave whole heads whole. A
+        reshape that merges heads back into channels checks that the head dim is whole again."""
+        return self.sub_axis is not None and all(p.per > 1 for p in self.pieces if p.space is not None)
+
 
 def merge_pieces(pieces: Iterable[Piece]) -> tuple[Piece, ...]:
     """Adjacent pieces of one space (and runs of unowned positions) merged; empty pieces dropped."""

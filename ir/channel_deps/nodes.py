@@ -47,6 +47,7 @@ ELEMENTWISE = packets(
 RESHAPES = packets("view", "reshape", "_unsafe_view", "flatten", "unflatten", "squeeze", "unsqueeze",
                    "squeeze_copy", "unsqueeze_copy", "view_copy")
 SIZED_RESHAPES = packets("view", "reshape", "_unsafe_view", "view_copy")
+SPLITS = packets("split", "split_with_sizes", "chunk", "unsafe_split", "unsafe_split_with_sizes")
 REDUCTIONS = packets("mean", "sum", "amax", "amin", "max", "min", "var", "std", "prod", "logsumexp", "norm",
                      "argmax", "argmin", "any", "all", "var_mean", "std_mean", "nansum")
 SOFTMAX = packets("softmax", "log_softmax", "_softmax", "_log_softmax", "cumsum", "cumprod")
