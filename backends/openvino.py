@@ -123,40 +123,36 @@ def _default_threads() -> int:
 
 
 _UNCONVERTED = re.compile(r"No conversion rule found for operations: ([^\n]+)")
-
-
-def _unconverted_ops(exc: BaseException) -> list[str]:
-    """The ops OpenVINO's frontend names in its conversion summary (``aten.histc.default``, or
-    ONNX op types on the onnx route), or ``[]``."""
-    m = _UNCONVERTED.search(str(exc))
-    return [op.strip() for op in m.group(1).split(",") if op.strip()] if m else []
-
-
 _FAILED = re.compile(r"Conversion is failed for: ([^\n]+)")
 
 
-def _failed_conversion(exc: BaseException) -> tuple[list[str], str, str | None] | None:
-    """The ops OpenVINO's frontend tried and failed to convert (``aten.cat.default``; its own
-    ``SequenceMark`` left out), the last line of the first one's message (``Axis -2 out of the
-    tensor rank range [-1, 0].``) and the node it names (``cat_1``), or None."""
+def _conversion_failure(exc: BaseException) -> tuple[list[str], str | None, str | None] | None:
+    """What OpenVINO's frontend says in its conversion summary: ``(ops, why, node)`` -- the ops it has
+    no conversion for (``aten.histc.default``, or ONNX op types on the onnx route; ``why`` None), or
+    else the ops it tried and failed to convert (``aten.cat.default``; its own ``SequenceMark`` left
+    out) with the last line of the first one's message (``Axis -2 out of the tensor rank range
+    [-1, 0].``) and the node it names (``cat_1``); None when the error has no such summary."""
     text = str(exc)
+    m = _UNCONVERTED.search(text)
+    ops = [op.strip() for op in m.group(1).split(",") if op.strip()] if m else []
+    if ops:
+        return ops, None, None
     m = _FAILED.search(text)
-    if not m:
-        return None
-    ops = [op.strip() for op in m.group(1).split(",") if op.strip() and "." in op]
+    ops = [op.strip() for op in m.group(1).split(",") if op.strip() and "." in op] if m else []
     if not ops:
         return None
     start = text.find(f"-- {ops[0]} with a message:")
     block = text[start:].split("\n-- ", 1)[0].split("\n\nSummary", 1)[0] if start >= 0 else ""
     lines = [ln.strip() for ln in block.splitlines()[1:] if ln.strip()]
     node = re.search(r"conversion of operation ([\w.]+)/" + re.escape(ops[0]), block)
-    return ops, (lines[-1] if lines else ""), (node.group(1) if node else None)
+    return ops, (lines[-1] if lines else "no reason given"), (node.group(1) if node else None)
 
 
 def _unconverted_error(ops: list[str], program: Program, route: str, why: str | None = None,
                        node_name: str | None = None) -> LoweringError:
-    """A LoweringError naming the ops OpenVINO cannot convert, and the first node of the program
-    that calls one of them (its op, name and the user's source line)."""
+    """A LoweringError naming the ops OpenVINO cannot convert (or, with ``why``, failed to convert),
+    and the node of the program OpenVINO names or else the first that calls one of them (its op,
+    name and the user's source line)."""
     from optc.backends.base import op_name
     from optc.backends.lowering import _find_node
     from optc.ir.source import node_source
@@ -237,14 +233,11 @@ class OpenVINOBackend(Backend):
                 else:
                     ov_model, workdir = self._via_onnx(ep, signature)
             except Exception as e:  # noqa: BLE001 - OpenVINO raises its own OpConversionFailure (a RuntimeError)
-                unconverted = _unconverted_ops(e)
-                if unconverted:
-                    raise _unconverted_error(unconverted, program, route) from e
-                failed = _failed_conversion(e)
-                if failed:
-                    raise _unconverted_error(failed[0], program, route, why=failed[1] or "no reason given",
-                                             node_name=failed[2]) from e
-                raise
+                failure = _conversion_failure(e)
+                if failure is None:
+                    raise
+                ops, why, node_name = failure
+                raise _unconverted_error(ops, program, route, why=why, node_name=node_name) from e
         options = {"threads": threads, "route": route, "precision": precision}
         try:
             model = OpenVINOModel(ov_model, signature, target, threads=threads, precision=precision,
