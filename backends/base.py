@@ -53,6 +53,22 @@ from optc.target import Target
 log = logging.getLogger("optc.backends")
 
 
+def tensors_holding(pointers, tensors: "dict[str, torch.Tensor]") -> "dict[str, torch.Tensor]":
+    """The tensors of ``tensors`` (name -> tensor) whose storage holds one of the addresses
+    ``pointers``: which of a Program's weights a runtime reads, given the addresses it was handed
+    (a view, a numpy array over a weight's memory)."""
+    import bisect
+    spans = sorted((t.untyped_storage().data_ptr(), t.untyped_storage().nbytes(), name)
+                   for name, t in tensors.items() if t.device.type == "cpu" and t.untyped_storage().nbytes())
+    starts = [s[0] for s in spans]
+    out = {}
+    for ptr in pointers:
+        i = bisect.bisect_right(starts, ptr) - 1
+        if i >= 0 and ptr < spans[i][0] + spans[i][1]:
+            out[spans[i][2]] = tensors[spans[i][2]]
+    return out
+
+
 class CompiledModel:
     """A lowered model: callable like the original, saves to a folder, loads with :func:`optc.load`.
 
@@ -84,6 +100,30 @@ class CompiledModel:
     def run_flat(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
         """Flat graph inputs (validated, on the device) -> flat outputs."""
         raise NotImplementedError
+
+    #: the tensors of the model this compiled model runs on by reference, with their version
+    #: counters when it was compiled (:meth:`watch_weights`); empty for a model with its own copy
+    _watched: tuple = ()
+
+    def watch_weights(self, tensors: "dict[str, torch.Tensor]") -> None:
+        """Record ``tensors`` (name -> the model's tensor) as weights this model reads by reference:
+        :meth:`check_weights` then refuses to run once one of them has been modified in place
+        (torch bumps a tensor's ``_version`` on every in-place write: ``copy_``,
+        ``load_state_dict``, an optimizer step)."""
+        self._watched = tuple((name, t, t._version) for name, t in tensors.items())
+
+    def check_weights(self) -> None:
+        """A :class:`~optc.errors.StaleWeightsError` naming the first weight read by reference that
+        was modified in place since the compile (a handful of microseconds for a few hundred
+        weights: only big models take weights by reference)."""
+        for name, t, version in self._watched:
+            if t._version != version:
+                from optc.errors import StaleWeightsError
+                raise StaleWeightsError(
+                    f"{self.backend}: weight '{name}' was modified in place after the model was compiled; this "
+                    f"compiled model runs on the model's own weights by reference (params='reference') and was "
+                    f"compiled and checked with the old values. Compile again, or compile with "
+                    f"params='{'copy' if self.backend == 'onnx' else 'bound'}' for a model with its own copy.")
 
     def save_artifacts(self, directory: str) -> list[str]:
         """Write the backend's files into ``directory``; return their paths relative to it."""

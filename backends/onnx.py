@@ -35,6 +35,7 @@ import torch
 
 from optc.backends.base import (
     Backend, CompiledModel, Signature, export_program, require, signature_from_manifest, target_from_manifest,
+    tensors_holding,
 )
 from optc.errors import ArtifactError, BackendUnavailableError, LoweringError
 from optc.ir.program import Program, attr_tensors
@@ -58,6 +59,20 @@ MAX_OPSET = 23
 EXTERNAL_DATA_THRESHOLD = 512 * 1024 ** 2
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
+#: ``params``: ``"copy"`` -- ONNX Runtime loads its own copy of the weights from the model file
+#: and prepacks the matmul weights; ``"reference"`` -- the session runs on the Program's own
+#: tensors (the user's model's parameters), handed to it with ``SessionOptions.add_initializer``,
+#: which ONNX Runtime uses in place, with prepacking off (a prepacked weight is a copy): no second
+#: copy of the weights, but about 1.2x slower (unpacked matmuls; docs/backends.md); ``"auto"`` --
+#: reference only where the copy would not fit: a float program on CPU taking the external-data
+#: route whose weights held in memory (not read from a weight file) exceed
+#: :data:`REFERENCE_WHEN_OVER` of the memory available; copy otherwise.
+PARAMS_MODES = ("auto", "copy", "reference")
+#: ``params="auto"`` takes the weights by reference when they are more than this fraction of the
+#: memory the system has available (``MemAvailable``): a copy would leave too little
+REFERENCE_WHEN_OVER = 0.5
+#: initializers smaller than this are left to ONNX Runtime's copy (shape constants, norms, biases)
+REFERENCE_MIN_BYTES = 64 * 1024
 
 # ---- translations of optc:: ops -------------------------------------------------------------------
 _TRANSLATIONS: dict[torch._ops.OpOverload, Callable] = {}
@@ -267,8 +282,11 @@ class ONNXModel(CompiledModel):
 
     def __init__(self, signature: Signature, target: Target, *, model_bytes: bytes | None = None,
                  model_dir: str | None = None, threads: int | None = None, backend_map: "BackendMap | None" = None,
-                 **kw):
+                 shared: "dict | None" = None, **kw):
         super().__init__(signature, target, **kw)
+        #: ``params="reference"``: initializer name -> the array (over the Program's tensor) the
+        #: session runs on instead of the model file's copy; None: the session loads its own
+        self.shared = shared
         #: optc node (of the staged Program) -> its ONNX nodes and value (:func:`backend_map`);
         #: None for a model loaded from an artifact
         self.backend_map = backend_map
@@ -301,10 +319,16 @@ class ONNXModel(CompiledModel):
         """The ONNX Runtime session (created on first use for a model with external data)."""
         if self._session is None:
             source = self.model_bytes if self.model_bytes is not None else os.path.join(self.model_dir, MODEL_FILE)
+            initializers = None
+            if self.shared:
+                import onnxruntime as ort
+                initializers = {name: ort.OrtValue.ortvalue_from_numpy(a) for name, a in self.shared.items()}
             try:
                 self._session = _session(source, self.target, self.threads,
                                          self.backend_options.get("ort_disabled_optimizers", ()),
-                                         self.backend_options.get("session_optimization", "all"))
+                                         self.backend_options.get("session_optimization", "all"),
+                                         initializers=initializers)
+                self._initializers = initializers     # the session reads their memory: kept as long as it
             except (OSError, RuntimeError) as e:   # onnxruntime raises its own RuntimeError subclasses
                 if self.model_bytes is not None:
                     raise
@@ -314,6 +338,7 @@ class ONNXModel(CompiledModel):
 
     def run_flat(self, inputs):
         import onnxruntime as ort
+        self.check_weights()
         binding = self.session.io_binding()
         keep = []
         for name, t in zip(self._inputs, inputs):
@@ -449,9 +474,17 @@ SESSION_OPTIMIZATION = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC
 
 
 def _session(model, target: Target, threads: int | None, disabled_optimizers=(), level: str = "all",
-             profile_prefix: str | None = None):
+             profile_prefix: str | None = None, initializers: "dict | None" = None):
+    """An InferenceSession of ``model`` (bytes or a path). ``initializers``: name -> ``OrtValue``
+    over memory the caller keeps alive, used by the session in place of the model's own data for
+    those initializers (``add_initializer``; prepacking is turned off so that no kernel copies
+    them)."""
     import onnxruntime as ort
     so = ort.SessionOptions()
+    if initializers:
+        so.add_session_config_entry("session.disable_prepacking", "1")
+        for name, value in initializers.items():
+            so.add_initializer(name, value)
     if profile_prefix is not None:
         so.enable_profiling = True
         so.profile_file_prefix = profile_prefix
@@ -516,7 +549,7 @@ class ONNXBackend(Backend):
     def lower(self, program: Program, target: Target, *, opset: int = OPSET, threads: int | None = None,
               optimize: bool = True, external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
               ort_fusions: bool | str = "auto", ort_disabled_optimizers: tuple | None = None,
-              session_optimization: str = "all") -> ONNXModel:
+              session_optimization: str = "all", params: str = "auto") -> ONNXModel:
         """``opset``: ONNX opset (default :data:`OPSET`). ``threads``: ONNX Runtime intra-op threads
         (default: every core). ``optimize``: the exporter's ONNX optimizer (constant folding,
         redundancy elimination) before ONNX Runtime's own. ``external_data_threshold``: weights
@@ -534,7 +567,21 @@ class ONNXBackend(Backend):
         slower than the Add + LayerNormalization it replaces (BERT-base fp32 0.97x plain ONNX
         Runtime without it, 1.06x with it; INT8 0.35x instead of 0.41x: docs/benchmarks.md,
         docs/quantization.md); on CUDA none (not measured). A quantized program gets no
-        transformer fusions under ``ort_fusions="auto"``."""
+        transformer fusions under ``ort_fusions="auto"``.
+        ``params`` (:data:`PARAMS_MODES`): ``"reference"`` runs the session on the Program's own
+        weight tensors -- for a model the user holds, the model's own parameters -- instead of a
+        copy ONNX Runtime loads from the model file (which it then prepacks into another): the
+        model takes the external-data route, each linear weight stays as torch lays it out
+        (``[out, in]``, read by ``com.microsoft.FusedMatMul`` with ``transB=1`` instead of a
+        transposed copy), and the session gets those tensors with prepacking off. The compiled
+        model then refuses to run once one of them is modified in place
+        (:class:`~optc.errors.StaleWeightsError`). The saved artifact is complete either way; a
+        loaded one has its own copy. The price is speed: ONNX Runtime's matmuls over unpacked
+        weights run about 1.2x slower (docs/backends.md). ``"copy"``: ONNX Runtime's copy.
+        ``"auto"`` (default): reference only where the copy would not fit
+        (:func:`_auto_params`: a float program on CPU above ``external_data_threshold`` whose
+        weights in memory exceed :data:`REFERENCE_WHEN_OVER` of the memory available), with a
+        warning; copy otherwise."""
         from optc.ir.quant_ops import is_quant_op
         quantized = any(n.op == "call_function" and is_quant_op(n.target) for n in program.graph.nodes)
         if ort_disabled_optimizers is None:
@@ -557,17 +604,24 @@ class ONNXBackend(Backend):
             raise LoweringError(f"opset {opset!r} is not supported (valid: {MIN_OPSET}..{MAX_OPSET})", backend=self.name)
         if threads is not None and (not isinstance(threads, int) or threads < 1):
             raise LoweringError(f"threads must be a positive int, got {threads!r}", backend=self.name)
+        if params not in PARAMS_MODES:
+            raise LoweringError(f"params must be one of {', '.join(PARAMS_MODES)}, got {params!r}", backend=self.name)
+        if params == "reference" and target.device != "cpu":
+            raise LoweringError("params='reference' is for the CPU target (a CUDA session copies the weights to the "
+                                "device): use params='copy'", backend=self.name)
+        weights = sum(t.nbytes for t in attr_tensors(program.graph_module).values())
+        if params == "auto":
+            params = _auto_params(program, target, weights, weights > external_data_threshold and not quantized)
         signature = Signature.of(program)
         ep = export_program(program)
         input_names = [s.name for s in signature.inputs]
         output_names = [f"output_{i}" for i in range(len(signature.outputs))]
         onnx_program = _export(ep, opset, input_names, output_names, optimize)
 
-        weights = sum(t.nbytes for t in attr_tensors(program.graph_module).values())
         options = {"opset": opset, "threads": threads, "optimize": bool(optimize),
-                   "external_data": weights > external_data_threshold, "ort_fusions": {},
+                   "external_data": weights > external_data_threshold or params == "reference", "ort_fusions": {},
                    "ort_disabled_optimizers": list(ort_disabled_optimizers),
-                   "session_optimization": session_optimization}
+                   "session_optimization": session_optimization, "params": params}
         if not options["external_data"]:
             # one copy of the weights at a time where it can be: the proto is serialised and
             # dropped before the checker parses the bytes, which are checked as they are (checking
@@ -603,6 +657,7 @@ class ONNXBackend(Backend):
         workdir = tempfile.mkdtemp(prefix="optc-onnx-")
         try:
             path = os.path.join(workdir, MODEL_FILE)
+            shared = _reference_initializers(onnx_program.model) if params == "reference" else None
             _save_streaming(onnx_program, path)
             written = sorted(os.listdir(workdir))
             if written != sorted([MODEL_FILE, DATA_FILE]):
@@ -612,7 +667,10 @@ class ONNXBackend(Backend):
             maps = backend_map(onnx.load(path, load_external_data=False), onnx_program.exported_program or ep, program,
                                ep.optc_source_graph)
             model = ONNXModel(signature, target, model_dir=workdir, threads=threads, backend_options=options,
-                              backend_map=maps)
+                              backend_map=maps, shared=shared)
+            if shared:
+                model.watch_weights(tensors_holding([a.__array_interface__["data"][0] for a in shared.values()],
+                                                    attr_tensors(program.graph_module)))
         except BaseException:
             shutil.rmtree(workdir, ignore_errors=True)
             raise
@@ -633,6 +691,72 @@ class ONNXBackend(Backend):
         except (OSError, RuntimeError) as e:  # onnxruntime raises its own RuntimeError subclasses
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ArtifactError(f"{directory}: ONNX Runtime cannot load '{MODEL_FILE}': {first}") from e
+
+
+def _auto_params(program: Program, target: Target, weights: int, eligible: bool) -> str:
+    """``params="auto"``: ``"reference"`` where a copy of the weights the process holds would take
+    more than :data:`REFERENCE_WHEN_OVER` of the memory available (a warning says so: the model
+    runs slower), ``"copy"`` otherwise. Weights memory-mapped from a weight file
+    (``optc.compile(weights=...)``) do not count: the compile releases them, so the copy replaces
+    them rather than doubling them."""
+    from optc.memory import available_bytes, mapped_bytes
+    if target.device != "cpu" or not eligible:
+        return "copy"
+    held = weights - mapped_bytes(attr_tensors(program.graph_module).values())
+    available = available_bytes()
+    if available is None or held <= REFERENCE_WHEN_OVER * available:
+        return "copy"
+    log.warning("onnx: the session runs on the model's own weights (params='reference'): a copy of its %.2f GiB "
+                "would take more than %d%% of the %.2f GiB of memory available. Unpacked matmuls run about 1.2x "
+                "slower; params='copy' copies anyway", held / 2 ** 30, REFERENCE_WHEN_OVER * 100, available / 2 ** 30)
+    return "reference"
+
+
+def _reference_initializers(model) -> dict:
+    """The initializers of the exported ``model`` (an ONNX IR model) that a session can read in
+    place, as arrays over the Program's own memory: name -> C-contiguous numpy array.
+
+    The exporter gives each initializer the tensor it was exported from (``const_value.raw``): a
+    weight of the Program, or -- for a linear weight, which it folds ``Transpose(W)`` into -- a
+    transposed numpy view of it. Such a view (2-D, float32, read only as a ``MatMul``'s second
+    operand) becomes ``W`` itself, and its ``MatMul`` readers ``com.microsoft.FusedMatMul`` with
+    ``transB=1``: the same product, without a transposed copy. Anything else that is not
+    contiguous, smaller than :data:`REFERENCE_MIN_BYTES`, or of a dtype numpy lacks (bfloat16) is
+    left to the session's own copy. ``model`` is rewritten in place (before it is written out)."""
+    import numpy as np
+    import onnx_ir as ir
+    out = {}
+    transposed = False
+    for name, value in model.graph.initializers.items():
+        raw = getattr(value.const_value, "raw", None)
+        if isinstance(raw, torch.Tensor):
+            if raw.device.type != "cpu" or not raw.is_contiguous() or raw.dtype == torch.bfloat16 or raw.is_quantized:
+                continue
+            arr = raw.detach().numpy()
+        elif isinstance(raw, np.ndarray):
+            arr = raw
+        else:
+            continue
+        if arr.nbytes < REFERENCE_MIN_BYTES:
+            continue
+        if arr.flags.c_contiguous:
+            out[name] = arr
+            continue
+        uses = list(value.uses())
+        if arr.ndim == 2 and arr.flags.f_contiguous and arr.dtype == np.float32 and uses and all(
+                u.node.op_type == "MatMul" and u.node.domain in ("", "ai.onnx") and u.idx == 1
+                and u.node.graph is model.graph for u in uses):
+            w = arr.T      # C-contiguous: the weight as torch lays it out, [out, in]
+            for u in uses:
+                u.node.op_type, u.node.domain = "FusedMatMul", "com.microsoft"
+                u.node.attributes["transB"] = ir.AttrInt64("transB", 1)
+            value.const_value = ir.Tensor(w, name=name)
+            value.shape = ir.Shape(w.shape)
+            out[name] = w
+            transposed = True
+    if transposed:
+        model.opset_imports.setdefault("com.microsoft", 1)
+    return out
 
 
 class BackendMap(dict):

@@ -54,11 +54,11 @@ import torch
 
 from optc.backends.base import (
     Backend, CompiledModel, Signature, export_program, op_name, require, signature_from_manifest,
-    target_from_manifest,
+    target_from_manifest, tensors_holding,
 )
 from optc.errors import ArtifactError, BackendUnavailableError, LoweringError
 from optc.memory import page_out_mapped, release_heap, release_mapped
-from optc.ir.program import Program
+from optc.ir.program import Program, attr_tensors
 from optc.ir.source import node_source
 from optc.target import Target
 
@@ -198,6 +198,7 @@ class TVMModel(CompiledModel):
 
     def run_flat(self, inputs):
         import tvm
+        self.check_weights()
         if self.target.device == "cuda":
             torch.cuda.current_stream().synchronize()
         else:
@@ -300,7 +301,6 @@ def _transformed(vm, params) -> tuple:
     through DLPack), or nothing when the library has its weights bound. Run group by group where
     the library has them (``tvm_schedule/split_params.py``): a weight's aligned copy, when it
     needs one, lives only while its group is transformed."""
-    import tvm
     from optc.backends.tvm_schedule.split_params import GROUP_PREFIX, GROUPS
     if params is None:
         return ()
@@ -535,6 +535,9 @@ class TVMBackend(Backend):
             model = TVMModel(signature, target, library_path=path, threads=threads, backend_options=options,
                              backend_map=maps, relax_module=imported.mod, params=imported.params,
                              build=lambda mod: build(mod)[1])   # default schedules: no tuning
+            if imported.params:
+                model.watch_weights(tensors_holding([t.data_ptr() for t in imported.params],
+                                                    attr_tensors(program.graph_module)))
         except BaseException:
             shutil.rmtree(workdir, ignore_errors=True)
             raise

@@ -113,3 +113,10 @@ class InputSpecError(OptcError):
 class WeightsError(OptcError):
     """Weights given for a model do not fit it (a missing tensor, a wrong shape, a file that cannot
     be read), or a model on the ``meta`` device was given none."""
+
+
+class StaleWeightsError(OptcError):
+    """A compiled model that runs on the model's own weight tensors by reference
+    (``params="reference"``) was called after one of those tensors was modified in place: its
+    kernels (or the copies a backend transformed once at load) no longer match the weights it was
+    compiled and checked with."""

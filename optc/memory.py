@@ -77,6 +77,33 @@ class mapped_weights:
         _mapped[:] = self._before
 
 
+def available_bytes() -> int | None:
+    """The memory the system can still give without swapping (``MemAvailable`` of
+    ``/proc/meminfo``), or None where that is not known (not Linux)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def mapped_bytes(tensors) -> int:
+    """How many of the bytes of ``tensors`` lie in a weight file of the compile under way
+    (:class:`mapped_weights`): weights read from a file rather than held by the user's model."""
+    if not _mapped:
+        return 0
+    ranges = _file_ranges(_mapped)
+    total = 0
+    for t in tensors:
+        r = _storage_range(t)
+        if r is not None and any(lo <= r[0] and r[1] <= hi for lo, hi in ranges):
+            total += t.nbytes
+    return total
+
+
 def mapping_active() -> bool:
     """A compile with memory-mapped weight files is under way (:class:`mapped_weights`)."""
     return bool(_mapped)

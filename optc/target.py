@@ -23,13 +23,14 @@ _FUSED = ("canonicalize,dce,constant-fold,fold-conv-bn,fold-linear-bn,fold-binar
 _FUSED_NHWC = ("canonicalize,dce,constant-fold,fold-conv-bn,fold-linear-bn,fold-binary,"
                "fuse-layer-norm,fuse-rms-norm,fuse-rotary,fuse-gelu,fuse-attention,merge-parallel-linear,convert-layout{layout=NHWC},cse,dce")
 
-# TorchScript, TVM and OpenVINO on CPU leave merge-parallel-linear out: at batch 1 a merged
-# projection is no faster there than the separate ones (merged / separate, 8-layer Llama-family
-# decoder and BERT-base: TorchScript 1.057 and 0.997, TVM 1.008 and 1.008, OpenVINO 0.997 and
-# 1.022; ONNX Runtime, which keeps it, 0.993 and 1.007; docs/benchmarks.md, "Merging parallel
-# linears, per backend"), and its concatenated weights are a second copy of the q/k/v and
-# gate/up weights beside the user's model (0.6x the weight bytes of a Llama). CUDA keeps it (not
-# measured: no GPU on the project's machines).
+# Every CPU backend leaves merge-parallel-linear out: at batch 1 a merged projection is no
+# faster than the separate ones (merged / separate, 8-layer Llama-family decoder and BERT-base:
+# TorchScript 1.057 and 0.997, TVM 1.008 and 1.008, OpenVINO 0.997 and 1.022, ONNX Runtime 0.993
+# and 1.007; docs/benchmarks.md, "Merging parallel linears, per backend"), and its concatenated
+# weights are a second copy of the q/k/v and gate/up weights beside the user's model (0.6x the
+# weight bytes of a Llama) -- which a backend that runs on the model's own weights by reference
+# (ONNX's and TVM's params="reference") would otherwise hold. CUDA keeps it (not measured: no
+# GPU on the project's machines).
 _FUSED_NO_MERGE = _FUSED.replace("merge-parallel-linear,", "")
 _FUSED_NHWC_NO_MERGE = _FUSED_NHWC.replace("merge-parallel-linear,", "")
 
@@ -37,7 +38,7 @@ DEFAULT_PIPELINES: dict[tuple[str, str | None], str] = {
     ("cpu", None): _FUSED,
     ("cuda", None): _FUSED,
     ("cpu", "torchscript"): _FUSED_NO_MERGE,
-    ("cpu", "onnx"): _FUSED,
+    ("cpu", "onnx"): _FUSED_NO_MERGE,
     ("cpu", "tvm"): _FUSED_NHWC_NO_MERGE,  # LAYOUTS below
     ("cuda", "torchscript"): _FUSED,
     ("cuda", "onnx"): _FUSED,

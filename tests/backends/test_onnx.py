@@ -299,3 +299,115 @@ def test_a_disk_that_fills_while_streaming_leaves_nothing_behind(convnet, monkey
     with pytest.raises((OSError, LoweringError), match="No space left on device"):
         lower(program, "cpu", "onnx", external_data_threshold=0)
     assert [p for p in os.listdir(tmp_path) if p.startswith("optc-onnx-")] == []
+
+
+class _Mlp(torch.nn.Module):
+    """Two linears on a [batch, seq, features] input (torch.export keeps them as 3-D matmuls, which
+    the exporter writes as MatMul over a transposed weight) and a bias-free one; 256 KiB weights."""
+
+    def __init__(self):
+        super().__init__()
+        self.up = torch.nn.Linear(256, 512)
+        self.down = torch.nn.Linear(512, 256, bias=False)
+
+    def forward(self, x):
+        return self.down(torch.nn.functional.gelu(self.up(x)))
+
+
+def _weights_read_in_place(compiled, model) -> set[str]:
+    """The parameters of ``model`` whose memory the session was handed (by address)."""
+    pointers = {a.__array_interface__["data"][0] for a in (compiled.shared or {}).values()}
+    return {n for n, p in model.named_parameters() if p.data_ptr() in pointers}
+
+
+def test_params_reference_runs_the_session_on_the_models_own_weights(tmp_path):
+    """params="reference": each linear weight stays [out, in] (FusedMatMul with transB=1, no
+    transposed copy), the session is handed the model's own parameters -- and reads them in place:
+    a write the version counter does not see (through numpy) shows in the next call -- the output
+    matches eager and the copy route, and the saved artifact is complete (loads and runs alone)."""
+    torch.manual_seed(0)
+    model = _Mlp().eval()
+    x = torch.randn(2, 8, 256)
+    copy, _ = optc.compile(model, (x,), backend="onnx", params="copy")
+    compiled, _ = optc.compile(model, (x,), backend="onnx", params="reference")
+    assert copy.shared is None and copy.backend_options["params"] == "copy"
+    assert compiled.backend_options["params"] == "reference" and compiled.external_data
+    assert _weights_read_in_place(compiled, model) == {"up.weight", "down.weight"}
+    proto = _onnx_model(compiled)
+    fused = [n for n in proto.graph.node if n.op_type == "FusedMatMul"]
+    assert len(fused) == 2 and all(n.domain == "com.microsoft" for n in fused)
+    assert all(onnx.helper.get_attribute_value(a) == 1 for n in fused for a in n.attribute if a.name == "transB")
+    assert not any(n.op_type == "MatMul" for n in proto.graph.node)
+    shapes = {t.name: list(t.dims) for t in proto.graph.initializer}
+    assert sorted(shapes[n.input[1]] for n in fused) == [[256, 512], [512, 256]]   # [out, in], as torch has them
+    with torch.no_grad():
+        check_close(model(x), compiled(x), rtol=1e-5)
+        check_close(copy(x), compiled(x), rtol=1e-5)
+        # the session reads the parameter's memory: zero a row behind torch's back
+        before = compiled(x)
+        saved = model.down.weight.detach().clone()
+        model.down.weight.detach().numpy()[3] = 0.0
+        try:
+            after = compiled(x)
+            assert (after[..., 3] == 0).all() and not torch.equal(before[..., 3], after[..., 3])
+            assert torch.equal(before[..., :3], after[..., :3])
+        finally:
+            model.down.weight.detach().numpy()[:] = saved.numpy()
+        loaded = optc.load(compiled.save(tmp_path / "ref"))
+        assert loaded.shared is None
+        check_close(compiled(x), loaded(x), rtol=1e-5)
+
+
+def test_a_weight_written_after_a_compile_by_reference_is_refused():
+    """An in-place write to a weight the session reads by reference (the model trained on, a
+    load_state_dict) makes the compiled model refuse to run, naming the weight; a model compiled
+    with its own copy runs on, unchanged."""
+    from optc.errors import StaleWeightsError
+    torch.manual_seed(0)
+    model = _Mlp().eval()
+    x = torch.randn(2, 8, 256)
+    compiled, _ = optc.compile(model, (x,), backend="onnx", params="reference")
+    copy, _ = optc.compile(model, (x,), backend="onnx", params="copy")
+    before = copy(x)
+    compiled(x)
+    model.load_state_dict({k: v + 1.0 if k == "up.weight" else v for k, v in model.state_dict().items()})
+    with pytest.raises(StaleWeightsError, match=r"weight 'up\.weight' was modified in place"):
+        compiled(x)
+    assert torch.equal(copy(x), before)
+
+
+def test_params_auto_copies_unless_the_copy_would_not_fit(monkeypatch, caplog, tmp_path):
+    """"auto" copies (ONNX Runtime's prepacked matmuls are faster) unless a copy of the weights the
+    process holds would take more than half the memory available: then it runs on them by
+    reference, with a warning saying why. Weights read from a weight file do not count (the
+    compile releases them); an int8 program, an in-memory model, always copy. An unknown mode is
+    a LoweringError naming the modes."""
+    import optc.memory
+    torch.manual_seed(0)
+    model = _Mlp().eval()
+    x = torch.randn(2, 8, 256)
+    weight_bytes = sum(p.nbytes for p in model.parameters())
+    small, _ = optc.compile(model, (x,), backend="onnx")
+    assert small.backend_options["params"] == "copy" and not small.external_data
+    plenty, _ = optc.compile(model, (x,), backend="onnx", external_data_threshold=0)
+    assert plenty.backend_options["params"] == "copy" and plenty.shared is None
+    monkeypatch.setattr(optc.memory, "available_bytes", lambda: weight_bytes)     # a copy would take all of it
+    with caplog.at_level("WARNING", logger="optc.backends.onnx"):
+        tight, _ = optc.compile(model, (x,), backend="onnx", external_data_threshold=0)
+    assert tight.backend_options["params"] == "reference" and tight.shared
+    assert "params='reference'" in caplog.text and "memory available" in caplog.text
+    int8, _ = optc.compile(model, (x,), backend="onnx", pipeline="default,insert-qdq{scheme=dynamic}",
+                           external_data_threshold=0)
+    assert int8.backend_options["params"] == "copy" and int8.shared is None
+    # the same weights from a file: the copy replaces the file's pages, it does not double them
+    from safetensors.torch import save_file
+    save_file(model.state_dict(), tmp_path / "w.safetensors")
+    with torch.device("meta"):
+        meta = _Mlp().eval()
+    from_file, _ = optc.compile(meta, (x,), backend="onnx", weights=tmp_path / "w.safetensors",
+                                external_data_threshold=0)
+    assert from_file.backend_options["params"] == "copy"
+    with torch.no_grad():
+        check_close(model(x), from_file(x), rtol=1e-5)
+    with pytest.raises(LoweringError, match="params must be one of auto, copy, reference"):
+        optc.compile(model, (x,), backend="onnx", params="shared")

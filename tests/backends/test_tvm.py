@@ -14,7 +14,7 @@ import torch
 
 import optc
 from optc.backends import get_backend, lower
-from optc.errors import ArtifactError, BackendUnavailableError, LoweringError
+from optc.errors import ArtifactError, BackendUnavailableError, LoweringError, StaleWeightsError
 from optc.ir.verifier import check_close, random_inputs_like
 
 tvm = pytest.importorskip("tvm")
@@ -484,6 +484,15 @@ def test_weights_by_reference(tmp_path):
     name = next(k for k, v in compiled.backend_map.items() if v.get("value"))
     assert compiled.intermediate_values([xs], [compiled.backend_map[name]["value"]])
     assert compiled.node_times([xs], runs=1, warmup=0)
+    # the library transformed the weights once, at load: a later in-place write to one of the
+    # user's tensors would leave it half stale, so it is refused, naming the weight; the bound
+    # library and the loaded artifact (its own params.pt) run on
+    before = loaded(xs), bound(xs)
+    with torch.no_grad():
+        model.out.weight.mul_(2.0)
+    with pytest.raises(StaleWeightsError, match=r"tvm: weight '.*out.*' was modified in place"):
+        compiled(xs)
+    assert torch.equal(loaded(xs), before[0]) and torch.equal(bound(xs), before[1])
     with open(os.path.join(path, "params.pt"), "r+b") as f:
         f.seek(-8, os.SEEK_END)
         f.write(b"\0" * 8)
