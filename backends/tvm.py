@@ -501,7 +501,8 @@ class TVMBackend(Backend):
             with context(instruments):
                 # a new module object: a Python pass of the pipeline may assign into the module it
                 # is given, and the imported one is kept for intermediate_values
-                mod = ts.pre_schedule_pipeline(tvm_target, layout)(tvm.IRModule(dict(mod.functions), attrs=mod.attrs))
+                mod = ts.pre_schedule_pipeline(tvm_target, layout, by_reference)(
+                    tvm.IRModule(dict(mod.functions), attrs=mod.attrs))
                 database = tuning_records(mod) if tuning_records is not None else None
                 executable = tvm.compile(mod, target=tvm_target, relax_pipeline=ts.build_pipeline(
                     tvm_target, layout, database, pre_scheduled=True, lift_params=by_reference))

@@ -13,6 +13,9 @@ prints as "Maximum resident set size") is its own:
   Runtime session created from the file and run once -- what a user does without optc;
 - ``optc-B``: ``optc.compile(model, (ids,), backend=B)`` with the default pipeline and the
   compile-time check, then one call of the compiled model;
+- ``optc-onnx-reference``: ``optc-onnx`` with ``params="reference"``: the session runs on the
+  model's own weights instead of a copy (what ``params="auto"`` picks only where the copy would
+  not fit in the memory available);
 - ``optc-onnx-meta``: the same model built on the ``meta`` device (nothing materialised) and
   ``optc.compile(..., backend="onnx", weights=[model.safetensors, rotary buffers])``: the weights
   memory-mapped from a safetensors file written beforehand by another process (the rotary
@@ -42,7 +45,7 @@ import sys
 import tempfile
 import time
 
-ROUTES = ("plain", "optc-onnx", "optc-torchscript", "optc-tvm", "optc-openvino", "optc-onnx-meta",
+ROUTES = ("plain", "optc-onnx", "optc-onnx-reference", "optc-torchscript", "optc-tvm", "optc-openvino", "optc-onnx-meta",
           "optc-torchscript-meta", "optc-tvm-meta", "optc-openvino-meta", "optc-torchscript-bf16-meta",
           "optc-onnx-int8-meta")
 # the meta routes: backend and pipeline
@@ -139,8 +142,9 @@ def _child(route: str, layers: int, hidden: int, seq: int) -> dict:
             sess.run(None, {sess.get_inputs()[0].name: ids.numpy()})
     else:
         import optc
-        backend = route.split("-", 1)[1]
-        compiled, report = optc.compile(model, (ids,), backend=backend)
+        backend = route.split("-")[1]
+        options = {"params": "reference"} if route.endswith("-reference") else {}
+        compiled, report = optc.compile(model, (ids,), backend=backend, **options)
         with torch.no_grad():
             compiled(ids)
     wall = time.perf_counter() - t0

@@ -17,7 +17,7 @@ log = logging.getLogger("optc.backends.tvm")
 
 
 # ---- pipelines ----------------------------------------------------------------------------------------
-def pre_schedule_passes(target: Target, layout: str = "NHWC") -> list:
+def pre_schedule_passes(target: Target, layout: str = "NHWC", lift_params: bool = False) -> list:
     """Relax -> fused, unscheduled TIR: the IR that MetaSchedule tunes and the default rules schedule."""
     cpu = target.kind.name == "llvm"
     passes = [
@@ -46,6 +46,12 @@ def pre_schedule_passes(target: Target, layout: str = "NHWC") -> list:
         relax.transform.FuseTIR(),
         relax.transform.DeadCodeElimination(),
     ]
+    if cpu and lift_params:
+        # weights by reference: the transposes lifted now, so that main takes W^T as a parameter,
+        # which AttachAttrLayoutFreeBuffers makes layout-free and the schedule repacks
+        # (split_params.py, "two lifts, one transform")
+        from optc.backends.tvm_schedule.split_params import first_lift
+        passes.append(first_lift)
     if cpu:
         passes.append(relax.transform.AttachAttrLayoutFreeBuffers())   # constant weights may be repacked
         passes.append(_wrap_rootless)
@@ -151,9 +157,9 @@ def _in_target(target: Target, passes: list, name: str):
     return _pipeline
 
 
-def pre_schedule_pipeline(target: Target, layout: str = "NHWC"):
+def pre_schedule_pipeline(target: Target, layout: str = "NHWC", lift_params: bool = False):
     """A pass: the module MetaSchedule should tune (identical to what :func:`build_pipeline` schedules)."""
-    return _in_target(target, pre_schedule_passes(target, layout), "OptcPreSchedule")
+    return _in_target(target, pre_schedule_passes(target, layout, lift_params), "OptcPreSchedule")
 
 
 def build_pipeline(target: Target, layout: str = "NHWC", database=None, *, pre_scheduled: bool = False,
@@ -163,12 +169,15 @@ def build_pipeline(target: Target, layout: str = "NHWC", database=None, *, pre_s
     ``lift_params``: ``main`` takes the weights as arguments (after its ``num_input`` inputs):
     what computes only on them (transposes, the CPU schedules' weight repacking) moves to
     ``main_transform_params`` (``LiftTransformParams``), which the model runs once when it loads,
-    group of weights by group (``split_params.py``)."""
-    passes = [] if pre_scheduled else pre_schedule_passes(target, layout)
+    group of weights by group (``split_params.py``). On CPU the transposes were lifted before
+    scheduling (``pre_schedule_passes(lift_params=True)``) and the repacking is lifted here; the
+    two are composed into one transform."""
+    passes = [] if pre_scheduled else pre_schedule_passes(target, layout, lift_params)
     passes += schedule_passes(target, database)
     if lift_params:
-        from optc.backends.tvm_schedule.split_params import split_transform_params
-        passes += [relax.transform.LiftTransformParams(), split_transform_params]
+        from optc.backends.tvm_schedule.split_params import compose_transform_params, split_transform_params
+        passes += [relax.transform.LiftTransformParams(), compose_transform_params,
+                   relax.transform.CanonicalizeBindings(), split_transform_params]
     passes += lower_passes(target)
     return _in_target(target, passes, "OptcBuild")
 

@@ -22,6 +22,8 @@ from tvm import relax
 TRANSFORM = "main_transform_params"
 GROUP_PREFIX = "optc_transform_params_"
 GROUPS = "optc_transform_params_groups"
+#: the first of the two lifts (:func:`first_lift`): the weight transposes
+FIRST = "optc_transpose_params"
 
 
 def _groups(func: relax.Function) -> list[tuple[list[int], list[int]]] | None:
@@ -90,6 +92,79 @@ def _group_function(func: relax.Function, inputs: list[int], outputs: list[int])
     return relax.utils.copy_with_new_vars(new)
 
 
+# ---- two lifts, one transform ------------------------------------------------------------------------
+# The CPU schedule repacks a matmul's weight into [N/VN, K, VN] panels only when the weight is
+# layout-free: a constant or one of main's weight parameters (AttachAttrLayoutFreeBuffers). With
+# weights by reference, a linear's matmul reads permute_dims(W) -- computed from a parameter, so
+# not layout-free: the kernels ran unpacked, 1.19x slower than the bound library. So the
+# transposes are lifted first (before AttachAttrLayoutFreeBuffers: main then takes W^T as a
+# parameter, which the schedule repacks), the repacking second, and the two transforms are
+# composed into one main_transform_params -- which split_transform_params then cuts per weight,
+# so that a weight's transposed copy lives only while its group is transformed.
+
+
+@tvm.transform.module_pass(opt_level=0, name="OptcFirstLift")
+def first_lift(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+    """``LiftTransformParams`` now (the weight transposes), its ``main_transform_params`` renamed
+    :data:`FIRST` and without ``num_input`` (so that the second lift leaves it alone)."""
+    mod = relax.transform.LiftTransformParams()(mod)
+    funcs = {}
+    for gv, f in mod.functions.items():
+        if gv.name_hint == TRANSFORM:
+            funcs[tvm.ir.GlobalVar(FIRST)] = f.with_attr("global_symbol", FIRST).without_attr("num_input")
+        else:
+            funcs[gv] = f
+    return tvm.IRModule(funcs, attrs=mod.attrs)
+
+
+def _block_and_result(func: relax.Function):
+    """``(bindings, result tuple, result var)`` of a transform: one dataflow block returning a
+    tuple; None otherwise."""
+    if not isinstance(func.body, relax.SeqExpr) or len(func.body.blocks) != 1:
+        return None
+    bindings = list(func.body.blocks[0].bindings)
+    by_var = {b.var: b.value for b in bindings}
+    body = func.body.body
+    out = by_var.get(body, body) if isinstance(body, relax.Var) else body
+    return (bindings, out, body) if isinstance(out, relax.Tuple) else None
+
+
+@tvm.transform.module_pass(opt_level=0, name="OptcComposeTransformParams")
+def compose_transform_params(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+    """:data:`FIRST` (weights -> transposed weights) and the second lift's
+    ``main_transform_params`` (transposed weights -> repacked) as one ``main_transform_params``
+    (weights -> repacked): the second's reads of its parameter tuple replaced by the first's
+    results, in one dataflow block."""
+    names = {gv.name_hint: gv for gv in mod.functions}
+    if FIRST not in names:
+        return mod
+    first = mod[names[FIRST]]
+    funcs = {gv: f for gv, f in mod.functions.items() if gv.name_hint not in (FIRST, TRANSFORM)}
+    if TRANSFORM not in names:          # nothing repacked: the transposes are the whole transform
+        funcs[tvm.ir.GlobalVar(TRANSFORM)] = first.with_attr("global_symbol", TRANSFORM).with_attr("num_input", 0)
+        return tvm.IRModule(funcs, attrs=mod.attrs)
+    second = mod[names[TRANSFORM]]
+    a, b = _block_and_result(first), _block_and_result(second)
+    if a is None or b is None or len(second.params) != 1:
+        raise ValueError("optc: the weight transforms are not one dataflow block returning a tuple each; "
+                         "they cannot be composed")
+    (bindings1, out1, result1), (bindings2, _, result2) = a, b
+    param2 = second.params[0]
+    bindings = [x for x in bindings1 if not x.var.same_as(result1)]
+    for x in bindings2:
+        value = x.value
+        if isinstance(value, relax.TupleGetItem) and value.tuple_value.same_as(param2):
+            value = out1.fields[int(value.index)]
+        elif any(u.same_as(param2) for u in relax.analysis.free_vars(value)):
+            raise ValueError("optc: the repacking transform reads its weights as a whole tuple; not composed")
+        bindings.append(relax.VarBinding(x.var, value))
+    func = relax.Function([first.params[0]], relax.SeqExpr([relax.DataflowBlock(bindings)], result2),
+                          second.ret_ty, is_pure=True)
+    func = func.with_attr("num_input", 0).with_attr("global_symbol", TRANSFORM)
+    funcs[names[TRANSFORM]] = relax.utils.copy_with_new_vars(func)
+    return tvm.IRModule(funcs, attrs=mod.attrs)
+
+
 @tvm.transform.module_pass(opt_level=0, name="OptcSplitTransformParams")
 def split_transform_params(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
     if TRANSFORM not in [gv.name_hint for gv in mod.functions]:
@@ -109,4 +184,4 @@ def split_transform_params(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
     return mod
 
 
-__all__ = ["GROUPS", "GROUP_PREFIX", "split_transform_params"]
+__all__ = ["FIRST", "GROUPS", "GROUP_PREFIX", "compose_transform_params", "first_lift", "split_transform_params"]
