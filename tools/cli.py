@@ -426,6 +426,10 @@ def _add_compile_parser(sub) -> None:
     c.add_argument("--threads", type=positive, default=None, metavar="N",
                    help="threads for torch and, for backends with a 'threads' option (onnx), the runtime "
                         "(default: every core)")
+    c.add_argument("--params", choices=("auto", "copy", "bound", "reference"), default=None,
+                   help="onnx and tvm: the runtime's own copy of the weights (onnx 'copy', tvm 'bound') or the "
+                        "model's tensors by reference (no second copy; onnx about 1.2x slower), passed as the "
+                        "backend option params= (default auto; docs/backends.md)")
     c.add_argument("--dynamic-batch", action="store_true", help="capture with dim 0 of every input dynamic")
     c.add_argument("--precision", choices=("fp32", "bf16", "int8", "auto"), default=None,
                    help="fp32 (the default pipeline), bf16 (default,to-half{dtype=bfloat16}), int8 "
@@ -465,6 +469,12 @@ def cmd_compile(args: argparse.Namespace) -> int:
     target, backend = resolve(args.target, args.backend)
     if args.tune is not None and backend.name != "tvm":
         raise OptcError(f"--tune applies to the tvm backend only, not '{backend.name}'")
+    if args.params is not None:
+        modes = {"onnx": ("auto", "copy", "reference"), "tvm": ("auto", "bound", "reference")}.get(backend.name)
+        if modes is None:
+            raise OptcError(f"--params applies to the onnx and tvm backends, not '{backend.name}'")
+        if args.params not in modes:
+            raise OptcError(f"--params {args.params}: the {backend.name} backend takes {', '.join(modes)}")
     backend.check_available(target)
     if args.precision is not None and args.pipeline != "default":
         raise OptcError("--precision chooses the pipeline: give --precision or --pipeline, not both")
@@ -483,6 +493,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
             options["threads"] = args.threads
     if args.tune is not None:
         options["tune"] = args.tune
+    if args.params is not None:
+        options["params"] = args.params
 
     loaded = load_model(args.model, inputs=args.input, config=parse_config(args.config), tiny=args.tiny,
                         batch=args.batch)

@@ -77,6 +77,24 @@ def test_compile_tune_needs_tvm(tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
+def test_compile_params_by_reference(tmp_path, capsys):
+    """--params reference reaches the backend (the manifest records it); a mode the backend does not
+    take, or a backend without the option, is one line before anything is loaded."""
+    out_dir = tmp_path / "ref"
+    status, out, err = _run(capsys, ["compile", "zoo:mlp", "--tiny", "--backend", "onnx", "--params", "reference",
+                                     "--out", str(out_dir), "--runs", "0"])
+    assert status == 0, err
+    manifest = json.loads((out_dir / "manifest.json").read_text())
+    assert manifest["options"]["params"] == "reference" and manifest["options"]["external_data"]
+    status, out, err = _run(capsys, ["compile", "zoo:mlp", "--tiny", "--backend", "onnx", "--params", "bound",
+                                     "--out", str(tmp_path / "x")])
+    assert status == 2 and "--params bound: the onnx backend takes auto, copy, reference" in _one_error_line(err)
+    status, out, err = _run(capsys, ["compile", "zoo:mlp", "--tiny", "--backend", "torchscript", "--params",
+                                     "reference", "--out", str(tmp_path / "x")])
+    assert status == 2 and "--params applies to the onnx and tvm backends" in _one_error_line(err)
+    assert not (tmp_path / "x").exists()
+
+
 def test_compile_unknown_backend(tmp_path, capsys):
     status, out, err = _run(capsys, ["compile", "zoo:mlp", "--tiny", "--backend", "nope", "--out", str(tmp_path / "x")])
     assert status == 2
