@@ -95,14 +95,15 @@ def _split_points(node: fx.Node, axis: int, size: int) -> list[int]:
     """Where the users of a linear layer's output split its channels (a fused projection: GPT-2's
     ``c_attn`` split into q, k and v, Phi-3's ``qkv_proj`` sliced into them, a fused gate/up): the
     interior cut points of ``split``/``chunk``/``slice`` users along the channel axis, reached
-    through views that keep it. Each part becomes a space of its own (as if the layer were one
+    through views and unsqueezes that keep it last (GPT-BigCode's ``c_attn`` is unsqueezed first). Each part becomes a space of its own (as if the layer were one
     linear per part), so that parts tied position-wise (q, k and v heads at the attention) form a
     group instead of being refused as different ranges of one space."""
     cur = node
     while len(cur.users) == 1:
         u = next(iter(cur.users))
         uv = u.meta.get("val")
-        if packet(u) not in SIZED_RESHAPES or not isinstance(uv, torch.Tensor) or uv.dim() < 1 or \
+        if (packet(u) not in SIZED_RESHAPES and u.target is not aten.unsqueeze.default) or \
+                not isinstance(uv, torch.Tensor) or uv.dim() < 1 or \
                 static(uv.shape[-1]) != size or axis != rank_of(cur) - 1:
             break
         cur, axis = u, uv.dim() - 1
@@ -217,15 +218,53 @@ def on_matmul(cg: ChannelGraph, node: fx.Node) -> Layout | None:
     return Layout(merged.axis, merged.pieces, sub)
 
 
+def _one_head_broadcast(t: fx.Node, heads: int) -> list[tuple[fx.Node, int]] | None:
+    """Where ``t`` ([B, H, T, D], read as SDPA's key or value) has its ``heads`` heads from one
+    key/value head, repeated -- multi-query attention, written as HF's ``repeat_kv`` with one
+    key/value head (GPT-BigCode): ``reshape(expand(x[B, 1, 1, T, D], [B, 1, H, T, D]), [B, H, T,
+    D])`` -- the ``(node, sizes index)`` entries that spell ``H``; None otherwise."""
+    if packet(t) not in SIZED_RESHAPES or rank_of(t) < 3:
+        return None
+    e = t.args[0]
+    if isinstance(e, fx.Node) and e.op == "call_function" and e.target == aten.clone.default:
+        e = e.args[0]
+    if not (isinstance(e, fx.Node) and e.op == "call_function" and e.target == aten.expand.default):
+        return None
+    src, mid, out = shape_of(e.args[0]), shape_of(e), shape_of(t)
+    r = len(out)
+    d = r - 3                                        # the heads dim of t, (1, H) in the expand
+    if len(mid) != r + 1 or len(src) != r + 1 or static(out[d]) != heads or \
+            [static(x) for x in mid[d:d + 2]] != [1, heads] or static(src[d + 1]) != 1 or \
+            [static(x) for x in mid[:d]] != [static(x) for x in out[:d]] or \
+            [static(x) for x in mid[d + 2:]] != [static(x) for x in out[d + 1:]]:
+        return None
+    sizes_e, sizes_t = e.args[1], t.args[1]
+    if not (isinstance(sizes_e, (list, tuple)) and isinstance(sizes_t, (list, tuple)) and
+            isinstance(sizes_e[d + 1], int) and isinstance(sizes_t[d], int)):
+        return None
+    return [(e, d + 1), (t, d)]
+
+
 def on_sdpa(cg: ChannelGraph, node: fx.Node) -> Layout:
     q, k, v = node.args[:3]
     mask = arg(node, 3, "attn_mask", None)
     lays = []
+    one_head = []          # multi-query attention: the key/value tensors of one head, broadcast
     for t in (q, k, v):
         lt = cg.layouts.get(t)
         r = rank_of(t)
         if lt is None:
             raise Refused(f"attention mixes heads with %{t.name}, whose heads no producer owns")
+        if t is not q and lt.axis == r - 1 and lays and lays[0].axis == r - 3:
+            # the key/value channels are one head's dims: every query head reads that one head
+            # (multi-query attention). The query heads prune alone; the key/value head stays
+            # whole, and the sizes that repeat it follow the query heads kept
+            n_q = static(shape_of(q)[r - 3])
+            gqa_one = arg(node, 7, "enable_gqa", False) and static(shape_of(t)[r - 3]) == 1
+            spelled = None if gqa_one else _one_head_broadcast(t, n_q)
+            if gqa_one or spelled is not None:
+                one_head.append((lt, spelled or []))
+                continue
         if lt.axis >= r - 2:
             raise Refused("attention reads channels on its sequence or feature axis")
         if t is not q and arg(node, 7, "enable_gqa", False) and lt.size != lays[0].size:
@@ -238,6 +277,10 @@ def on_sdpa(cg: ChannelGraph, node: fx.Node) -> Layout:
     merged = lays[0]
     for other in lays[1:]:
         merged = cg.unify(merged, other, node)
+    for lt, spelled in one_head:
+        cg.refuse([lt], node, "the one key/value head of multi-query attention is read by every query head")
+        for n, i in spelled:
+            cg.shapes.append(ShapeUse(n, "sizes", Layout(i, merged.pieces), key=1, index=i))
     if isinstance(mask, fx.Node):
         if cg.layouts.get(mask) is not None:
             raise Refused("channels flow into an attention mask")
@@ -249,7 +292,10 @@ def on_sdpa(cg: ChannelGraph, node: fx.Node) -> Layout:
             # reads the kept heads' rows of it (an index_select inserted for it alone: the bias may
             # be shared by other layers, which keep other heads)
             cg.shapes.append(ShapeUse(node, "select", merged, key=arg_key(node, 3, "attn_mask"), index=d))
-    sub = lays[2].sub_axis if lays[2].sub_axis == rank_of(v) - 1 else None
+    if len(lays) == 3:
+        sub = lays[2].sub_axis if lays[2].sub_axis == rank_of(v) - 1 else None
+    else:                  # the value is the one shared head: the output's last dim is within each head
+        sub = rank_of(v) - 1
     return Layout(merged.axis, merged.pieces, None if sub is None else rank_of(node) - 1)
 
 

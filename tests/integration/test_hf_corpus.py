@@ -278,20 +278,23 @@ def test_pruning_heads_of_decoders(name, heads, kv_heads, attention):
     assert rec.stats["pruned"] == 2
 
 
-@pytest.mark.parametrize("name, fused", [("gpt2", "c_attn"), ("phi3", "qkv_proj")])
-def test_pruning_heads_through_a_fused_qkv_projection(name, fused):
+@pytest.mark.parametrize("name, fused, rows", [("gpt2", "c_attn", 96), ("phi3", "qkv_proj", 64),
+                                               ("gpt_bigcode", "c_attn", 64)])
+def test_pruning_heads_through_a_fused_qkv_projection(name, fused, rows):
     """GPT-2's ``c_attn`` (a ``Conv1D``: ``canonicalize`` makes it a linear layer) and Phi-3's ``qkv_proj``
     (sliced, grouped-query): each part of the fused projection is a space of its own, tied at the
-    attention; whole heads pruned, exactly."""
+    attention; whole heads pruned, exactly. GPT-BigCode's ``c_attn`` (unsqueezed, then split;
+    multi-query: 4 query heads of 16 and one key/value head): half the query heads go, the
+    key/value head stays (32 + 16 + 16 rows)."""
     from optc.passes.prune_channels import zero_removed_channels
     model, inputs = hf_corpus.build(name)
     before, _ = optc.optimize(optc.capture(model, inputs), "default", "torchscript:cpu")
     pruned, report = optc.optimize(before, "prune-heads", "torchscript:cpu")
     record = report.record("prune-heads")
     assert record.stats["pruned"] == 2 and not record.rejections, record.rejections
-    rows = [tuple(n.args[1].meta["val"].shape)[0] for n in pruned.graph.nodes
-            if is_op(n, aten.linear.default) and fused in str(n.args[1].target)]
-    assert rows == [96, 96] if name == "gpt2" else rows == [64, 64], rows    # half the heads of q, k and v
+    got_rows = [tuple(n.args[1].meta["val"].shape)[0] for n in pruned.graph.nodes
+                if is_op(n, aten.linear.default) and fused in str(n.args[1].target)]
+    assert got_rows == [rows, rows], got_rows    # half the heads of q, k and v (of q alone with one k/v head)
     zeroed = zero_removed_channels(before, pruned.meta["prune_plan"])
     with torch.no_grad():
         got, want = pruned.graph_module(*inputs)[0], zeroed.graph_module(*inputs)[0]

@@ -522,6 +522,54 @@ def test_a_tiled_key_value_repeat_is_not_taken_for_repeat_kv():
         rec.rejections
 
 
+class MultiQuery(nn.Module):
+    """Multi-query attention: 4 query heads of 4 and one key/value head, from one fused projection.
+    ``form="bigcode"`` is GPT-BigCode's: the projection unsqueezed, split into q, k and v, the one
+    key/value head repeated by HF's repeat_kv (unsqueeze, expand, reshape); ``"gqa"`` hands SDPA
+    the one head with ``enable_gqa``."""
+
+    def __init__(self, form="bigcode"):
+        super().__init__()
+        self.form = form
+        self.qkv, self.o = nn.Linear(16, 24), nn.Linear(16, 16)
+
+    def forward(self, x):
+        b, s, _ = x.shape
+        q, k, v = self.qkv(x).unsqueeze(1).split([16, 4, 4], dim=3)
+        q = q.view(b, s, -1, 4).transpose(1, 2)
+        if self.form == "gqa":
+            a = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+        else:
+            k, v = (t.unsqueeze(2).expand(b, 1, 4, s, 4).reshape(b, 4, s, 4) for t in (k, v))
+            a = F.scaled_dot_product_attention(q, k, v)
+        return x + self.o(a.transpose(1, 2).reshape(b, s, 16))
+
+
+@pytest.mark.parametrize("form", ["bigcode", "gqa"])
+def test_multi_query_attention_prunes_query_heads_and_keeps_the_key_value_head(form):
+    """Every query head reads the one key/value head: the query heads prune on their own (the sizes
+    that repeat the key/value head follow them), the key/value head stays whole."""
+    model = MultiQuery(form)
+    with torch.no_grad():
+        model.qkv.weight[8:16] *= 10            # query heads 2 and 3 carry the weight
+    original, new, report = prune("prune-heads{ratio=0.5}", model, (torch.randn(2, 5, 16),))
+    rec = report.record("prune-heads")
+    st = rec.stats
+    assert (st["pruned"], st["channels_before"], st["channels_after"]) == (1, 16, 8), rec.rejections
+    rows = list(range(8, 24))                   # query heads 2 and 3, then k and v whole
+    assert torch.equal(new.graph_module.qkv_weight_pruned, original.graph_module.qkv.weight[rows])
+    assert torch.equal(new.graph_module.o_weight_pruned, original.graph_module.o.weight[:, 8:])
+    text = format_text(new, with_source=False)
+    assert "[8, 4, 4]" in text                   # the split
+    if form == "bigcode":
+        assert "aten.expand(" in text and ", [2, 1, 2, 5, 4])" in text
+    assert_exact_surgery(original, new)
+    # the key/value channels are a group of prune-channels, refused with the reason
+    _, _, report = prune("prune-channels{ratio=0.5}", MultiQuery(form), (torch.randn(2, 5, 16),))
+    assert any("the one key/value head of multi-query attention is read by every query head" in why
+               for _, _, why in report.record("prune-channels").rejections)
+
+
 class PerHeadFusedQKV(nn.Module):
     """GPT-NeoX: one projection viewed as ``[H, 3D]`` (each head's q, k and v rows together), chunked
     along the head dim; the attention output merged back from heads of ``D``."""
