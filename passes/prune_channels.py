@@ -284,6 +284,16 @@ def _apply_shape(su: ShapeUse, cg: ChannelGraph, kept: dict[int, list[int]], gm:
         dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
         node.target = aten.split_with_sizes.default
         node.args, node.kwargs = (node.args[0], sizes, dim), {}
+    elif su.kind == "index":
+        # a constant list of consecutive positions: those kept of it, renumbered
+        (a, b), = su.ranges
+        start, end = sum(1 for i in idx if i < a), sum(1 for i in idx if i < b)
+        indices = list(node.args[1])
+        src = indices[su.index]
+        target = add_attr(gm, f"{src.name}_pruned", torch.arange(start, end, dtype=src.meta["val"].dtype))
+        with gm.graph.inserting_before(node):
+            indices[su.index] = attr_node(gm, target, like=node, pass_name=pass_name)
+        node.args = (node.args[0], indices, *node.args[2:])
     elif su.kind == "slice":
         (a, b), = su.ranges
         start, end = sum(1 for i in idx if i < a), sum(1 for i in idx if i < b)

@@ -186,11 +186,20 @@ def on_permute(cg: ChannelGraph, node: fx.Node) -> Layout:
     return Layout(perm.index(lay.axis), lay.pieces, sub)
 
 
-def on_expand(cg: ChannelGraph, node: fx.Node) -> Layout:
+def on_expand(cg: ChannelGraph, node: fx.Node) -> Layout | None:
     lay = cg.only_input(node)
     off = rank_of(node) - rank_of(node.args[0])
     res = lay.moved(lay.axis + off, None if lay.sub_axis is None else lay.sub_axis + off)
     if static(shape_of(node)[res.axis]) != lay.size:
+        sizes = node.args[1]
+        if lay.size == 1 and static(shape_of(node.args[0])[lay.axis]) == 1 and off == 0 and \
+                isinstance(sizes[res.axis], int) and sizes[res.axis] > 1:
+            # one head broadcast to many (Falcon's multi-query key/value: expand(k, [-1, H, -1, -1])):
+            # the head stays whole; an attention reading the result takes the query heads alone
+            # (layers.on_sdpa) and has this size follow them
+            cg.refuse([lay], node, "the one key/value head of multi-query attention is read by every query head")
+            cg.one_head[node] = [(node, res.axis)]
+            return None
         raise Refused("an expand broadcasts the channel axis")
     sizes = node.args[1]
     if isinstance(sizes[res.axis], int) and sizes[res.axis] != -1:
@@ -292,6 +301,35 @@ def on_slice(cg: ChannelGraph, node: fx.Node) -> Layout:
     if res is None:
         raise Refused("a slice cuts inside a flattened channel")
     cg.shapes.append(ShapeUse(node, "slice", lay, ranges=((start, end),)))
+    return res
+
+
+def on_index(cg: ChannelGraph, node: fx.Node) -> Layout:
+    """``x[..., idx]`` (``aten.index.Tensor``) with one constant index tensor of consecutive
+    positions on the channel axis and none elsewhere -- Falcon's ``fused[:, :, [H]]`` picking its
+    key head out of the per-head fused projection: a slice of those positions, whose constant is
+    rewritten after pruning."""
+    lay = cg.only_input(node)
+    indices = node.args[1]
+    rank = rank_of(node.args[0])
+    used = [i for i, t in enumerate(indices) if t is not None]
+    if used != [lay.axis] or len(indices) > rank:
+        raise Refused("an index picks channels")
+    t = indices[lay.axis]
+    val = t.meta.get("val") if isinstance(t, fx.Node) else None
+    if not (is_const(t) and isinstance(val, torch.Tensor) and val.dim() == 1 and val.numel() >= 1 and
+            val.dtype in (torch.int64, torch.int32)):
+        raise Refused("an index picks channels with a tensor that is not a constant list of positions")
+    from optc.ir.rewrite import attr_value
+    pos = [int(v) for v in attr_value(t).tolist()]
+    size = static(shape_of(node.args[0])[lay.axis])
+    pos = [p + size if p < 0 else p for p in pos]
+    if pos != list(range(pos[0], pos[0] + len(pos))) or not 0 <= pos[0] < pos[-1] + 1 <= size:
+        raise Refused("an index picks channels out of order")
+    res = cg.slice_layout(lay, pos[0], pos[-1] + 1, node)
+    if res is None:
+        raise Refused("an index cuts inside a flattened channel")
+    cg.shapes.append(ShapeUse(node, "index", lay, index=lay.axis, ranges=((pos[0], pos[-1] + 1),)))
     return res
 
 

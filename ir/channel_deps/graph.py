@@ -45,6 +45,7 @@ def _op_handlers() -> dict[Any, Callable]:
             (SPLITS, flow.on_split),
             ((aten.slice, aten.narrow), flow.on_slice),
             ((aten.select, aten.index_select, aten.unbind), flow.on_select),
+            ((aten.index,), flow.on_index),
             (REDUCTIONS, flow.on_reduction),
             (SOFTMAX, flow.on_softmax),
             (SPATIAL, flow.on_window),
@@ -71,6 +72,9 @@ class ChannelGraph:
         self.params: list[ParamUse] = []
         self.shapes: list[ShapeUse] = []
         self.producers: dict[fx.Node, int] = {}   # producer node -> its space
+        #: a one-head key/value broadcast to every query head (flow.on_expand) -> the (node, sizes
+        #: index) entries that spell the query head count, for the attention that reads it
+        self.one_head: dict[fx.Node, list[tuple[fx.Node, int]]] = {}
         self._log = log_refusals
         self._run()
         self.groups = self._groups()

@@ -91,6 +91,38 @@ def on_layer(cg: ChannelGraph, node: fx.Node, layer) -> Layout | None:
     return out
 
 
+def _heads_view_cuts(cur: fx.Node, axis: int, size: int) -> list[int] | None:
+    """Falcon's fused projection: viewed as ``[..., H, D]`` (its only user), and that read only as
+    slices and constant indexes of consecutive heads (the query heads, then the key head, the value
+    head): the channel cuts at those parts' bounds. None where the output is not read that way."""
+    if len(cur.users) != 1 or axis != rank_of(cur) - 1:
+        return None
+    v = next(iter(cur.users))
+    out = shape_of(v) if packet(v) in SIZED_RESHAPES else ()
+    if len(out) != rank_of(cur) + 1 or static(out[-2]) is None or static(out[-1]) is None or \
+            static(out[-2]) * static(out[-1]) != size or \
+            [static(x) for x in out[:-2]] != [static(x) for x in shape_of(cur)[:-1]]:
+        return None
+    n_heads, d = static(out[-2]), static(out[-1])
+    h_axis = len(out) - 2
+    cuts: set[int] = set()
+    for u in v.users:
+        if u.target is aten.slice.Tensor and norm_dim(arg(u, 1, "dim", 0), len(out)) == h_axis and \
+                arg(u, 4, "step", 1) == 1:
+            bounds = [arg(u, 2, "start", None), arg(u, 3, "end", None)]
+        elif u.target is aten.index.Tensor and len(u.args[1]) == h_axis + 1 and \
+                all(t is None for t in u.args[1][:-1]) and is_const(u.args[1][-1]):
+            from optc.ir.rewrite import attr_value
+            pos = [int(p) % n_heads for p in attr_value(u.args[1][-1]).reshape(-1).tolist()]
+            bounds = [min(pos), max(pos) + 1] if pos else []
+        else:
+            return None
+        for b in bounds:
+            if isinstance(b, int):
+                cuts.add(min(max(norm_dim(b, n_heads), 0), n_heads) * d)
+    return sorted(c for c in cuts if 0 < c < size)
+
+
 def _split_points(node: fx.Node, axis: int, size: int) -> list[int]:
     """Where the users of a linear layer's output split its channels (a fused projection: GPT-2's
     ``c_attn`` split into q, k and v, Phi-3's ``qkv_proj`` sliced into them, a fused gate/up): the
@@ -108,6 +140,9 @@ def _split_points(node: fx.Node, axis: int, size: int) -> list[int]:
             break
         cur, axis = u, uv.dim() - 1
     cuts: set[int] = set()
+    heads = _heads_view_cuts(cur, axis, size)
+    if heads is not None:
+        return heads
     for u in cur.users:
         if packet(u) in SPLITS and norm_dim(arg(u, 2, "dim", 0), rank_of(cur)) == axis:
             pos = 0
@@ -253,8 +288,20 @@ def on_sdpa(cg: ChannelGraph, node: fx.Node) -> Layout:
     for t in (q, k, v):
         lt = cg.layouts.get(t)
         r = rank_of(t)
+        if lt is None and t is not q and t in cg.one_head and lays and lays[0].axis == r - 3 and \
+                static(shape_of(t)[r - 3]) == static(shape_of(q)[r - 3]):
+            # one key/value head broadcast to every query head on the heads axis (Falcon's
+            # multi-query attention; flow.on_expand kept the head whole)
+            one_head.append((None, cg.one_head[t]))
+            continue
         if lt is None:
             raise Refused(f"attention mixes heads with %{t.name}, whose heads no producer owns")
+        if t is not q and lt.axis == r - 3 and lays and lays[0].axis == r - 3 and lt.size == 1 and \
+                static(shape_of(t)[r - 3]) == 1 and (static(shape_of(q)[r - 3]) or 0) > 1:
+            # one key/value head that the attention broadcasts to every query head itself (a size-1
+            # heads dim: Falcon's multi-query attention with transformers' sdpa attention)
+            one_head.append((lt, []))
+            continue
         if t is not q and lt.axis == r - 1 and lays and lays[0].axis == r - 3:
             # the key/value channels are one head's dims: every query head reads that one head
             # (multi-query attention). The query heads prune alone; the key/value head stays

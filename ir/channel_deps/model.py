@@ -95,7 +95,8 @@ class ShapeUse:
 
     ``kind``: ``sizes`` (view/reshape/expand sizes, entry ``index``), ``groups`` (depthwise
     conv), ``split`` (split sizes, position ranges ``ranges``), ``slice`` (bounds),
-    ``normalized_shape`` (LayerNorm), ``select`` (argument ``key`` of ``node``, a tensor no
+    ``normalized_shape`` (LayerNorm), ``index`` (the constant position list, entry ``index``, of
+    an ``aten.index``: positions ``ranges``), ``select`` (argument ``key`` of ``node``, a tensor no
     producer owns whose dim ``index`` follows ``layout``, is read through an ``index_select`` of
     the kept positions: a per-head attention bias)."""
 

@@ -570,6 +570,53 @@ def test_multi_query_attention_prunes_query_heads_and_keeps_the_key_value_head(f
                for _, _, why in report.record("prune-channels").rejections)
 
 
+class FalconMultiQuery(nn.Module):
+    """Falcon's multi-query attention: one projection viewed as 6 heads of 4 -- 4 query heads, then
+    the key head and the value head -- the query heads sliced out, the key and value heads picked
+    with constant index lists, and broadcast to the query heads by an expand (eager attention) or
+    by SDPA itself (a heads dim of 1: transformers' sdpa attention)."""
+
+    def __init__(self, expand=True):
+        super().__init__()
+        self.expand = expand
+        self.qkv, self.o = nn.Linear(16, 24), nn.Linear(16, 16)
+        self.register_buffer("k_at", torch.tensor([4]))
+        self.register_buffer("v_at", torch.tensor([5]))
+
+    def forward(self, x):
+        b, s, _ = x.shape
+        fused = self.qkv(x).view(b, s, 6, 4)
+        q, k, v = fused[:, :, :-2], fused[:, :, self.k_at], fused[:, :, self.v_at]
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        if self.expand:
+            k, v = (t.expand(-1, 4, -1, -1) for t in (k, v))
+        return x + self.o(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, s, 16))
+
+
+@pytest.mark.parametrize("expand", [True, False])
+def test_falcon_multi_query_attention_prunes_query_heads(expand):
+    """The fused projection splits at its head slices and indexes (query, key, value parts); the
+    query heads prune, the key and value heads stay, and the index lists and expand sizes follow."""
+    model = FalconMultiQuery(expand)
+    with torch.no_grad():
+        model.qkv.weight[:8] *= 10              # query heads 0 and 1 carry the weight
+    original, new, report = prune("prune-heads{ratio=0.5}", model, (torch.randn(2, 5, 16),))
+    rec = report.record("prune-heads")
+    # three head groups: the query heads (pruned), the key head and the value head (refused, whole)
+    assert (rec.stats["groups"], rec.stats["pruned"], rec.stats["channels_before"],
+            rec.stats["channels_after"]) == (3, 1, 24, 16), rec.rejections
+    assert any("the one key/value head of multi-query attention" in why for _, _, why in rec.rejections)
+    rows = list(range(8)) + list(range(16, 24))  # query heads 0 and 1, then the key and value heads
+    assert torch.equal(new.graph_module.qkv_weight_pruned, original.graph_module.qkv.weight[rows])
+    text = format_text(new, with_source=False)
+    assert "[2, 5, 4, 4]" in text                # 4 heads left in the view: 2 query heads, the key, the value
+    assert ("[-1, 2, -1, -1]" in text) == expand     # the key/value head broadcast to the 2 query heads
+    picked = sorted(getattr(new.graph_module, n.args[1][2].target).tolist() for n in new.graph.nodes
+                    if n.target is torch.ops.aten.index.Tensor)
+    assert picked == [[2], [3]]                  # the key and value heads renumbered
+    assert_exact_surgery(original, new)
+
+
 class PerHeadFusedQKV(nn.Module):
     """GPT-NeoX: one projection viewed as ``[H, 3D]`` (each head's q, k and v rows together), chunked
     along the head dim; the attention output merged back from heads of ``D``."""
