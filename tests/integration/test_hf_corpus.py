@@ -19,6 +19,8 @@ Needs the ``hf`` extra; skipped without it.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -223,6 +225,39 @@ def test_llama_decode_step_with_a_growing_cache(backend):
         with torch.no_grad():
             ref, got = step(*args), compiled(*args)
         assert got[1].shape[3] == past + 1
+        for r, o in zip(ref, got):
+            assert float((r - o).abs().max() / r.abs().max()) < 1e-5
+
+
+def test_llama_on_onnx_with_weights_by_reference(monkeypatch):
+    """params="reference" (the session on the model's own tensors, linears as FusedMatMul over the
+    [out, in] weights) with a dynamic sequence length and in the decode form: both match eager."""
+    import onnx
+
+    from optc.backends import onnx as onnx_backend
+    monkeypatch.setattr(onnx_backend, "REFERENCE_MIN_BYTES", 0)    # the corpus model's weights are small
+    model, (ids,) = hf_corpus.build("llama")
+    seq = torch.export.Dim("seq", min=2, max=64)
+    compiled, _ = optc.compile(model, (ids,), backend="onnx", dynamic_shapes=(({1: seq},),), params="reference")
+    graph = onnx.load(os.path.join(compiled.model_dir, "model.onnx"), load_external_data=False).graph
+    fused = sum(n.op_type == "FusedMatMul" for n in graph.node)
+    assert fused == 14 and not any(n.op_type == "MatMul" for n in graph.node)    # 7 linears per layer
+    params = {p.data_ptr() for p in model.parameters()}
+    assert sum(a.__array_interface__["data"][0] in params for a in compiled.shared.values()) >= fused
+    for n in (3, 40):
+        x = torch.randint(0, hf_corpus.VOCAB, (1, n), generator=torch.Generator().manual_seed(n))
+        with torch.no_grad():
+            ref, got = model(x), compiled(x)
+        assert float((ref - got).abs().max() / ref.abs().max()) < 1e-5
+    step, inputs, dynamic = hf_corpus.llama_decode()
+    compiled, _ = optc.compile(step, inputs, backend="onnx", dynamic_shapes=dynamic, params="reference")
+    ids, k, _ = inputs
+    for past in (3, 30):
+        g = torch.Generator().manual_seed(past)
+        shape = (*k.shape[:3], past, k.shape[4])
+        args = (ids, torch.randn(shape, generator=g), torch.randn(shape, generator=g))
+        with torch.no_grad():
+            ref, got = step(*args), compiled(*args)
         for r, o in zip(ref, got):
             assert float((r - o).abs().max() / r.abs().max()) < 1e-5
 
