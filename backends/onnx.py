@@ -511,6 +511,7 @@ def default_threads() -> int:
 # ---- the backend --------------------------------------------------------------------------------------
 class ONNXBackend(Backend):
     name = "onnx"
+    params_modes = PARAMS_MODES   # the ``params=`` option (optc compile --params)
     packages = (("onnx", "onnx"), ("onnxscript", "onnxscript"), ("onnxruntime", "onnxruntime"))
 
     def check_available(self, target: Target) -> None:

@@ -371,6 +371,7 @@ def model_key(mod, target_dict: dict) -> str:
 # ---- the backend ---------------------------------------------------------------------------------------
 class TVMBackend(Backend):
     name = "tvm"
+    params_modes = PARAMS_MODES   # the ``params=`` option (optc compile --params)
     packages = (("tvm", "apache-tvm"),)
 
     def check_available(self, target: Target) -> None:

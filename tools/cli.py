@@ -470,7 +470,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     if args.tune is not None and backend.name != "tvm":
         raise OptcError(f"--tune applies to the tvm backend only, not '{backend.name}'")
     if args.params is not None:
-        modes = {"onnx": ("auto", "copy", "reference"), "tvm": ("auto", "bound", "reference")}.get(backend.name)
+        modes = getattr(backend, "params_modes", None)
         if modes is None:
             raise OptcError(f"--params applies to the onnx and tvm backends, not '{backend.name}'")
         if args.params not in modes:

@@ -18,7 +18,7 @@ import torch.fx as fx
 from optc.ir.channel_deps.model import Layout, ParamUse, Piece, Refused, ShapeUse, merge_pieces
 from optc.ir.channel_deps.nodes import (PADS, SIZED_RESHAPES, indexed_args, is_const, is_tensor_node, norm_dim,
                                         packet, rank_of, reshape_groups, shape_of, spatial_dims, static)
-from optc.ir.rewrite import arg
+from optc.ir.rewrite import arg, attr_value
 
 if TYPE_CHECKING:
     from optc.ir.channel_deps.graph import ChannelGraph
@@ -320,7 +320,6 @@ def on_index(cg: ChannelGraph, node: fx.Node) -> Layout:
     if not (is_const(t) and isinstance(val, torch.Tensor) and val.dim() == 1 and val.numel() >= 1 and
             val.dtype in (torch.int64, torch.int32)):
         raise Refused("an index picks channels with a tensor that is not a constant list of positions")
-    from optc.ir.rewrite import attr_value
     pos = [int(v) for v in attr_value(t).tolist()]
     size = static(shape_of(node.args[0])[lay.axis])
     pos = [p + size if p < 0 else p for p in pos]

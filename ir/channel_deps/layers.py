@@ -16,7 +16,7 @@ import torch.fx as fx
 from optc.ir.channel_deps.model import Layout, ParamUse, Piece, Refused, ShapeUse
 from optc.ir.channel_deps.nodes import (SIZED_RESHAPES, SPLITS, arg_key, conv_groups, is_const, norm_dim, packet,
                                         rank_of, shape_of, static)
-from optc.ir.rewrite import arg
+from optc.ir.rewrite import arg, attr_value
 
 if TYPE_CHECKING:
     from optc.ir.channel_deps.graph import ChannelGraph
@@ -112,7 +112,6 @@ def _heads_view_cuts(cur: fx.Node, axis: int, size: int) -> list[int] | None:
             bounds = [arg(u, 2, "start", None), arg(u, 3, "end", None)]
         elif u.target is aten.index.Tensor and len(u.args[1]) == h_axis + 1 and \
                 all(t is None for t in u.args[1][:-1]) and is_const(u.args[1][-1]):
-            from optc.ir.rewrite import attr_value
             pos = [int(p) % n_heads for p in attr_value(u.args[1][-1]).reshape(-1).tolist()]
             bounds = [min(pos), max(pos) + 1] if pos else []
         else:

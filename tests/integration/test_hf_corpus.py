@@ -189,6 +189,30 @@ def test_pruning_after_default_prunes_bert_heads(pipeline, stat):
     assert sum(is_op(n, aten.scaled_dot_product_attention.default) for n in optimized.graph.nodes) == 2
 
 
+def _matches_at_other_lengths(model, compiled) -> None:
+    """The compiled dynamic-length model matches eager at 3 and 40 tokens."""
+    for n in (3, 40):
+        x = torch.randint(0, hf_corpus.VOCAB, (1, n), generator=torch.Generator().manual_seed(n))
+        with torch.no_grad():
+            ref, got = model(x), compiled(x)
+        assert float((ref - got).abs().max() / ref.abs().max()) < 1e-5
+
+
+def _decode_matches_at_other_cache_lengths(step, inputs, compiled) -> None:
+    """The compiled decode step matches eager with caches of 3 and 30 past positions (and its cache
+    grows by one)."""
+    ids, k, _ = inputs
+    for past in (3, 30):
+        g = torch.Generator().manual_seed(past)
+        shape = (*k.shape[:3], past, k.shape[4])
+        args = (ids, torch.randn(shape, generator=g), torch.randn(shape, generator=g))
+        with torch.no_grad():
+            ref, got = step(*args), compiled(*args)
+        assert got[1].shape[3] == past + 1
+        for r, o in zip(ref, got):
+            assert float((r - o).abs().max() / r.abs().max()) < 1e-5
+
+
 @pytest.mark.parametrize("backend", EVERY_BACKEND)
 def test_llama_with_a_dynamic_sequence_length(backend):
     """A Llama-family decoder captured with a dynamic sequence dim stays dynamic through the default
@@ -201,11 +225,7 @@ def test_llama_with_a_dynamic_sequence_length(backend):
     seq = torch.export.Dim("seq", min=2, max=64)
     compiled, report = optc.compile(model, (ids,), backend=backend, dynamic_shapes=(({1: seq},),))
     assert report.pipeline.stats("fuse-attention").get("fused") == 2
-    for n in (3, 40):
-        x = torch.randint(0, hf_corpus.VOCAB, (1, n), generator=torch.Generator().manual_seed(n))
-        with torch.no_grad():
-            ref, got = model(x), compiled(x)
-        assert float((ref - got).abs().max() / ref.abs().max()) < 1e-5
+    _matches_at_other_lengths(model, compiled)
 
 
 @pytest.mark.parametrize("backend", EVERY_BACKEND)
@@ -217,16 +237,7 @@ def test_llama_decode_step_with_a_growing_cache(backend):
     step, inputs, dynamic = hf_corpus.llama_decode()
     compiled, report = optc.compile(step, inputs, backend=backend, dynamic_shapes=dynamic)
     assert report.pipeline.stats("fuse-attention").get("fused") == 2
-    ids, k, _ = inputs
-    for past in (3, 30):
-        g = torch.Generator().manual_seed(past)
-        shape = (*k.shape[:3], past, k.shape[4])
-        args = (ids, torch.randn(shape, generator=g), torch.randn(shape, generator=g))
-        with torch.no_grad():
-            ref, got = step(*args), compiled(*args)
-        assert got[1].shape[3] == past + 1
-        for r, o in zip(ref, got):
-            assert float((r - o).abs().max() / r.abs().max()) < 1e-5
+    _decode_matches_at_other_cache_lengths(step, inputs, compiled)
 
 
 def test_llama_on_onnx_with_weights_by_reference(monkeypatch):
@@ -244,22 +255,10 @@ def test_llama_on_onnx_with_weights_by_reference(monkeypatch):
     assert fused == 14 and not any(n.op_type == "MatMul" for n in graph.node)    # 7 linears per layer
     params = {p.data_ptr() for p in model.parameters()}
     assert sum(a.__array_interface__["data"][0] in params for a in compiled.shared.values()) >= fused
-    for n in (3, 40):
-        x = torch.randint(0, hf_corpus.VOCAB, (1, n), generator=torch.Generator().manual_seed(n))
-        with torch.no_grad():
-            ref, got = model(x), compiled(x)
-        assert float((ref - got).abs().max() / ref.abs().max()) < 1e-5
+    _matches_at_other_lengths(model, compiled)
     step, inputs, dynamic = hf_corpus.llama_decode()
     compiled, _ = optc.compile(step, inputs, backend="onnx", dynamic_shapes=dynamic, params="reference")
-    ids, k, _ = inputs
-    for past in (3, 30):
-        g = torch.Generator().manual_seed(past)
-        shape = (*k.shape[:3], past, k.shape[4])
-        args = (ids, torch.randn(shape, generator=g), torch.randn(shape, generator=g))
-        with torch.no_grad():
-            ref, got = step(*args), compiled(*args)
-        for r, o in zip(ref, got):
-            assert float((r - o).abs().max() / r.abs().max()) < 1e-5
+    _decode_matches_at_other_cache_lengths(step, inputs, compiled)
 
 
 @pytest.mark.parametrize("name, rule", [("llama", "ort-group-query-attention"),
