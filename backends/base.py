@@ -53,6 +53,26 @@ from optc.target import Target
 log = logging.getLogger("optc.backends")
 
 
+#: ``params="auto"`` (ONNX, TorchScript) takes the weights by reference when a copy of those the
+#: process holds would be more than this fraction of the memory the system has available
+#: (``MemAvailable``): the copy would leave too little
+REFERENCE_WHEN_OVER = 0.5
+
+
+def copy_would_crowd(tensors) -> "tuple[int, int] | None":
+    """``(held, available)`` bytes when a copy of ``tensors`` (a Program's weights) would take more
+    than :data:`REFERENCE_WHEN_OVER` of the memory available, else None (also where the available
+    memory is not known). Weights memory-mapped from a weight file (``optc.compile(weights=...)``)
+    do not count: the compile releases them, so a copy replaces them rather than doubling them."""
+    from optc.memory import available_bytes, mapped_bytes
+    tensors = list(tensors)
+    held = sum(t.nbytes for t in tensors) - mapped_bytes(tensors)
+    available = available_bytes()
+    if available is None or held <= REFERENCE_WHEN_OVER * available:
+        return None
+    return held, available
+
+
 def tensors_holding(pointers, tensors: "dict[str, torch.Tensor]") -> "dict[str, torch.Tensor]":
     """The tensors of ``tensors`` (name -> tensor) whose storage holds one of the addresses
     ``pointers``: which of a Program's weights a runtime reads, given the addresses it was handed
@@ -104,6 +124,9 @@ class CompiledModel:
     #: the tensors of the model this compiled model runs on by reference, with their version
     #: counters when it was compiled (:meth:`watch_weights`); empty for a model with its own copy
     _watched: tuple = ()
+    #: the ``params=`` mode that gives a model its own copy of the weights (named by
+    #: :class:`~optc.errors.StaleWeightsError`); None where no mode does
+    own_copy_params: ClassVar[str | None] = None
 
     def watch_weights(self, tensors: "dict[str, torch.Tensor]") -> None:
         """Record ``tensors`` (name -> the model's tensor) as weights this model reads by reference:
@@ -119,11 +142,13 @@ class CompiledModel:
         for name, t, version in self._watched:
             if t._version != version:
                 from optc.errors import StaleWeightsError
+                how = "(params='reference') " if self.own_copy_params else ""
+                fix = f", or compile with params='{self.own_copy_params}' for a model with its own copy" \
+                    if self.own_copy_params else ""
                 raise StaleWeightsError(
                     f"{self.backend}: weight '{name}' was modified in place after the model was compiled; this "
-                    f"compiled model runs on the model's own weights by reference (params='reference') and was "
-                    f"compiled and checked with the old values. Compile again, or compile with "
-                    f"params='{'copy' if self.backend == 'onnx' else 'bound'}' for a model with its own copy.")
+                    f"compiled model runs on the model's own weights by reference {how}and was compiled and "
+                    f"checked with the old values. Compile again{fix}.")
 
     def save_artifacts(self, directory: str) -> list[str]:
         """Write the backend's files into ``directory``; return their paths relative to it."""

@@ -34,8 +34,8 @@ from typing import Callable
 import torch
 
 from optc.backends.base import (
-    Backend, CompiledModel, Signature, export_program, require, signature_from_manifest, target_from_manifest,
-    tensors_holding,
+    REFERENCE_WHEN_OVER, Backend, CompiledModel, Signature, copy_would_crowd, export_program, require,
+    signature_from_manifest, target_from_manifest, tensors_holding,
 )
 from optc.errors import ArtifactError, BackendUnavailableError, LoweringError
 from optc.ir.program import Program, attr_tensors
@@ -68,9 +68,6 @@ DATA_FILE = "model.onnx.data"
 #: route whose weights held in memory (not read from a weight file) exceed
 #: :data:`REFERENCE_WHEN_OVER` of the memory available; copy otherwise.
 PARAMS_MODES = ("auto", "copy", "reference")
-#: ``params="auto"`` takes the weights by reference when they are more than this fraction of the
-#: memory the system has available (``MemAvailable``): a copy would leave too little
-REFERENCE_WHEN_OVER = 0.5
 #: initializers smaller than this are left to ONNX Runtime's copy (shape constants, norms, biases)
 REFERENCE_MIN_BYTES = 64 * 1024
 
@@ -279,6 +276,7 @@ class ONNXModel(CompiledModel):
     artifact folder after loading)."""
 
     backend = "onnx"
+    own_copy_params = "copy"
 
     def __init__(self, signature: Signature, target: Target, *, model_bytes: bytes | None = None,
                  model_dir: str | None = None, threads: int | None = None, backend_map: "BackendMap | None" = None,
@@ -612,7 +610,7 @@ class ONNXBackend(Backend):
                                 "device): use params='copy'", backend=self.name)
         weights = sum(t.nbytes for t in attr_tensors(program.graph_module).values())
         if params == "auto":
-            params = _auto_params(program, target, weights, weights > external_data_threshold and not quantized)
+            params = _auto_params(program, target, weights > external_data_threshold and not quantized)
         signature = Signature.of(program)
         ep = export_program(program)
         input_names = [s.name for s in signature.inputs]
@@ -694,19 +692,16 @@ class ONNXBackend(Backend):
             raise ArtifactError(f"{directory}: ONNX Runtime cannot load '{MODEL_FILE}': {first}") from e
 
 
-def _auto_params(program: Program, target: Target, weights: int, eligible: bool) -> str:
+def _auto_params(program: Program, target: Target, eligible: bool) -> str:
     """``params="auto"``: ``"reference"`` where a copy of the weights the process holds would take
-    more than :data:`REFERENCE_WHEN_OVER` of the memory available (a warning says so: the model
-    runs slower), ``"copy"`` otherwise. Weights memory-mapped from a weight file
-    (``optc.compile(weights=...)``) do not count: the compile releases them, so the copy replaces
-    them rather than doubling them."""
-    from optc.memory import available_bytes, mapped_bytes
+    more than :data:`~optc.backends.base.REFERENCE_WHEN_OVER` of the memory available (a warning
+    says so: the model runs slower), ``"copy"`` otherwise (:func:`~optc.backends.base.copy_would_crowd`)."""
     if target.device != "cpu" or not eligible:
         return "copy"
-    held = weights - mapped_bytes(attr_tensors(program.graph_module).values())
-    available = available_bytes()
-    if available is None or held <= REFERENCE_WHEN_OVER * available:
+    crowd = copy_would_crowd(attr_tensors(program.graph_module).values())
+    if crowd is None:
         return "copy"
+    held, available = crowd
     log.warning("onnx: the session runs on the model's own weights (params='reference'): a copy of its %.2f GiB "
                 "would take more than %d%% of the %.2f GiB of memory available. Unpacked matmuls run about 1.2x "
                 "slower; params='copy' copies anyway", held / 2 ** 30, REFERENCE_WHEN_OVER * 100, available / 2 ** 30)

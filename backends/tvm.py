@@ -160,6 +160,7 @@ class TVMModel(CompiledModel):
     after loading). ``threads``: TVM thread-pool workers (CPU; None = every core)."""
 
     backend = "tvm"
+    own_copy_params = "bound"
 
     def __init__(self, signature: Signature, target: Target, *, library_path: str, threads: int | None = None,
                  backend_map: "BackendMap | None" = None, relax_module=None, build: Callable | None = None,

@@ -15,7 +15,8 @@ prints as "Maximum resident set size") is its own:
   compile-time check, then one call of the compiled model;
 - ``optc-onnx-reference``: ``optc-onnx`` with ``params="reference"``: the session runs on the
   model's own weights instead of a copy (what ``params="auto"`` picks only where the copy would
-  not fit in the memory available);
+  not fit in the memory available); ``optc-torchscript-reference`` the same for TorchScript (its
+  linears over the model's weights rather than packed copies);
 - ``optc-onnx-meta``: the same model built on the ``meta`` device (nothing materialised) and
   ``optc.compile(..., backend="onnx", weights=[model.safetensors, rotary buffers])``: the weights
   memory-mapped from a safetensors file written beforehand by another process (the rotary
@@ -45,8 +46,8 @@ import sys
 import tempfile
 import time
 
-ROUTES = ("plain", "optc-onnx", "optc-onnx-reference", "optc-torchscript", "optc-tvm", "optc-openvino", "optc-onnx-meta",
-          "optc-torchscript-meta", "optc-tvm-meta", "optc-openvino-meta", "optc-torchscript-bf16-meta",
+ROUTES = ("plain", "optc-onnx", "optc-onnx-reference", "optc-torchscript", "optc-torchscript-reference", "optc-tvm",
+          "optc-openvino", "optc-onnx-meta", "optc-torchscript-meta", "optc-tvm-meta", "optc-openvino-meta", "optc-torchscript-bf16-meta",
           "optc-onnx-int8-meta")
 # the meta routes: backend and pipeline
 META = {"optc-onnx-meta": ("onnx", "default"), "optc-torchscript-meta": ("torchscript", "default"),

@@ -118,6 +118,7 @@ def main(argv=None) -> int:
         eager, ort, onnx, ts = (by.get(k) for k in ("eager", "onnxruntime", "optc onnx", "optc torchscript"))
         r_onnx = _ratio(onnx, ort) if onnx and ort and onnx.ok and ort.ok else None
         r_ts = _ratio(ts, eager) if ts and ts.ok else None
+        r_ts_ort = _ratio(ts, ort) if ts and ort and ts.ok and ort.ok else None
         # the fusions and the ONNX op types, from a fresh compile (the bench's candidates keep only callables)
         import onnx as onnx_lib
 
@@ -140,7 +141,10 @@ def main(argv=None) -> int:
               f"{med['onnx']:.1f} | {med['ts']:.1f} | {onnx.max_rel_err if onnx else float('nan'):.1e}, "
               f"{ts.max_rel_err if ts else float('nan'):.1e} | {fusions} |", flush=True)
         print(f"  ONNX Runtime runs for optc onnx (after ORT_ENABLE_ALL): {kernels}", flush=True)
+        if r_ts_ort:
+            print(f"  optc torchscript / ORT plain: {fmt(r_ts_ort)}", flush=True)
         rows.append({"model": name, "params": params, "onnx_over_ort": r_onnx, "ts_over_eager": r_ts,
+                     "ts_over_ort": r_ts_ort,
                      "median_ms": med, "fusions": fusions, "onnx_op_types": kernels,
                      "compile_s": {c.name: c.compile_s for c in res.candidates},
                      "peak_bytes": {c.name: c.peak_bytes for c in res.candidates}})

@@ -139,7 +139,8 @@ def compile(model: Any, example_inputs: Any = (), *, example_kwargs: dict | None
     already captured Program). ``backend`` defaults to the one ``target`` names (``"onnx:cuda"``),
     else ``"onnx"``. ``dynamic_shapes`` is passed to capture (``"batch"``: dim 0 of every input).
     ``backend_options`` go to the backend's ``lower`` (onnx: ``opset``, ``threads``, ``optimize``,
-    ``external_data_threshold``; torchscript: ``method``, ``optimize``); unknown ones are errors.
+    ``external_data_threshold``, ``params``; torchscript: ``method``, ``optimize``, ``params``); unknown
+    ones are errors.
     ``calibration_data``: what ``insert-qdq`` calibrates on (see :func:`optimize`); its per-layer
     report is ``report.quantization``. ``progress``: called with a short message as each phase
     starts (``optc compile`` prints them on a terminal).

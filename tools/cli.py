@@ -427,9 +427,9 @@ def _add_compile_parser(sub) -> None:
                    help="threads for torch and, for backends with a 'threads' option (onnx), the runtime "
                         "(default: every core)")
     c.add_argument("--params", choices=("auto", "copy", "bound", "reference"), default=None,
-                   help="onnx and tvm: the runtime's own copy of the weights (onnx 'copy', tvm 'bound') or the "
-                        "model's tensors by reference (no second copy; onnx about 1.2x slower), passed as the "
-                        "backend option params= (default auto; docs/backends.md)")
+                   help="onnx, torchscript and tvm: the runtime's own copy of the weights (onnx and torchscript "
+                        "'copy', tvm 'bound') or the model's tensors by reference (no second copy; onnx about 1.2x "
+                        "slower), passed as the backend option params= (default auto; docs/backends.md)")
     c.add_argument("--dynamic-batch", action="store_true", help="capture with dim 0 of every input dynamic")
     c.add_argument("--precision", choices=("fp32", "bf16", "int8", "auto"), default=None,
                    help="fp32 (the default pipeline), bf16 (default,to-half{dtype=bfloat16}), int8 "
@@ -472,7 +472,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
     if args.params is not None:
         modes = getattr(backend, "params_modes", None)
         if modes is None:
-            raise OptcError(f"--params applies to the onnx and tvm backends, not '{backend.name}'")
+            raise OptcError(f"--params: the {backend.name} backend has no params option (onnx, torchscript and "
+                            "tvm have)")
         if args.params not in modes:
             raise OptcError(f"--params {args.params}: the {backend.name} backend takes {', '.join(modes)}")
     backend.check_available(target)

@@ -71,7 +71,7 @@ def test_compile_takes_a_program_and_target_string(captured_structured):
 def test_unknown_backend_and_option():
     with pytest.raises(OptcError, match=r"unknown backend 'tflite' \(valid: torchscript, onnx, tvm, openvino\)"):
         optc.compile(torch.nn.Linear(2, 2), (torch.randn(1, 2),), backend="tflite")
-    with pytest.raises(OptcError, match=r"backend 'torchscript' has no option 'opset' \(valid options: method, optimize\)"):
+    with pytest.raises(OptcError, match=r"backend 'torchscript' has no option 'opset' \(valid options: method, optimize, params\)"):
         optc.compile(torch.nn.Linear(2, 2), (torch.randn(1, 2),), backend="torchscript", opset=18)
 
 
@@ -100,7 +100,7 @@ def test_manifest_contents(saved):
                                   {"name": "bias", "shape": [3, 4], "dtype": "f32"}]
     assert [o["shape"] for o in manifest["outputs"]] == [[3, 4], [3, 4], [3, 1]]
     assert [leaf["path"] for leaf in manifest["input_leaves"]] == ["args[0]", "kwargs['bias']"]
-    assert manifest["options"] == {"method": "trace", "optimize": True}
+    assert manifest["options"] == {"method": "trace", "optimize": True, "params": "copy"}
     assert list(manifest["files"]) == ["model.pt"]
     assert manifest["files"]["model.pt"]["sha256"] == base.sha256_file(os.path.join(path, "model.pt"))
     assert manifest["versions"]["torch"] == torch.__version__

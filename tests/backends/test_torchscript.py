@@ -9,7 +9,7 @@ import torch
 
 import optc
 from optc.backends import get_backend, lower
-from optc.errors import BackendUnavailableError, LoweringError
+from optc.errors import BackendUnavailableError, LoweringError, StaleWeightsError
 from optc.ir.verifier import check_close, random_inputs_like
 
 try:
@@ -38,7 +38,7 @@ def test_structure_and_keywords_are_kept(captured_structured):
     assert isinstance(got, dict) and list(got) == ["act", "pair"]
     assert isinstance(got["pair"], tuple) and len(got["pair"]) == 2
     check_close(ref, got)
-    assert compiled.backend_options == {"method": "trace", "optimize": True}
+    assert compiled.backend_options == {"method": "trace", "optimize": True, "params": "copy"}
 
 
 def test_optc_ops_are_decomposed_into_aten(captured_structured):
@@ -131,28 +131,31 @@ def _tensor_constants(graph) -> list[torch.Tensor]:
 
 @pytest.mark.parametrize("dynamic", [False, True])
 def test_linear_weights_are_not_copied(tmp_path, dynamic):
-    """optimize_for_inference's FrozenLinearTranspose clones every constant linear weight
-    transposed (a second copy of the weights); the backend hands it matmul over a view instead,
-    so each weight constant of the running graph is the user's parameter storage, and the model
-    still computes what eager does -- traced and scripted, and after save/load."""
+    """With params='reference', each linear runs as oneDNN's over the user's weight itself: every
+    weight constant of the running graph is the user's parameter storage (optimize_for_inference's
+    FrozenLinearTranspose would clone each transposed; the backend hands the graph matmul over a
+    view, which becomes oneDNN's linear), and the model still computes what eager does -- traced
+    and scripted, after an in-place write to a weight, and after save/load."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 16, bias=False),
                                 torch.nn.Linear(16, 8)).eval()
     x = torch.randn(2, 5, 32)
     program = optc.capture(model, (x,), dynamic_shapes="batch" if dynamic else None)
-    compiled = lower(program, "cpu", "torchscript")
+    compiled = lower(program, "cpu", "torchscript", params="reference")
     storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
     consts = [t for t in _tensor_constants(compiled.module.graph) if t.dim() == 2]
     assert len(consts) == 3
     assert all(t.untyped_storage().data_ptr() in storages for t in consts)
     kinds = [n.kind() for n in compiled.module.graph.nodes()]
-    assert "aten::linear" not in kinds and kinds.count("aten::matmul") == 3
-    # the node map gives each linear its TorchScript nodes (matmul, and the add of a bias) and value
+    assert "aten::linear" not in kinds and "aten::matmul" not in kinds
+    assert kinds.count("mkldnn::_linear_pointwise") == 3 and "aten::add" not in kinds   # biases folded in
+    # the node map gives each linear its TorchScript node and value
     linears = [n.name for n in program.graph.nodes if n.target is torch.ops.aten.linear.default]
     assert len(linears) == 3
     if not dynamic:      # scripted code records no FX lines
-        for name, n_nodes in zip(linears, (2, 1, 2)):
-            assert len(compiled.backend_map[name]["nodes"]) == n_nodes and compiled.backend_map[name]["value"]
+        for name in linears:
+            assert compiled.backend_map[name]["nodes"][0].startswith("mkldnn::_linear_pointwise")
+            assert compiled.backend_map[name]["value"]
         values = compiled.intermediate_values(list(program.example_flat_inputs()),
                                               [compiled.backend_map[linears[0]]["value"]])
         check_close(model[0](x), values[compiled.backend_map[linears[0]]["value"]], rtol=1e-5)
@@ -165,6 +168,62 @@ def test_linear_weights_are_not_copied(tmp_path, dynamic):
     loaded = optc.load(tmp_path / "m")
     with torch.no_grad():
         check_close(model(x), loaded(x), rtol=1e-5)
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linears_run_on_packed_weights(tmp_path, dynamic, dtype):
+    """params='copy': each linear runs as oneDNN's over its weight packed once into oneDNN's layout;
+    the model matches eager, and so does a loaded artifact, which packs its own weights. A weight
+    written in place afterwards (as load_state_dict writes it) would reach the biases, which the
+    model reads in place, and not the packed weights nor the artifact: the model refuses to run,
+    naming the weight."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 16, bias=False),
+                                torch.nn.Linear(16, 8)).eval().to(dtype)
+    x = torch.randn(2, 5, 32, dtype=dtype)
+    program = optc.capture(model, (x,), dynamic_shapes="batch" if dynamic else None)
+    compiled = lower(program, "cpu", "torchscript", params="copy")
+    kinds = [n.kind() for n in compiled.module.graph.nodes()]
+    assert kinds.count("mkldnn::_linear_pointwise") == 3 and "aten::matmul" not in kinds
+    assert not [t for t in _tensor_constants(compiled.module.graph) if t.dim() == 2]   # no dense weight left
+    rtol = 1e-5 if dtype == torch.float32 else 2e-2
+    with torch.no_grad():
+        check_close(model(x), compiled(x), rtol=rtol)
+        if dynamic:
+            x3 = torch.randn(3, 5, 32, dtype=dtype)
+            check_close(model(x3), compiled(x3), rtol=rtol)
+    compiled.save(tmp_path / "m")
+    loaded = optc.load(tmp_path / "m")
+    assert loaded.backend_options["params"] == "copy"
+    assert [n.kind() for n in loaded.module.graph.nodes()].count("mkldnn::_linear_pointwise") == 3
+    with torch.no_grad():
+        check_close(model(x), loaded(x), rtol=rtol)
+        expected = model(x)
+        model[2].weight.mul_(-0.5)
+        with pytest.raises(StaleWeightsError, match=r"torchscript: weight '.*2.*weight' was modified in place"):
+            compiled(x)
+        check_close(expected, loaded(x), rtol=rtol)     # the artifact has its own weights
+
+
+def test_params_auto_packs_unless_the_copy_would_crowd_memory(monkeypatch, caplog):
+    """params='auto' packs the weights; where a copy of them would take more than half the memory
+    available it runs on the user's weights instead and says so."""
+    import optc.memory
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.Linear(64, 8)).eval()
+    x = torch.randn(2, 32)
+    program = optc.capture(model, (x,))
+    assert lower(program, "cpu", "torchscript").backend_options["params"] == "copy"
+    weight_bytes = sum(p.nbytes for p in model.parameters())
+    monkeypatch.setattr(optc.memory, "available_bytes", lambda: weight_bytes)
+    with caplog.at_level("WARNING", logger="optc.backends"):
+        compiled = lower(program, "cpu", "torchscript")
+    assert compiled.backend_options["params"] == "reference"
+    assert "params='reference'" in caplog.text
+    with torch.no_grad():
+        check_close(model(x), compiled(x), rtol=1e-5)
+    with pytest.raises(LoweringError, match="params must be one of"):
+        lower(program, "cpu", "torchscript", params="shared")
 
 
 class _ParallelProjections(torch.nn.Module):
@@ -190,7 +249,8 @@ def test_default_pipeline_holds_no_second_copy_of_parallel_projections():
     compiled, report = optc.compile(model, (x,), backend="torchscript")
     assert "merge-parallel-linear" not in [r.name for r in report.pipeline.records]
     storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    consts = [t for t in _tensor_constants(compiled.module.graph) if t.dim() == 2]
+    reference, _ = optc.compile(model, (x,), backend="torchscript", params="reference")
+    consts = [t for t in _tensor_constants(reference.module.graph) if t.dim() == 2]
     assert len(consts) == 6 and all(t.untyped_storage().data_ptr() in storages for t in consts)
     with torch.no_grad():
         check_close(model(x), compiled(x), rtol=1e-5)

@@ -89,9 +89,12 @@ def test_compile_params_by_reference(tmp_path, capsys):
     status, out, err = _run(capsys, ["compile", "zoo:mlp", "--tiny", "--backend", "onnx", "--params", "bound",
                                      "--out", str(tmp_path / "x")])
     assert status == 2 and "--params bound: the onnx backend takes auto, copy, reference" in _one_error_line(err)
-    status, out, err = _run(capsys, ["compile", "zoo:mlp", "--tiny", "--backend", "torchscript", "--params",
+    status, out, err = _run(capsys, ["compile", "zoo:mlp", "--tiny", "--backend", "torchscript", "--params", "bound",
+                                     "--out", str(tmp_path / "x")])
+    assert status == 2 and "--params bound: the torchscript backend takes auto, copy, reference" in _one_error_line(err)
+    status, out, err = _run(capsys, ["compile", "zoo:mlp", "--tiny", "--backend", "openvino", "--params",
                                      "reference", "--out", str(tmp_path / "x")])
-    assert status == 2 and "--params applies to the onnx and tvm backends" in _one_error_line(err)
+    assert status == 2 and "--params: the openvino backend has no params option" in _one_error_line(err)
     assert not (tmp_path / "x").exists()
 
 
