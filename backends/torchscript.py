@@ -41,6 +41,7 @@ from optc.backends.base import (
 from optc.errors import ArtifactError, LoweringError
 from optc.backends import torchscript_layout, torchscript_quant
 from optc.ir.program import Program, attr_tensors, copy_graph_module
+from optc.memory import release_mapped
 from optc.target import Target
 
 ARTIFACT = "model.pt"
@@ -272,7 +273,8 @@ def onednn_linears(module: torch.jit.ScriptModule, *, pack: bool) -> list[tuple[
     thread: 2.4x faster than ``matmul`` (MKL) on a 128 x 896 x 4864 linear. ``pack``: ``W`` is
     packed into oneDNN's layout once (a new tensor, registered as an attribute of ``module``);
     otherwise ``W`` itself is the constant (a view of the same storage, which oneDNN reorders on
-    each call), left as ``matmul`` when it is not contiguous. The new node keeps the replaced
+    each call), left as ``matmul`` when it is not contiguous. A packed ``W`` read from a weight file
+    (``optc.compile(weights=...)``) has its pages handed back (:func:`optc.memory.release_mapped`). The new node keeps the replaced
     node's source line (the node map). Returns ``(attribute, W)`` of each packed weight."""
     graph = module.graph
     self_value = next(graph.inputs())
@@ -303,6 +305,7 @@ def onednn_linears(module: torch.jit.ScriptModule, *, pack: bool) -> list[tuple[
                 name = f"packed_linear_weight_{len(packed)}"
                 module._c._register_attribute(name, torch._C.TensorType.get(),
                                               torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), None))
+                release_mapped([weight])      # read from a weight file: its pages are not needed any more
                 get = graph.create("prim::GetAttr", [self_value]).s_("name", name)
                 get.output().setType(torch._C.TensorType.get())
                 graph.insertNode(get)
