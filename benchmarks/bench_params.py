@@ -1,16 +1,18 @@
 """Weights in the runtime's own copy against weights by reference, on a Llama-family decoder, in one process.
 
-    python benchmarks/bench_params.py [--backend tvm|onnx] [--layers 8] [--hidden 1024] [--seq 128]
+    python benchmarks/bench_params.py [--backend tvm|onnx|torchscript] [--layers 8] [--hidden 1024] [--seq 128]
                                       [--decode] [--runs 20] [--threads 2]
 
 The model is ``benchmarks/bench_memory.py``'s (random weights, built from a config). Both
 ``optc.compile(model, (ids,), backend=B, params=MODE)`` -- TVM: ``bound`` (weights compiled into
 the library) and ``reference``; ONNX: ``copy`` (ONNX Runtime loads and prepacks its own copy) and
-``reference`` (the session runs on the model's tensors, prepacking off) -- without the
+``reference`` (the session runs on the model's tensors, prepacking off); TorchScript: ``copy``
+(each linear's weight packed for oneDNN) and ``reference`` (oneDNN's linear over the model's
+weight) -- without the
 compile-time check, their error against eager, then both timed interleaved
 (``optc.tools.bench.interleaved``): the median of the per-round ratios reference / copy with its
 95% confidence interval. ``--decode``: one token (``--seq`` 1), the memory-bound case. Memory is
-``bench_memory.py``'s job (``--routes optc-tvm optc-onnx``).
+``bench_memory.py``'s job (``--routes optc-tvm optc-onnx optc-torchscript``).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from optc.tools import bench  # noqa: E402
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--backend", choices=("tvm", "onnx"), default="tvm")
+    ap.add_argument("--backend", choices=("tvm", "onnx", "torchscript"), default="tvm")
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--hidden", type=int, default=1024)
     ap.add_argument("--seq", type=int, default=128)
@@ -49,8 +51,8 @@ def main(argv=None) -> int:
     with torch.no_grad():
         ref = model(ids)
         for mode in (copy, "reference"):
-            compiled, _ = optc.compile(model, (ids,), backend=args.backend, params=mode, check=False,
-                                       threads=args.threads)
+            threads = {} if args.backend == "torchscript" else {"threads": args.threads}  # (torch's own threads)
+            compiled, _ = optc.compile(model, (ids,), backend=args.backend, params=mode, check=False, **threads)
             err = float((compiled(ids) - ref).abs().max() / ref.abs().max())
             print(f"{mode}: max error {err:.1e} of the output scale", flush=True)
             fns[mode] = (lambda c=compiled: c(ids))
