@@ -254,7 +254,7 @@ def _auto_params(program: Program, target: Target) -> str:
     (a warning says so), ``"copy"`` otherwise."""
     if target.device != "cpu":
         return "copy"
-    crowd = copy_would_crowd(t for _, t in program.graph_module.named_parameters())
+    crowd = copy_would_crowd(attr_tensors(program.graph_module).values())
     if crowd is None:
         return "copy"
     held, available = crowd
