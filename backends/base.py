@@ -53,24 +53,33 @@ from optc.target import Target
 log = logging.getLogger("optc.backends")
 
 
-#: ``params="auto"`` (ONNX, TorchScript) takes the weights by reference when a copy of those the
-#: process holds would be more than this fraction of the memory the system has available
-#: (``MemAvailable``): the copy would leave too little
+#: ``params="auto"`` (ONNX, TorchScript: :func:`auto_params`) takes the weights by reference when a
+#: copy of those the process holds would be more than this fraction of the memory the system has
+#: available (``MemAvailable``): the copy would leave too little
 REFERENCE_WHEN_OVER = 0.5
 
 
-def copy_would_crowd(tensors) -> "tuple[int, int] | None":
-    """``(held, available)`` bytes when a copy of ``tensors`` (a Program's weights) would take more
-    than :data:`REFERENCE_WHEN_OVER` of the memory available, else None (also where the available
-    memory is not known). Weights memory-mapped from a weight file (``optc.compile(weights=...)``)
-    do not count: the compile releases them, so a copy replaces them rather than doubling them."""
+def auto_params(program: Program, target: Target, backend: str, slower: str) -> str:
+    """``params="auto"`` of a backend whose modes are ``copy`` and ``reference``: ``"reference"``
+    where a copy of the weights the process holds would take more than
+    :data:`REFERENCE_WHEN_OVER` of the memory available (a warning says so, with ``slower``: what
+    reading the weights in place costs), ``"copy"`` otherwise, and on CUDA. Weights memory-mapped
+    from a weight file (``optc.compile(weights=...)``) do not count: the compile releases them, so
+    a copy replaces them rather than doubling them. Where the available memory is not known:
+    ``"copy"``."""
+    from optc.ir.program import attr_tensors
     from optc.memory import available_bytes, mapped_bytes
-    tensors = list(tensors)
+    if target.device != "cpu":
+        return "copy"
+    tensors = list(attr_tensors(program.graph_module).values())
     held = sum(t.nbytes for t in tensors) - mapped_bytes(tensors)
     available = available_bytes()
     if available is None or held <= REFERENCE_WHEN_OVER * available:
-        return None
-    return held, available
+        return "copy"
+    log.warning("%s: the model runs on its own weights (params='reference'): a copy of its %.2f GiB would take "
+                "more than %d%% of the %.2f GiB of memory available. %s; params='copy' copies anyway", backend,
+                held / 2 ** 30, REFERENCE_WHEN_OVER * 100, available / 2 ** 30, slower)
+    return "reference"
 
 
 def tensors_holding(pointers, tensors: "dict[str, torch.Tensor]") -> "dict[str, torch.Tensor]":

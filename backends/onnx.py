@@ -34,7 +34,7 @@ from typing import Callable
 import torch
 
 from optc.backends.base import (
-    REFERENCE_WHEN_OVER, Backend, CompiledModel, Signature, copy_would_crowd, export_program, require,
+    Backend, CompiledModel, Signature, auto_params, export_program, require,
     signature_from_manifest, target_from_manifest, tensors_holding,
 )
 from optc.errors import ArtifactError, BackendUnavailableError, LoweringError
@@ -66,7 +66,7 @@ DATA_FILE = "model.onnx.data"
 #: copy of the weights, but about 1.2x slower (unpacked matmuls; docs/backends.md); ``"auto"`` --
 #: reference only where the copy would not fit: a float program on CPU taking the external-data
 #: route whose weights held in memory (not read from a weight file) exceed
-#: :data:`REFERENCE_WHEN_OVER` of the memory available; copy otherwise.
+#: ``base.REFERENCE_WHEN_OVER`` of the memory available (``base.auto_params``); copy otherwise.
 PARAMS_MODES = ("auto", "copy", "reference")
 #: initializers smaller than this are left to ONNX Runtime's copy (shape constants, norms, biases)
 REFERENCE_MIN_BYTES = 64 * 1024
@@ -578,8 +578,8 @@ class ONNXBackend(Backend):
         loaded one has its own copy. The price is speed: ONNX Runtime's matmuls over unpacked
         weights run about 1.2x slower (docs/backends.md). ``"copy"``: ONNX Runtime's copy.
         ``"auto"`` (default): reference only where the copy would not fit
-        (:func:`_auto_params`: a float program on CPU above ``external_data_threshold`` whose
-        weights in memory exceed :data:`REFERENCE_WHEN_OVER` of the memory available), with a
+        (:func:`~optc.backends.base.auto_params`: a float program on CPU above ``external_data_threshold``
+        whose weights in memory exceed ``REFERENCE_WHEN_OVER`` of the memory available), with a
         warning; copy otherwise."""
         from optc.ir.quant_ops import is_quant_op
         quantized = any(n.op == "call_function" and is_quant_op(n.target) for n in program.graph.nodes)
@@ -610,7 +610,8 @@ class ONNXBackend(Backend):
                                 "device): use params='copy'", backend=self.name)
         weights = sum(t.nbytes for t in attr_tensors(program.graph_module).values())
         if params == "auto":
-            params = _auto_params(program, target, weights > external_data_threshold and not quantized)
+            params = auto_params(program, target, self.name, "Unpacked matmuls run about 1.2x slower") \
+                if weights > external_data_threshold and not quantized else "copy"
         signature = Signature.of(program)
         ep = export_program(program)
         input_names = [s.name for s in signature.inputs]
@@ -690,22 +691,6 @@ class ONNXBackend(Backend):
         except (OSError, RuntimeError) as e:  # onnxruntime raises its own RuntimeError subclasses
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ArtifactError(f"{directory}: ONNX Runtime cannot load '{MODEL_FILE}': {first}") from e
-
-
-def _auto_params(program: Program, target: Target, eligible: bool) -> str:
-    """``params="auto"``: ``"reference"`` where a copy of the weights the process holds would take
-    more than :data:`~optc.backends.base.REFERENCE_WHEN_OVER` of the memory available (a warning
-    says so: the model runs slower), ``"copy"`` otherwise (:func:`~optc.backends.base.copy_would_crowd`)."""
-    if target.device != "cpu" or not eligible:
-        return "copy"
-    crowd = copy_would_crowd(attr_tensors(program.graph_module).values())
-    if crowd is None:
-        return "copy"
-    held, available = crowd
-    log.warning("onnx: the session runs on the model's own weights (params='reference'): a copy of its %.2f GiB "
-                "would take more than %d%% of the %.2f GiB of memory available. Unpacked matmuls run about 1.2x "
-                "slower; params='copy' copies anyway", held / 2 ** 30, REFERENCE_WHEN_OVER * 100, available / 2 ** 30)
-    return "reference"
 
 
 def _reference_initializers(model) -> dict:

@@ -35,7 +35,7 @@ import torch
 import torch.fx as fx
 
 from optc.backends.base import (
-    REFERENCE_WHEN_OVER, Backend, CompiledModel, Signature, copy_would_crowd, flat_outputs, graph_module_on,
+    Backend, CompiledModel, Signature, auto_params, flat_outputs, graph_module_on,
     signature_from_manifest, target_from_manifest,
 )
 from optc.errors import ArtifactError, LoweringError
@@ -50,7 +50,7 @@ METHODS = ("auto", "trace", "script")
 #: (``mkldnn::_linear_pointwise``) over -- ``"copy"``: its weight packed into oneDNN's blocked layout
 #: (a copy); ``"reference"``: the weight itself, the
 #: user's parameter (oneDNN reorders it on each call: slower, no copy); ``"auto"``: reference only
-#: where a copy would crowd the memory (:func:`~optc.backends.base.copy_would_crowd`), copy otherwise
+#: where a copy would crowd the memory (:func:`~optc.backends.base.auto_params`), copy otherwise
 PARAMS_MODES = ("auto", "copy", "reference")
 #: weights oneDNN's linear takes: float16 needs AVX512-FP16 or AVX-NE-CONVERT, which CPUs mostly lack
 ONEDNN_LINEAR_DTYPES = (torch.float32, torch.bfloat16)
@@ -202,7 +202,8 @@ class TorchScriptBackend(Backend):
             raise LoweringError("params='reference' is for the CPU target (a CUDA model holds its weights on the "
                                 "device): use params='copy'", backend=self.name)
         if params == "auto":
-            params = _auto_params(program, target)
+            params = auto_params(program, target, self.name,
+                                 "Unpacked weights run about 1.1x slower (1.3x per decode step)")
         signature = Signature.of(program)
         if method == "auto":
             method = "script" if signature.is_dynamic else "trace"
@@ -247,22 +248,6 @@ class TorchScriptBackend(Backend):
             raise ArtifactError(f"{directory}: cannot load '{ARTIFACT}': {str(e).strip().splitlines()[0]}") from e
         return TorchScriptModel(module, signature_from_manifest(manifest), target,
                                 pipeline=manifest.get("pipeline", ""), backend_options=manifest.get("options", {}))
-
-
-def _auto_params(program: Program, target: Target) -> str:
-    """``params="auto"``: ``"reference"`` where packed copies of the weights would crowd the memory
-    (a warning says so), ``"copy"`` otherwise."""
-    if target.device != "cpu":
-        return "copy"
-    crowd = copy_would_crowd(attr_tensors(program.graph_module).values())
-    if crowd is None:
-        return "copy"
-    held, available = crowd
-    log.warning("torchscript: the linears run on the model's own weights (params='reference'): packed copies of "
-                "its %.2f GiB would take more than %d%% of the %.2f GiB of memory available. Unpacked weights run "
-                "about 1.1x slower (1.3x per decode step); params='copy' packs anyway", held / 2 ** 30,
-                REFERENCE_WHEN_OVER * 100, available / 2 ** 30)
-    return "reference"
 
 
 def onednn_linears(module: torch.jit.ScriptModule, *, pack: bool) -> list[tuple[str, torch.Tensor]]:
