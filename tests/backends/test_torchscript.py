@@ -188,6 +188,13 @@ def test_linears_run_on_packed_weights(tmp_path, dynamic, dtype):
     assert kinds.count("mkldnn::_linear_pointwise") == 3 and "aten::matmul" not in kinds
     assert not [t for t in _tensor_constants(compiled.module.graph) if t.dim() == 2]   # no dense weight left
     rtol = 1e-5 if dtype == torch.float32 else 2e-2
+    if not dynamic:      # the node map and an instrumented run see the packed linears too
+        first = next(n.name for n in program.graph.nodes if n.target is torch.ops.aten.linear.default)
+        value = compiled.backend_map[first]["value"]
+        assert compiled.backend_map[first]["nodes"][0].startswith("mkldnn::_linear_pointwise") and value
+        with torch.no_grad():
+            check_close(model[0](x), compiled.intermediate_values(list(program.example_flat_inputs()), [value])[value],
+                        rtol=rtol)
     with torch.no_grad():
         check_close(model(x), compiled(x), rtol=rtol)
         if dynamic:
