@@ -47,10 +47,10 @@ from optc.target import Target
 ARTIFACT = "model.pt"
 METHODS = ("auto", "trace", "script")
 #: ``params`` (CPU, ``optimize=True``): each linear of the running module is oneDNN's
-#: (``mkldnn::_linear_pointwise``) over -- ``"copy"``: its weight packed into oneDNN's blocked layout
-#: (a copy); ``"reference"``: the weight itself, the
-#: user's parameter (oneDNN reorders it on each call: slower, no copy); ``"auto"``: reference only
-#: where a copy would crowd the memory (:func:`~optc.backends.base.auto_params`), copy otherwise
+#: (``mkldnn::_linear_pointwise``) over -- ``"copy"``: its weight packed into oneDNN's blocked
+#: layout (a copy); ``"reference"``: the weight itself, the user's parameter (oneDNN reorders it on
+#: each call: slower, no copy); ``"auto"``: reference only where a copy would crowd the memory
+#: (:func:`~optc.backends.base.auto_params`), copy otherwise
 PARAMS_MODES = ("auto", "copy", "reference")
 #: weights oneDNN's linear takes: float16 needs AVX512-FP16 or AVX-NE-CONVERT, which CPUs mostly lack
 ONEDNN_LINEAR_DTYPES = (torch.float32, torch.bfloat16)
@@ -148,7 +148,8 @@ class TorchScriptModel(CompiledModel):
         conv and linear in float32 on dequantized values (docs/quantization.md, "Backends")."""
         kinds = {"aten::conv2d": "conv", "aten::conv1d": "conv", "aten::conv3d": "conv", "aten::_convolution": "conv",
                  "aten::mkldnn_convolution": "conv", "prim::mkldnn_convolution": "conv",
-                 "aten::linear": "matmul", "aten::matmul": "matmul", "mkldnn::_linear_pointwise": "matmul", "aten::mm": "matmul", "aten::bmm": "matmul",
+                 "aten::linear": "matmul", "aten::matmul": "matmul", "mkldnn::_linear_pointwise": "matmul",
+                 "aten::mm": "matmul", "aten::bmm": "matmul",
                  "quantized::conv2d": "qconv", "quantized::linear": "qmatmul"}
         counts = {"conv": [0, 0], "matmul": [0, 0]}
         for node in self.module.graph.nodes():
@@ -189,11 +190,11 @@ class TorchScriptBackend(Backend):
         ``optimize``: run ``torch.jit.optimize_for_inference`` after freezing and, where torch has
         oneDNN, run the linears as oneDNN's (CPU only).
         ``params`` (:data:`PARAMS_MODES`): ``"copy"`` packs each linear weight into oneDNN's layout
-        (a copy beside the user's model),
-        ``"reference"`` runs oneDNN's linear on the user's weight itself (no copy; an 8-layer Llama
-        1.10x slower at 128 tokens, 1.26x per decode step, docs/backends.md), ``"auto"`` (default) reference only where a copy of
-        the weights would take more than :data:`~optc.backends.base.REFERENCE_WHEN_OVER` of the
-        memory available, with a warning."""
+        (a copy beside the user's model), ``"reference"`` runs oneDNN's linear on the user's weight
+        itself (no copy; an 8-layer Llama 1.10x slower at 128 tokens, 1.26x per decode step,
+        docs/backends.md), ``"auto"`` (default) reference only where a copy of the weights would
+        take more than :data:`~optc.backends.base.REFERENCE_WHEN_OVER` of the memory available,
+        with a warning."""
         if method not in METHODS:
             raise LoweringError(f"unknown method '{method}' (valid: {', '.join(METHODS)})", backend=self.name)
         if params not in PARAMS_MODES:
@@ -258,9 +259,10 @@ def onednn_linears(module: torch.jit.ScriptModule, *, pack: bool) -> list[tuple[
     thread: 2.4x faster than ``matmul`` (MKL) on a 128 x 896 x 4864 linear. ``pack``: ``W`` is
     packed into oneDNN's layout once (a new tensor, registered as an attribute of ``module``);
     otherwise ``W`` itself is the constant (a view of the same storage, which oneDNN reorders on
-    each call), left as ``matmul`` when it is not contiguous. A packed ``W`` read from a weight file
-    (``optc.compile(weights=...)``) has its pages handed back (:func:`optc.memory.release_mapped`). The new node keeps the replaced
-    node's source line (the node map). Returns ``(attribute, W)`` of each packed weight."""
+    each call), left as ``matmul`` when it is not contiguous. A packed ``W`` read from a weight
+    file (``optc.compile(weights=...)``) has its pages handed back
+    (:func:`optc.memory.release_mapped`). The new node keeps the replaced node's source line (the
+    node map). Returns ``(attribute, W)`` of each packed weight."""
     graph = module.graph
     self_value = next(graph.inputs())
     packed: list[tuple[str, torch.Tensor]] = []
