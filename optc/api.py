@@ -70,6 +70,7 @@ class CompileReport:
     rss_growth_bytes: int | None = None        # ... over what it held when compile() started
     weight_bytes: int = 0                      # the captured model's weights (parameters and buffers)
     integer_coverage: dict | None = None       # quantized programs: convs / matmuls run as integer kernels
+    params: str | None = None                  # the backend's weights mode (params=: copy, bound, reference)
 
     def memory_summary(self) -> str:
         if self.peak_rss_bytes is None:
@@ -87,7 +88,7 @@ class CompileReport:
             f"compiled {self.name} for {self.target} ({self.backend})",
             f"  capture   {self.capture_s * 1e3:10.1f} ms",
             f"  pipeline  {self.optimize_s * 1e3:10.1f} ms  {self.pipeline.pipeline or '(empty)'}",
-            f"  lowering  {self.lowering_s * 1e3:10.1f} ms",
+            f"  lowering  {self.lowering_s * 1e3:10.1f} ms" + (f"  weights: params={self.params}" if self.params else ""),
             *([f"  {self.check.format()}"] if self.check is not None else ["  check     off (check=False)"]),
             f"  total     {self.total_s * 1e3:10.1f} ms",
             f"  artifact  {human_bytes(self.artifact_bytes, ' '):>10}",
@@ -255,7 +256,8 @@ def _compile(models, example_inputs, example_kwargs, tgt, be, pipeline, dynamic_
                            capture_s=t1 - t0, optimize_s=t2 - t1, lowering_s=t3 - t_plan,
                            artifact_bytes=compiled.artifact_size(),
                            check=check_report, check_s=(t4 - t3) + (t_plan - t2),
-                           backend_stage=getattr(compiled, "stage_report", None), **facts)
+                           backend_stage=getattr(compiled, "stage_report", None),
+                           params=compiled.backend_options.get("params"), **facts)
     watch.__exit__(None, None, None)
     report.peak_rss_bytes, report.rss_growth_bytes = watch.peak, watch.growth
     return compiled, report

@@ -86,6 +86,7 @@ def test_compile_params_by_reference(tmp_path, capsys):
     assert status == 0, err
     manifest = json.loads((out_dir / "manifest.json").read_text())
     assert manifest["options"]["params"] == "reference" and manifest["options"]["external_data"]
+    assert re.search(r"  lowering .* ms  weights: params=reference\n", out)     # what the compile used, shown
     status, out, err = _run(capsys, ["compile", "zoo:mlp", "--tiny", "--backend", "onnx", "--params", "bound",
                                      "--out", str(tmp_path / "x")])
     assert status == 2 and "--params bound: the onnx backend takes auto, copy, reference" in _one_error_line(err)
