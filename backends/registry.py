@@ -46,6 +46,12 @@ def register_backend(name: str, path: str) -> None:
     _INSTANCES.pop(name, None)
 
 
+def unregister_backend(name: str) -> None:
+    """Forget backend ``name`` (what :func:`register_backend` made; tests clean up with it)."""
+    _BACKENDS.pop(name, None)
+    _INSTANCES.pop(name, None)
+
+
 def get_backend(name: str) -> "Backend":
     """The backend called ``name``, importing its module on first use."""
     from optc.backends.base import Backend

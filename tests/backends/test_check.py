@@ -12,6 +12,7 @@ import optc
 from optc.backends import base
 from optc.backends.check import TOLERANCE, check_compiled, compare_output, fresh_inputs
 from optc.errors import LoweringError, NumericMismatchError
+from optc.backends.registry import unregister_backend
 from optc.testing import register_perturbing_backend
 from optc.tools.cli import main
 
@@ -20,8 +21,7 @@ from optc.tools.cli import main
 def perturbed():
     name = register_perturbing_backend()
     yield name
-    base._BACKENDS.pop(name, None)
-    base._INSTANCES.pop(name, None)
+    unregister_backend(name)
 
 
 class TwoHeads(nn.Module):

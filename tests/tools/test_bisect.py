@@ -100,10 +100,14 @@ def test_a_stage_pass_is_blamed_without_the_pipeline(wrong_mha_translation, tmp_
 
 
 def test_a_backend_bug_is_named_as_such():
+    from optc.backends.registry import unregister_backend
     from optc.testing import register_perturbing_backend
     name = register_perturbing_backend()
-    torch.manual_seed(0)
-    result = bisect(Net().eval(), (torch.randn(3, 8),), backend=name)
+    try:
+        torch.manual_seed(0)
+        result = bisect(Net().eval(), (torch.randn(3, 8),), backend=name)
+    finally:        # later tests list the registered backends
+        unregister_backend(name)
     assert result.culprit == "backend" and result.first_pass is None
     assert "cannot be switched" in result.note
 
