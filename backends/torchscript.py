@@ -251,7 +251,7 @@ class TorchScriptBackend(Backend):
                                 pipeline=manifest.get("pipeline", ""), backend_options=manifest.get("options", {}))
 
 
-def onednn_linears(module: torch.jit.ScriptModule, *, pack: bool) -> list[tuple[str, torch.Tensor]]:
+def onednn_linears(module: torch.jit.ScriptModule, *, pack: bool) -> int:
     """Each ``aten::matmul(x, C)`` of the frozen ``module``'s graph whose ``C`` is a constant 2-D
     float32/bfloat16 tensor (a linear's ``t(W)``, :func:`_linear_over_weight_view`) as oneDNN's
     linear, ``mkldnn::_linear_pointwise(x, W, b)``, in place; an ``aten::add`` of a constant bias
@@ -262,10 +262,10 @@ def onednn_linears(module: torch.jit.ScriptModule, *, pack: bool) -> list[tuple[
     each call), left as ``matmul`` when it is not contiguous. A packed ``W`` read from a weight
     file (``optc.compile(weights=...)``) has its pages handed back
     (:func:`optc.memory.release_mapped`). The new node keeps the replaced node's source line (the
-    node map). Returns ``(attribute, W)`` of each packed weight."""
+    node map). Returns how many linears it rewrote."""
     graph = module.graph
     self_value = next(graph.inputs())
-    packed: list[tuple[str, torch.Tensor]] = []
+    count = 0
     for node in [n for n in graph.nodes() if n.kind() == "aten::matmul"]:    # (adds folded in are destroyed)
         if node.inputsAt(1).node().kind() != "prim::Constant":
             continue
@@ -289,7 +289,7 @@ def onednn_linears(module: torch.jit.ScriptModule, *, pack: bool) -> list[tuple[
                     result, bias = add, b
         with graph.insert_point_guard(result):
             if pack:
-                name = f"packed_linear_weight_{len(packed)}"
+                name = f"packed_linear_weight_{count}"
                 module._c._register_attribute(name, torch._C.TensorType.get(),
                                               torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), None))
                 release_mapped([weight])      # read from a weight file: its pages are not needed any more
@@ -297,7 +297,6 @@ def onednn_linears(module: torch.jit.ScriptModule, *, pack: bool) -> list[tuple[
                 get.output().setType(torch._C.TensorType.get())
                 graph.insertNode(get)
                 w_value = get.output()
-                packed.append((name, weight))
             else:
                 w_value = graph.insertConstant(weight)
             none = graph.insertConstant(None)
@@ -312,8 +311,9 @@ def onednn_linears(module: torch.jit.ScriptModule, *, pack: bool) -> list[tuple[
         if result is not node:
             result.destroy()
         node.destroy()
+        count += 1
     torch._C._jit_pass_dce(graph)
-    return packed
+    return count
 
 
 def _linear_over_weight_view(gm: fx.GraphModule) -> int:
