@@ -197,6 +197,15 @@ class Backend:
     name: ClassVar[str] = ""
     packages: ClassVar[tuple[tuple[str, str], ...]] = ()     # (import name, pip name)
     supported_higher_order: ClassVar[frozenset[str]] = frozenset()
+    #: the modes of the backend's ``params=`` option (where the model's weights live: the runtime's
+    #: copy or the model's own tensors by reference); None for a backend without it
+    params_modes: ClassVar[tuple[str, ...] | None] = None
+
+    def check_params(self, params: str) -> None:
+        """A :class:`LoweringError` unless ``params`` is one of :attr:`params_modes`."""
+        if params not in (self.params_modes or ()):
+            raise LoweringError(f"params must be one of {', '.join(self.params_modes or ())}, got {params!r}",
+                                backend=self.name)
 
     def check_available(self, target: Target) -> None:
         """Raise :class:`BackendUnavailableError` (one line) if ``target`` cannot run here."""

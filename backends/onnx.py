@@ -509,7 +509,7 @@ def default_threads() -> int:
 # ---- the backend --------------------------------------------------------------------------------------
 class ONNXBackend(Backend):
     name = "onnx"
-    params_modes = PARAMS_MODES   # the ``params=`` option (optc compile --params)
+    params_modes = PARAMS_MODES
     packages = (("onnx", "onnx"), ("onnxscript", "onnxscript"), ("onnxruntime", "onnxruntime"))
 
     def check_available(self, target: Target) -> None:
@@ -603,8 +603,7 @@ class ONNXBackend(Backend):
             raise LoweringError(f"opset {opset!r} is not supported (valid: {MIN_OPSET}..{MAX_OPSET})", backend=self.name)
         if threads is not None and (not isinstance(threads, int) or threads < 1):
             raise LoweringError(f"threads must be a positive int, got {threads!r}", backend=self.name)
-        if params not in PARAMS_MODES:
-            raise LoweringError(f"params must be one of {', '.join(PARAMS_MODES)}, got {params!r}", backend=self.name)
+        self.check_params(params)
         if params == "reference" and target.device != "cpu":
             raise LoweringError("params='reference' is for the CPU target (a CUDA session copies the weights to the "
                                 "device): use params='copy'", backend=self.name)

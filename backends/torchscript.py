@@ -41,7 +41,7 @@ from optc.backends.base import (
 from optc.errors import ArtifactError, LoweringError
 from optc.backends import torchscript_layout, torchscript_quant
 from optc.ir.program import Program, attr_tensors, copy_graph_module
-from optc.memory import release_mapped
+from optc.memory import mapped, release_mapped
 from optc.target import Target
 
 ARTIFACT = "model.pt"
@@ -182,7 +182,7 @@ class TorchScriptBackend(Backend):
     def native_ops(self, target: Target) -> frozenset:
         return frozenset(torchscript_quant.TRANSLATIONS)
 
-    params_modes = PARAMS_MODES   # the ``params=`` option (optc compile --params)
+    params_modes = PARAMS_MODES
 
     def lower(self, program: Program, target: Target, *, method: str = "auto",
               optimize: bool = True, params: str = "auto") -> TorchScriptModel:
@@ -197,8 +197,7 @@ class TorchScriptBackend(Backend):
         with a warning."""
         if method not in METHODS:
             raise LoweringError(f"unknown method '{method}' (valid: {', '.join(METHODS)})", backend=self.name)
-        if params not in PARAMS_MODES:
-            raise LoweringError(f"params must be one of {', '.join(PARAMS_MODES)}, got {params!r}", backend=self.name)
+        self.check_params(params)
         if params == "reference" and target.device != "cpu":
             raise LoweringError("params='reference' is for the CPU target (a CUDA model holds its weights on the "
                                 "device): use params='copy'", backend=self.name)
@@ -234,9 +233,8 @@ class TorchScriptBackend(Backend):
             # copies: a later in-place write would reach some and not others, and not the artifact.
             # Weights read from a weight file are nobody's to write: holding them would keep the file's
             # pages mapped beside their packed copies
-            from optc.memory import mapped_bytes
-            model.watch_weights({name: t for name, t in attr_tensors(program.graph_module).items()
-                                 if not mapped_bytes([t])})
+            weights = attr_tensors(program.graph_module)
+            model.watch_weights({name: t for (name, t), m in zip(weights.items(), mapped(weights.values())) if not m})
         return model
 
     def load(self, directory: str, manifest: dict) -> TorchScriptModel:

@@ -372,7 +372,7 @@ def model_key(mod, target_dict: dict) -> str:
 # ---- the backend ---------------------------------------------------------------------------------------
 class TVMBackend(Backend):
     name = "tvm"
-    params_modes = PARAMS_MODES   # the ``params=`` option (optc compile --params)
+    params_modes = PARAMS_MODES
     packages = (("tvm", "apache-tvm"),)
 
     def check_available(self, target: Target) -> None:
@@ -454,8 +454,7 @@ class TVMBackend(Backend):
             raise LoweringError(f"disabled_passes: {', '.join(unknown)} cannot be left out of the TVM build "
                                 f"(optional passes: {', '.join(optional)})", backend=self.name)
         disabled_passes = [p for p in optional if p in disabled_passes]      # pipeline order, once each
-        if params not in PARAMS_MODES:
-            raise LoweringError(f"params must be one of {', '.join(PARAMS_MODES)}, got {params!r}", backend=self.name)
+        self.check_params(params)
         if params == "auto":
             weight_bytes = sum(p.nbytes for p in program.graph_module.parameters())
             params = "reference" if target.device == "cpu" and weight_bytes > PARAMS_BY_REFERENCE_THRESHOLD \

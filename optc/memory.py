@@ -90,18 +90,25 @@ def available_bytes() -> int | None:
     return None
 
 
-def mapped_bytes(tensors) -> int:
-    """How many of the bytes of ``tensors`` lie in a weight file of the compile under way
-    (:class:`mapped_weights`): weights read from a file rather than held by the user's model."""
+def mapped(tensors) -> list[bool]:
+    """For each of ``tensors``: does it lie in a weight file of the compile under way
+    (:class:`mapped_weights`) -- a weight read from a file rather than held by the user's model."""
+    tensors = list(tensors)
     if not _mapped:
-        return 0
+        return [False] * len(tensors)
     ranges = _file_ranges(_mapped)
-    total = 0
+    out = []
     for t in tensors:
         r = _storage_range(t)
-        if r is not None and any(lo <= r[0] and r[1] <= hi for lo, hi in ranges):
-            total += t.nbytes
-    return total
+        out.append(r is not None and any(lo <= r[0] and r[1] <= hi for lo, hi in ranges))
+    return out
+
+
+def mapped_bytes(tensors) -> int:
+    """How many of the bytes of ``tensors`` lie in a weight file of the compile under way
+    (:func:`mapped`)."""
+    tensors = list(tensors)
+    return sum(t.nbytes for t, m in zip(tensors, mapped(tensors)) if m)
 
 
 def mapping_active() -> bool:

@@ -286,8 +286,7 @@ def _apply_shape(su: ShapeUse, cg: ChannelGraph, kept: dict[int, list[int]], gm:
         node.args, node.kwargs = (node.args[0], sizes, dim), {}
     elif su.kind == "index":
         # a constant list of consecutive positions: those kept of it, renumbered
-        (a, b), = su.ranges
-        start, end = sum(1 for i in idx if i < a), sum(1 for i in idx if i < b)
+        start, end = _kept_bounds(idx, *su.ranges[0])
         indices = list(node.args[1])
         src = indices[su.index]
         target = add_attr(gm, f"{src.name}_pruned", torch.arange(start, end, dtype=src.meta["val"].dtype))
@@ -295,8 +294,7 @@ def _apply_shape(su: ShapeUse, cg: ChannelGraph, kept: dict[int, list[int]], gm:
             indices[su.index] = attr_node(gm, target, like=node, pass_name=pass_name)
         node.args = (node.args[0], indices, *node.args[2:])
     elif su.kind == "slice":
-        (a, b), = su.ranges
-        start, end = sum(1 for i in idx if i < a), sum(1 for i in idx if i < b)
+        start, end = _kept_bounds(idx, *su.ranges[0])
         if node.target is aten.narrow.default:
             node.args = (node.args[0], node.args[1], start, end - start)
         else:
@@ -305,6 +303,11 @@ def _apply_shape(su: ShapeUse, cg: ChannelGraph, kept: dict[int, list[int]], gm:
     else:
         raise ValueError(f"unknown shape member kind {su.kind}")
     return 1
+
+
+def _kept_bounds(idx: list[int], a: int, b: int) -> tuple[int, int]:
+    """The positions ``[a, b)`` of the old channels, renumbered over the kept ones ``idx``."""
+    return sum(1 for i in idx if i < a), sum(1 for i in idx if i < b)
 
 
 def zero_removed_channels(program: Program, plan: PrunePlan) -> Program:

@@ -470,7 +470,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     if args.tune is not None and backend.name != "tvm":
         raise OptcError(f"--tune applies to the tvm backend only, not '{backend.name}'")
     if args.params is not None:
-        modes = getattr(backend, "params_modes", None)
+        modes = backend.params_modes
         if modes is None:
             raise OptcError(f"--params: the {backend.name} backend has no params option (onnx, torchscript and "
                             "tvm have)")

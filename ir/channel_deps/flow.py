@@ -16,9 +16,10 @@ import torch
 import torch.fx as fx
 
 from optc.ir.channel_deps.model import Layout, ParamUse, Piece, Refused, ShapeUse, merge_pieces
-from optc.ir.channel_deps.nodes import (PADS, SIZED_RESHAPES, indexed_args, is_const, is_tensor_node, norm_dim,
-                                        packet, rank_of, reshape_groups, shape_of, spatial_dims, static)
-from optc.ir.rewrite import arg, attr_value
+from optc.ir.channel_deps.nodes import (PADS, SIZED_RESHAPES, const_positions, indexed_args, is_const,
+                                        is_tensor_node, norm_dim, packet, rank_of, reshape_groups, shape_of,
+                                        spatial_dims, static)
+from optc.ir.rewrite import arg
 
 if TYPE_CHECKING:
     from optc.ir.channel_deps.graph import ChannelGraph
@@ -316,14 +317,12 @@ def on_index(cg: ChannelGraph, node: fx.Node) -> Layout:
     if used != [lay.axis] or len(indices) > rank:
         raise Refused("an index picks channels")
     t = indices[lay.axis]
-    val = t.meta.get("val") if isinstance(t, fx.Node) else None
-    if not (is_const(t) and isinstance(val, torch.Tensor) and val.dim() == 1 and val.numel() >= 1 and
-            val.dtype in (torch.int64, torch.int32)):
-        raise Refused("an index picks channels with a tensor that is not a constant list of positions")
-    pos = [int(v) for v in attr_value(t).tolist()]
     size = static(shape_of(node.args[0])[lay.axis])
-    pos = [p + size if p < 0 else p for p in pos]
-    if pos != list(range(pos[0], pos[0] + len(pos))) or not 0 <= pos[0] < pos[-1] + 1 <= size:
+    val = t.meta.get("val") if isinstance(t, fx.Node) else None
+    pos = const_positions(t, size) if isinstance(val, torch.Tensor) and val.dim() == 1 and size else None
+    if not pos:
+        raise Refused("an index picks channels with a tensor that is not a constant list of positions")
+    if pos != list(range(pos[0], pos[0] + len(pos))):
         raise Refused("an index picks channels out of order")
     res = cg.slice_layout(lay, pos[0], pos[-1] + 1, node)
     if res is None:

@@ -14,9 +14,9 @@ import torch
 import torch.fx as fx
 
 from optc.ir.channel_deps.model import Layout, ParamUse, Piece, Refused, ShapeUse
-from optc.ir.channel_deps.nodes import (SIZED_RESHAPES, SPLITS, arg_key, conv_groups, is_const, norm_dim, packet,
-                                        rank_of, shape_of, static)
-from optc.ir.rewrite import arg, attr_value
+from optc.ir.channel_deps.nodes import (SIZED_RESHAPES, SPLITS, arg_key, const_positions, conv_groups, is_const,
+                                        norm_dim, packet, rank_of, shape_of, static)
+from optc.ir.rewrite import arg
 
 if TYPE_CHECKING:
     from optc.ir.channel_deps.graph import ChannelGraph
@@ -111,8 +111,8 @@ def _heads_view_cuts(cur: fx.Node, axis: int, size: int) -> list[int] | None:
                 arg(u, 4, "step", 1) == 1:
             bounds = [arg(u, 2, "start", None), arg(u, 3, "end", None)]
         elif u.target is aten.index.Tensor and len(u.args[1]) == h_axis + 1 and \
-                all(t is None for t in u.args[1][:-1]) and is_const(u.args[1][-1]):
-            pos = [int(p) % n_heads for p in attr_value(u.args[1][-1]).reshape(-1).tolist()]
+                all(t is None for t in u.args[1][:-1]) and \
+                (pos := const_positions(u.args[1][-1], n_heads)) is not None:
             bounds = [min(pos), max(pos) + 1] if pos else []
         else:
             return None
@@ -126,9 +126,10 @@ def _split_points(node: fx.Node, axis: int, size: int) -> list[int]:
     """Where the users of a linear layer's output split its channels (a fused projection: GPT-2's
     ``c_attn`` split into q, k and v, Phi-3's ``qkv_proj`` sliced into them, a fused gate/up): the
     interior cut points of ``split``/``chunk``/``slice`` users along the channel axis, reached
-    through views and unsqueezes that keep it last (GPT-BigCode's ``c_attn`` is unsqueezed first). Each part becomes a space of its own (as if the layer were one
-    linear per part), so that parts tied position-wise (q, k and v heads at the attention) form a
-    group instead of being refused as different ranges of one space."""
+    through views and unsqueezes that keep it last (GPT-BigCode's ``c_attn`` is unsqueezed first).
+    Each part becomes a space of its own (as if the layer were one linear per part), so that parts
+    tied position-wise (q, k and v heads at the attention) form a group instead of being refused as
+    different ranges of one space."""
     cur = node
     while len(cur.users) == 1:
         u = next(iter(cur.users))

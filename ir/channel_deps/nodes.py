@@ -142,6 +142,19 @@ def is_const(n: Any) -> bool:
     return isinstance(n, fx.Node) and n.op == "get_attr" and attr_value(n) is not None
 
 
+def const_positions(n: Any, size: int) -> list[int] | None:
+    """The positions a constant index tensor ``n`` (a ``get_attr`` of integers: an
+    ``aten.index`` index) picks along a dim of ``size``, negative ones counted from the end, in
+    order; None where ``n`` is not such a constant or a position is out of range."""
+    val = n.meta.get("val") if isinstance(n, fx.Node) else None
+    if not (is_const(n) and isinstance(val, torch.Tensor) and val.dtype in (torch.int64, torch.int32)):
+        return None
+    pos = [int(p) for p in attr_value(n).reshape(-1).tolist()]
+    if any(not -size <= p < size for p in pos):
+        return None
+    return [p + size if p < 0 else p for p in pos]
+
+
 def reshape_groups(ins: tuple, outs: tuple) -> list[tuple[list[int], list[int]]] | None:
     """Pair dims of a row-major reshape ``ins -> outs`` into groups of equal products."""
     i = j = 0
