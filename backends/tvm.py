@@ -53,7 +53,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 
 from optc.backends.base import (
-    Backend, CompiledModel, Signature, export_program, op_name, require, signature_from_manifest,
+    Backend, CompiledModel, Signature, auto_params, export_program, op_name, require, signature_from_manifest,
     target_from_manifest, tensors_holding,
 )
 from optc.errors import ArtifactError, BackendUnavailableError, LoweringError
@@ -71,7 +71,7 @@ LIBRARY = "model.so"
 PARAMS = "params.pt"
 #: ``params="auto"`` passes the weights by reference above this many bytes of parameters
 PARAMS_BY_REFERENCE_THRESHOLD = 512 * 1024 ** 2
-PARAMS_MODES = ("auto", "bound", "reference")
+PARAMS_MODES = ("auto", "bound", "copy", "reference")
 LAYOUTS = ("NHWC", "NCHW")
 #: The passes of optc's Relax build pipeline that a model compiles without (``disabled_passes``),
 #: in pipeline order: option name -> the TVM pass names it leaves out of the ``PassContext``.
@@ -423,12 +423,16 @@ class TVMBackend(Backend):
         ``PassContext(disabled_pass=...)``), saved in the manifest -- ``optc bisect`` switches them
         to find the TVM pass that brings a miscompile. ``params``: ``"bound"`` compiles the weights
         into the library as constants (their transposes and repacking folded at compile time);
-        ``"reference"`` keeps them ``main``'s arguments -- the Program's own tensors, shared through
-        DLPack, transformed once when the model loads (``LiftTransformParams``) and saved beside the
-        library as ``params.pt`` -- so that the compile holds no second copy (constants are
-        serialized into the library and loaded back: a peak of about 8x the weights); ``"auto"``
-        (default): by reference above :data:`PARAMS_BY_REFERENCE_THRESHOLD` bytes of parameters
-        on CPU, bound otherwise."""
+        ``"copy"`` keeps them ``main``'s arguments -- the Program's own tensors, shared through
+        DLPack, saved beside the library as ``params.pt`` -- transformed once when the model loads
+        (``LiftTransformParams``: each linear weight transposed and repacked into the panels the
+        CPU matmul kernel reads, a copy); ``"reference"`` is the same without the copy: linears
+        read their weights as torch lays them out (``[N, K]``, ``NT_matmul`` kernels that pack a
+        panel at a time as they run: slower, backends.md); both avoid the bound library's peak
+        (constants serialized into the library and loaded back: about 8x the weights).
+        ``"auto"`` (default): bound up to :data:`PARAMS_BY_REFERENCE_THRESHOLD` bytes of parameters
+        or on CUDA; above it, ``copy`` unless the copy would take more than half the memory
+        available (``base.auto_params``), then ``reference``."""
         import tvm
         from optc.backends import tvm_schedule as ts
 
@@ -457,12 +461,13 @@ class TVMBackend(Backend):
         self.check_params(params)
         if params == "auto":
             weight_bytes = sum(p.nbytes for p in program.graph_module.parameters())
-            params = "reference" if target.device == "cpu" and weight_bytes > PARAMS_BY_REFERENCE_THRESHOLD \
-                and not tune else "bound"
-        if params == "reference" and (target.device != "cpu" or tune):
-            raise LoweringError("params='reference' is built for the CPU target without tuning (the tuned "
+            params = "bound" if target.device != "cpu" or weight_bytes <= PARAMS_BY_REFERENCE_THRESHOLD or tune \
+                else auto_params(program, target, self.name, "Its linears pack their weights as they run")
+        if params in ("copy", "reference") and (target.device != "cpu" or tune):
+            raise LoweringError(f"params={params!r} is built for the CPU target without tuning (the tuned "
                                 "kernels' checks run on constant weights): use params='bound'", backend=self.name)
-        by_reference = params == "reference"
+        by_reference = params in ("copy", "reference")
+        in_place = params == "reference"
         if tune and any(importlib.util.find_spec(m) is None for m in ("xgboost", "psutil")):
             raise BackendUnavailableError(TUNE_HINT)
         n_threads = threads or default_threads()
@@ -502,11 +507,11 @@ class TVMBackend(Backend):
             with context(instruments):
                 # a new module object: a Python pass of the pipeline may assign into the module it
                 # is given, and the imported one is kept for intermediate_values
-                mod = ts.pre_schedule_pipeline(tvm_target, layout, by_reference)(
+                mod = ts.pre_schedule_pipeline(tvm_target, layout, by_reference, in_place)(
                     tvm.IRModule(dict(mod.functions), attrs=mod.attrs))
                 database = tuning_records(mod) if tuning_records is not None else None
                 executable = tvm.compile(mod, target=tvm_target, relax_pipeline=ts.build_pipeline(
-                    tvm_target, layout, database, pre_scheduled=True, lift_params=by_reference))
+                    tvm_target, layout, database, pre_scheduled=True, lift_params=by_reference, in_place=in_place))
             return mod, executable
 
         t0 = time.perf_counter()
@@ -577,7 +582,7 @@ class TVMBackend(Backend):
             log.warning("%s was compiled for CPU %s; this machine is %s (it may lack instructions the "
                         "library uses)", directory, saved["mcpu"], ts.host_cpu())
         params = None
-        if options.get("params") == "reference":
+        if options.get("params") in ("copy", "reference"):
             try:   # memory-mapped: the weights are read from the file as the transforms use them
                 params = torch.load(os.path.join(directory, PARAMS), mmap=True, weights_only=True)
             except Exception as e:  # noqa: BLE001 - torch.load raises many types for a bad file

@@ -16,7 +16,8 @@ prints as "Maximum resident set size") is its own:
 - ``optc-onnx-reference``: ``optc-onnx`` with ``params="reference"``: the session runs on the
   model's own weights instead of a copy (what ``params="auto"`` picks only where the copy would
   not fit in the memory available); ``optc-torchscript-reference`` the same for TorchScript (its
-  linears over the model's weights rather than packed copies);
+  linears over the model's weights rather than packed copies), ``optc-tvm-reference`` for TVM
+  (linears reading the weights in place rather than the load-time transposed and repacked copy);
 - ``optc-onnx-meta``: the same model built on the ``meta`` device (nothing materialised) and
   ``optc.compile(..., backend="onnx", weights=[model.safetensors, rotary buffers])``: the weights
   memory-mapped from a safetensors file written beforehand by another process (the rotary
@@ -47,6 +48,7 @@ import tempfile
 import time
 
 ROUTES = ("plain", "optc-onnx", "optc-onnx-reference", "optc-torchscript", "optc-torchscript-reference", "optc-tvm",
+          "optc-tvm-reference",
           "optc-openvino", "optc-onnx-meta", "optc-torchscript-meta", "optc-tvm-meta", "optc-openvino-meta", "optc-torchscript-bf16-meta",
           "optc-onnx-int8-meta")
 # the meta routes: backend and pipeline

@@ -427,9 +427,9 @@ def _add_compile_parser(sub) -> None:
                    help="threads for torch and, for backends with a 'threads' option (onnx), the runtime "
                         "(default: every core)")
     c.add_argument("--params", choices=("auto", "copy", "bound", "reference"), default=None,
-                   help="onnx, torchscript and tvm: the runtime's own copy of the weights (onnx and torchscript "
-                        "'copy', tvm 'bound') or the model's tensors by reference (no second copy; onnx about 1.2x "
-                        "slower), passed as the backend option params= (default auto; docs/backends.md)")
+                   help="onnx, torchscript and tvm: the runtime's own copy of the weights ('copy'; tvm also "
+                        "'bound': compiled into the library) or the model's tensors by reference (no second copy; "
+                        "about 1.1-1.3x slower), passed as the backend option params= (default auto; docs/backends.md)")
     c.add_argument("--dynamic-batch", action="store_true", help="capture with dim 0 of every input dynamic")
     c.add_argument("--precision", choices=("fp32", "bf16", "int8", "auto"), default=None,
                    help="fp32 (the default pipeline), bf16 (default,to-half{dtype=bfloat16}), int8 "

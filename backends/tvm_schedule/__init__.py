@@ -15,6 +15,9 @@ Relax pipeline around it:
       with a small accumulator (``cache_write``, at most :data:`MAX_ACC_BYTES` so LLVM keeps it
       in registers), the elementwise epilogue (bias, folded BN, ReLU, residual add) inlined into
       the write-back, and constant weights repacked at compile time to ``[N/VN, ..., VN]`` panels;
+    * an ``NT_matmul`` over a weight as torch lays it out (``[N, K]``; ``params="reference"``) is
+      a dot product per output vectorised along ``K`` up to ``NT_DOT_MAX_ROWS`` rows, and above
+      gathers a ``[K, VN]`` panel per parallel task for the micro-kernel above;
     * other reductions run their spatial loops in parallel;
     * injective kernels are inlined into one loop nest: parallel outer loops, vectorised inner loop.
 

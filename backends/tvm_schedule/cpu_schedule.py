@@ -1,8 +1,10 @@
-"""optc's default CPU schedule: the dlight rule ``CPUGeneric`` (register-tiled micro-kernels, parallel/vectorised injective kernels)."""
+"""optc's default CPU schedule: the dlight rule ``CPUGeneric`` (register-tiled micro-kernels, ``NT_matmul``
+kernels over ``[N, K]`` weights, parallel/vectorised injective kernels)."""
 
 from __future__ import annotations
 
 import logging
+import math
 
 from tvm import s_tir, tirx
 from tvm.s_tir import dlight as dl
@@ -212,6 +214,119 @@ def _tile_main(sch, block, lanes: int, dtype_bytes: int, fallback: bool, layout_
     return True
 
 
+# ---- NT_matmul: a linear reading its weight as torch lays it out ---------------------------------------
+#: up to this many rows (the product of the output's other axes) the NT kernel is a dot product per
+#: output; above, it packs weight panels as it runs (measured, backends.md, TVM "Weights by reference")
+NT_DOT_MAX_ROWS = 8
+
+
+def _nt_operands(sch, block):
+    """``(weight read index, spatial loops, reduction loop)`` of a block computing
+    ``out[..., m, n] = sum_k A[..., m, k] * W[n, k]`` (an ``NT_matmul``: ``W`` 2-D, indexed by the
+    last spatial axis and the one reduction axis, ``A`` by the reduction axis last); None otherwise."""
+    stmt = sch.get(block)
+    ivs = list(stmt.iter_vars)
+    loops = sch.get_loops(block)
+    if len(loops) != len(ivs) or len(ivs) < 2 or len(stmt.writes) != 1 or len(stmt.reads) < 2:
+        return None
+    kinds = [iv.iter_type for iv in ivs]
+    if kinds[-1] != tirx.IterVar.CommReduce or any(k != tirx.IterVar.DataPar for k in kinds[:-1]):
+        return None
+    nvar, kvar = ivs[-2].var, ivs[-1].var
+    out = stmt.writes[0]
+    if not out.region or not _uses_var(out.region[-1].min, nvar):
+        return None
+    weight = other = None
+    for i, r in enumerate(stmt.reads):
+        if r.source.same_as(out.source) or not r.region:
+            continue
+        reg = r.region
+        if len(reg) == 2 and _uses_var(reg[0].min, nvar) and _uses_var(reg[1].min, kvar) \
+                and not _uses_var(reg[1].min, nvar) and not any(_uses_var(reg[0].min, iv.var) for iv in ivs[:-2]):
+            weight = i if weight is None else weight
+        elif _uses_var(reg[-1].min, kvar) and not any(_uses_var(x.min, nvar) for x in reg):
+            other = i
+    if weight is None or other is None:
+        return None
+    return weight, list(loops[:-1]), loops[-1]
+
+
+def _tile_nt(sch, block, lanes: int) -> bool:
+    """Schedule an ``NT_matmul`` (``params="reference"``: linears read ``W [N, K]`` in place,
+    no transposed copy). Up to :data:`NT_DOT_MAX_ROWS` rows (decode steps) or with rows known
+    only at run time: a dot product per output, vectorised along ``K`` (``rfactor``), up to 8
+    outputs at a time, parallel over output columns. More rows: each parallel task packs its
+    ``[K, VN]`` weight panel (a gathered transpose into a buffer of the task's own) and runs the
+    register-tiled micro-kernel of :func:`_tile_main` over every row. False if the shapes do not
+    fit (the next rule takes the block)."""
+    found = _nt_operands(sch, block)
+    if found is None or _reads_bool(sch, block):
+        return False
+    w_idx, s_loops, k_loop = found
+    n_ext, k_ext = _extent(sch, s_loops[-1]), _extent(sch, k_loop)
+    if n_ext is None or k_ext is None:
+        return False
+    m_exts = [_extent(sch, lp) for lp in s_loops[:-1]]
+    rows = None if any(e is None for e in m_exts) else math.prod(m_exts)
+    if rows is None or rows <= NT_DOT_MAX_ROWS or not s_loops[:-1]:
+        return _nt_dot(sch, block, s_loops, k_loop, n_ext, k_ext, lanes)
+    return _nt_packed(sch, block, w_idx, s_loops, k_loop, n_ext, lanes)
+
+
+def _nt_dot(sch, block, s_loops, k_loop, n_ext: int, k_ext: int, lanes: int) -> bool:
+    vk = next((v for v in (lanes, lanes // 2, 4) if v >= 4 and k_ext % v == 0), None)
+    if vk is None:
+        return False
+    nt = next(v for v in (8, 4, 2, 1) if n_ext % v == 0)
+    k_o, k_i = sch.split(k_loop, factors=[None, vk])
+    rf = sch.rfactor(k_i, len(s_loops))         # rf[..., m, n, k_i]: k_i becomes spatial
+    loops = sch.get_loops(rf)
+    m_loops, n, ko, ki = loops[:len(s_loops) - 1], loops[len(s_loops) - 1], loops[-2], loops[-1]
+    n_o, n_i = sch.split(n, factors=[None, nt])
+    sch.reorder(n_o, *m_loops, ko, n_i, ki)
+    sch.parallel(n_o)
+    if nt > 1:
+        sch.unroll(n_i)
+    sch.vectorize(ki)
+    sch.set_scope(rf, 0, "local")
+    sch.reverse_compute_at(block, m_loops[-1] if m_loops else n_o)
+    sch.decompose_reduction(rf, ko)
+    return True
+
+
+def _nt_packed(sch, block, w_idx: int, s_loops, k_loop, n_ext: int, lanes: int) -> bool:
+    vn = next((v for v in (2 * lanes, lanes, lanes // 2, 4) if v >= 4 and n_ext % v == 0), None)
+    m_ext = _extent(sch, s_loops[-2])
+    if vn is None or m_ext is None:
+        return False
+    mt = _largest_divisor(m_ext, 8 if vn >= 2 * lanes else 12)
+    acc = sch.cache_write(block, 0, "global")
+    n_o, n_i = sch.split(s_loops[-1], factors=[None, vn])
+    m_o, m_i = sch.split(s_loops[-2], factors=[None, mt])
+    others = list(s_loops[:-2])
+    sch.reorder(n_o, *others, m_o, k_loop, m_i, n_i)
+    par = sch.fuse(n_o, *others) if others else n_o
+    sch.parallel(par)
+    # the task's weight panel W[n_o*vn:(n_o+1)*vn, :] as [K, vn], gathered once for all its rows
+    panel = sch.cache_read(block, w_idx, "global")
+    sch.compute_at(panel, par)
+    sch.transform_layout(panel, ("write", 0), lambda a, c: (c, a))
+    p_loops = sch.get_loops(panel)
+    sch.reorder(p_loops[-1], p_loops[-2])
+    sch.vectorize(sch.get_loops(panel)[-1])
+    sch.reverse_compute_at(acc, m_o, preserve_unit_loops=True)
+    _reverse_inline_chain(sch, acc)
+    if mt > 1:
+        sch.unroll(m_i)
+    sch.vectorize(n_i)
+    init = sch.decompose_reduction(block, k_loop)
+    sch.vectorize(sch.get_loops(init)[-1])
+    wb_loops = sch.get_loops(acc)
+    if _extent(sch, wb_loops[-1]) == vn:
+        sch.vectorize(wb_loops[-1])
+    return True
+
+
 def _layout_free_buffers(func: tirx.PrimFunc) -> list:
     if func.attrs is None or "layout_free_buffers" not in func.attrs:
         return []
@@ -251,7 +366,8 @@ class CPUGeneric(ScheduleRule):
             name = sch.get(main).name_hint
             dtype_bytes = max(1, sch.get(main).writes[0].source.dtype.bits // 8)
             try:
-                ok = _tile_main(sch, main, lanes, dtype_bytes, self.fallback, _layout_free_buffers(func))
+                ok = _tile_nt(sch, main, lanes) or \
+                    _tile_main(sch, main, lanes, dtype_bytes, self.fallback, _layout_free_buffers(func))
             except _SCHEDULE_ERRORS as e:  # a schedule primitive refused: leave it to the next rule
                 log.debug("CPUGeneric: %s not tiled: %s", name, str(e).strip().splitlines()[-1:])
                 return None

@@ -11,15 +11,22 @@ from tvm.target import Target
 
 from optc.backends.tvm_schedule.common import _SCHEDULE_ERRORS
 from optc.backends.tvm_schedule.cpu_schedule import default_rules
-from optc.backends.tvm_schedule.relax_rewrites import clip_to_min_max, fold_constant_call_tir
+from optc.backends.tvm_schedule.relax_rewrites import (
+    clip_to_min_max, fold_constant_call_tir, fuse_weight_transpose_matmul,
+)
 
 log = logging.getLogger("optc.backends.tvm")
 
 
 # ---- pipelines ----------------------------------------------------------------------------------------
-def pre_schedule_passes(target: Target, layout: str = "NHWC", lift_params: bool = False) -> list:
-    """Relax -> fused, unscheduled TIR: the IR that MetaSchedule tunes and the default rules schedule."""
+def pre_schedule_passes(target: Target, layout: str = "NHWC", lift_params: bool = False,
+                        in_place: bool = False) -> list:
+    """Relax -> fused, unscheduled TIR: the IR that MetaSchedule tunes and the default rules schedule.
+    ``in_place`` (with ``lift_params``, CPU): linears read their weights as torch lays them out
+    (``NT_matmul`` kernels, :func:`fuse_weight_transpose_matmul`) and no weight is marked
+    layout-free, so that the load-time transform copies no linear weight (``params="reference"``)."""
     cpu = target.kind.name == "llvm"
+    in_place = in_place and cpu and lift_params
     passes = [
         relax.backend.DispatchSampling(),
         relax.backend.DispatchSortScan(),
@@ -36,6 +43,8 @@ def pre_schedule_passes(target: Target, layout: str = "NHWC", lift_params: bool 
         # a NoDesiredLayout check in 0.27)
         kernel = {"NHWC": "HWIO", "NCHW": "OIHW"}[layout]
         passes.append(_if_calls("relax.nn.conv2d", relax.transform.ConvertLayout({"relax.nn.conv2d": [layout, kernel]})))
+    if in_place:
+        passes.append(fuse_weight_transpose_matmul)
     passes += [
         relax.transform.Normalize(),
         relax.transform.LegalizeOps(),
@@ -52,8 +61,9 @@ def pre_schedule_passes(target: Target, layout: str = "NHWC", lift_params: bool 
         # (split_params.py, "two lifts, one transform")
         from optc.backends.tvm_schedule.split_params import first_lift
         passes.append(first_lift)
-    if cpu:
+    if cpu and not in_place:
         passes.append(relax.transform.AttachAttrLayoutFreeBuffers())   # constant weights may be repacked
+    if cpu:
         passes.append(_wrap_rootless)
     passes.append(s_tir.transform.StmtSimplify())   # reshape index math, using block-var ranges
     return passes
@@ -157,13 +167,13 @@ def _in_target(target: Target, passes: list, name: str):
     return _pipeline
 
 
-def pre_schedule_pipeline(target: Target, layout: str = "NHWC", lift_params: bool = False):
+def pre_schedule_pipeline(target: Target, layout: str = "NHWC", lift_params: bool = False, in_place: bool = False):
     """A pass: the module MetaSchedule should tune (identical to what :func:`build_pipeline` schedules)."""
-    return _in_target(target, pre_schedule_passes(target, layout, lift_params), "OptcPreSchedule")
+    return _in_target(target, pre_schedule_passes(target, layout, lift_params, in_place), "OptcPreSchedule")
 
 
 def build_pipeline(target: Target, layout: str = "NHWC", database=None, *, pre_scheduled: bool = False,
-                   lift_params: bool = False):
+                   lift_params: bool = False, in_place: bool = False):
     """A pass for ``tvm.compile(relax_pipeline=...)``: Relax -> scheduled TIR -> VM-ready module.
     ``pre_scheduled``: the module already went through :func:`pre_schedule_pipeline`.
     ``lift_params``: ``main`` takes the weights as arguments (after its ``num_input`` inputs):
@@ -171,8 +181,8 @@ def build_pipeline(target: Target, layout: str = "NHWC", database=None, *, pre_s
     ``main_transform_params`` (``LiftTransformParams``), which the model runs once when it loads,
     group of weights by group (``split_params.py``). On CPU the transposes were lifted before
     scheduling (``pre_schedule_passes(lift_params=True)``) and the repacking is lifted here; the
-    two are composed into one transform."""
-    passes = [] if pre_scheduled else pre_schedule_passes(target, layout, lift_params)
+    two are composed into one transform. ``in_place``: see :func:`pre_schedule_passes`."""
+    passes = [] if pre_scheduled else pre_schedule_passes(target, layout, lift_params, in_place)
     passes += schedule_passes(target, database)
     if lift_params:
         from optc.backends.tvm_schedule.split_params import compose_transform_params, split_transform_params

@@ -113,3 +113,40 @@ def fold_constant_call_tir(target: Target):
         return _fold_constant_call_tir(mod, target)
 
     return _pass
+
+
+# ---- linear weights read in place -----------------------------------------------------------------------
+def _weight_params(func: relax.Function) -> list:
+    """``func``'s weight parameters: those after its ``num_input`` inputs (all when unset)."""
+    n_input = func.attrs["num_input"] if func.attrs is not None and "num_input" in func.attrs else 0
+    return list(func.params[int(n_input):])
+
+
+@tvm.transform.module_pass(opt_level=0, name="OptcFuseWeightTransposeMatmul")
+def fuse_weight_transpose_matmul(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+    """``matmul(x, permute_dims(W))`` with ``W`` one of ``main``'s 2-D weight parameters -> one
+    ``NT_matmul`` kernel that reads ``W`` as torch lays it out (``[N, K]``), so that nothing
+    transposes the weight into a copy (``params="reference"``; the CPU schedule's ``NT`` micro-
+    kernels, ``cpu_schedule._tile_nt``). TVM's ``FuseTransposeMatmul``, restricted to weights: a
+    transposed activation (attention's ``q @ k^T``) keeps its own kernels. Run before LegalizeOps."""
+    from tvm.relax.transform import fuse_transpose_matmul as ftm
+
+    main = mod["main"] if "main" in [gv.name_hint for gv in mod.functions] else None
+    if not isinstance(main, relax.Function):
+        return mod
+    weights = [p for p in _weight_params(main) if getattr(p.ty, "ndim", -1) == 2]
+    if not weights:
+        return mod
+    pattern, annotations, check = ftm._pattern()
+
+    def _check(context) -> bool:
+        w = context.annotated_expr["w"]
+        return any(w.same_as(p) for p in weights) and check(context)
+
+    mod = relax.transform.FuseOpsByPattern([("transpose_matmul_fuse", pattern, annotations, _check)],
+                                           bind_constants=False)(mod)
+    fuser = ftm._TransposeMatmulFuser(mod)
+    for gv, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            fuser.builder_.update_func(gv, fuser.visit_expr(func))
+    return fuser.builder_.get()

@@ -129,6 +129,16 @@ def _block_and_result(func: relax.Function):
     return (bindings, out, body) if isinstance(out, relax.Tuple) else None
 
 
+def _identity(func: relax.Function) -> bool:
+    """``func`` returns its parameter as it is (a transform with nothing to do)."""
+    body = func.body
+    if isinstance(body, relax.SeqExpr):
+        if any(len(b.bindings) for b in body.blocks):
+            return False
+        body = body.body
+    return body.same_as(func.params[0])
+
+
 @tvm.transform.module_pass(opt_level=0, name="OptcComposeTransformParams")
 def compose_transform_params(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
     """:data:`FIRST` (weights -> transposed weights) and the second lift's
@@ -140,6 +150,10 @@ def compose_transform_params(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         return mod
     first = mod[names[FIRST]]
     funcs = {gv: f for gv, f in mod.functions.items() if gv.name_hint not in (FIRST, TRANSFORM)}
+    if _identity(first):     # nothing transposed (weights read in place)
+        if TRANSFORM in names:
+            funcs[names[TRANSFORM]] = mod[names[TRANSFORM]]
+        return tvm.IRModule(funcs, attrs=mod.attrs)
     if TRANSFORM not in names:          # nothing repacked: the transposes are the whole transform
         funcs[tvm.ir.GlobalVar(TRANSFORM)] = first.with_attr("global_symbol", TRANSFORM).with_attr("num_input", 0)
         return tvm.IRModule(funcs, attrs=mod.attrs)

@@ -455,19 +455,21 @@ class _QKVBlock(torch.nn.Module):
         return self.norm(x + self.out(a))
 
 
-def test_weights_by_reference(tmp_path):
-    """params='reference': main takes the weights as arguments -- the user's own tensors for those no
-    pass replaced, the merged projections as the Program made them -- transformed once when the
-    model loads; same numbers as eager and as the bound library; saved beside the library and
-    loaded memory-mapped; a changed params.pt is a hash mismatch."""
+@pytest.mark.parametrize("mode", ["copy", "reference"])
+def test_weights_by_reference(tmp_path, mode):
+    """params='copy' and 'reference': main takes the weights as arguments -- the user's own tensors
+    for those no pass replaced, the merged projections as the Program made them -- transformed once
+    when the model loads (copy: transposed and repacked; reference: read in place); same numbers as
+    eager and as the bound library; saved beside the library and loaded memory-mapped; a changed
+    params.pt is a hash mismatch."""
     torch.manual_seed(0)
     model = _QKVBlock().eval()
     x = torch.randn(2, 5, 64)
     # merge-parallel-linear (not in tvm:cpu's default pipeline) makes the new, merged weight
     pipeline = "default,merge-parallel-linear"
-    compiled, _ = optc.compile(model, (x,), backend="tvm", params="reference", pipeline=pipeline)
+    compiled, _ = optc.compile(model, (x,), backend="tvm", params=mode, pipeline=pipeline)
     bound, _ = optc.compile(model, (x,), backend="tvm", pipeline=pipeline)
-    assert compiled.backend_options["params"] == "reference" and bound.backend_options["params"] == "bound"
+    assert compiled.backend_options["params"] == mode and bound.backend_options["params"] == "bound"
     assert bound.params is None
     storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
     shared = [t for t in compiled.params if t.untyped_storage().data_ptr() in storages]
@@ -476,7 +478,7 @@ def test_weights_by_reference(tmp_path):
     with torch.no_grad():
         check_close(model(xs), compiled(xs), rtol=1e-5)
     check_close(bound(xs), compiled(xs), rtol=1e-5)
-    path = compiled.save(tmp_path / "ref")
+    path = compiled.save(tmp_path / mode)
     assert sorted(os.listdir(path)) == ["manifest.json", "model.so", "params.pt"]
     loaded = optc.load(path)
     assert torch.equal(loaded(xs), compiled(xs))
@@ -484,10 +486,15 @@ def test_weights_by_reference(tmp_path):
     name = next(k for k, v in compiled.backend_map.items() if v.get("value"))
     assert compiled.intermediate_values([xs], [compiled.backend_map[name]["value"]])
     times = compiled.node_times([xs], runs=1, warmup=0)
-    # the matmuls read their weights repacked into panels, as the bound library's do (the
-    # transposes lifted before scheduling, the repacking after: one transform per weight)
-    packed = sorted(k for k in times if "prepacked" in k)
-    assert packed and packed == sorted(k for k in bound.node_times([xs], runs=1, warmup=0) if "prepacked" in k)
+    if mode == "copy":
+        # the matmuls read their weights repacked into panels, as the bound library's do (the
+        # transposes lifted before scheduling, the repacking after: one transform per weight)
+        packed = sorted(k for k in times if "prepacked" in k)
+        assert packed and packed == sorted(k for k in bound.node_times([xs], runs=1, warmup=0) if "prepacked" in k)
+    else:
+        # the linears read the weights as torch lays them out: the load-time transform copies none
+        assert sum("NT_matmul" in k for k in times) == 2 and not any("prepacked" in k for k in times)
+        assert _shares_every_weight(compiled)
     # the library transformed the weights once, at load: a later in-place write to one of the
     # user's tensors would leave it half stale, so it is refused, naming the weight; the bound
     # library and the loaded artifact (its own params.pt) run on
@@ -504,6 +511,62 @@ def test_weights_by_reference(tmp_path):
         optc.load(path)
 
 
+def _shares_every_weight(compiled) -> bool:
+    """The weights ``main`` runs on (after the load-time transform) are the model's own tensors."""
+    from optc.backends.tvm import _transformed
+    args = _transformed(compiled.vm, compiled.params)
+    return len(args) == len(compiled.params) and all(
+        torch.from_dlpack(a).data_ptr() == p.data_ptr() for a, p in zip(args, compiled.params))
+
+
+class _Linears(torch.nn.Module):
+    """Two linears (a bias and GELU between them, the second without bias) whose widths fit the
+    NT micro-kernels' vectors only partly (40 = 5 x 8 columns; 48 = 3 x 16 along K)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Linear(48, 40)
+        self.b = torch.nn.Linear(40, 24, bias=False)
+
+    def forward(self, x):
+        return self.b(torch.nn.functional.gelu(self.a(x)))
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8, 9, 64])
+def test_weights_read_in_place_by_nt_kernels(rows):
+    """params='reference': each linear is one NT_matmul kernel reading the user's [N, K] weight --
+    a dot product per output up to NT_DOT_MAX_ROWS rows, a panel packed per task above -- with the
+    same numbers as eager and as the copy mode's repacked kernels."""
+    from optc.backends.tvm_schedule.cpu_schedule import NT_DOT_MAX_ROWS
+    assert 3 < NT_DOT_MAX_ROWS < 9           # the rows above cover both forms
+    torch.manual_seed(0)
+    model = _Linears().eval()
+    x = torch.randn(rows, 48)
+    compiled, _ = optc.compile(model, (x,), backend="tvm", params="reference")
+    copied, _ = optc.compile(model, (x,), backend="tvm", params="copy")
+    xs = torch.randn(rows, 48)
+    with torch.no_grad():
+        check_close(model(xs), compiled(xs), rtol=1e-5)
+    check_close(copied(xs), compiled(xs), rtol=1e-5)
+    times = compiled.node_times([xs], runs=1, warmup=0)
+    assert sum("NT_matmul" in k for k in times) == 2
+    assert _shares_every_weight(compiled)
+
+
+def test_weights_read_in_place_with_rows_known_at_run_time():
+    """A dynamic row count (a sequence length) runs the dot-product form for every length."""
+    torch.manual_seed(0)
+    model = _Linears().eval()
+    rows = torch.export.Dim("rows", min=1, max=128)
+    compiled, _ = optc.compile(model, (torch.randn(4, 48),), backend="tvm", params="reference",
+                               dynamic_shapes=({0: rows},))
+    for n in (1, 7, 100):
+        xs = torch.randn(n, 48)
+        with torch.no_grad():
+            check_close(model(xs), compiled(xs), rtol=1e-5)
+    assert _shares_every_weight(compiled)
+
+
 def test_weights_by_reference_are_transformed_group_by_group():
     """The weight transforms run one group of weights at a time (each aligned copy lives only for its
     group): the library lists the groups, and group by group gives what main_transform_params gives."""
@@ -511,7 +574,7 @@ def test_weights_by_reference_are_transformed_group_by_group():
     from optc.backends.tvm import _transformed
     torch.manual_seed(0)
     model = _QKVBlock().eval()
-    compiled, _ = optc.compile(model, (torch.randn(2, 5, 64),), backend="tvm", params="reference")
+    compiled, _ = optc.compile(model, (torch.randn(2, 5, 64),), backend="tvm", params="copy")
     table = compiled.vm["optc_transform_params_groups"]().numpy().reshape(-1, 3)
     groups = {int(g) for g in table[:, 0]}
     assert len(groups) == len(compiled.params) == 9     # q, k, v (weights, biases), out (no bias), norm (2)
@@ -524,8 +587,9 @@ def test_weights_by_reference_are_transformed_group_by_group():
 
 def test_weights_by_reference_bad_options(captured_structured):
     model, program = captured_structured()
-    with pytest.raises(LoweringError, match="params must be one of auto, bound, reference"):
+    with pytest.raises(LoweringError, match="params must be one of auto, bound, copy, reference"):
         lower(program, "cpu", "tvm", params="shared")
-    with pytest.raises(LoweringError, match="params='reference' is built for the CPU target without tuning"):
-        lower(program, "cpu", "tvm", params="reference", tune=8)
+    for mode in ("copy", "reference"):
+        with pytest.raises(LoweringError, match=f"params='{mode}' is built for the CPU target without tuning"):
+            lower(program, "cpu", "tvm", params=mode, tune=8)
     assert lower(program, "cpu", "tvm").backend_options["params"] == "bound"    # auto: small weights

@@ -261,6 +261,30 @@ def test_llama_on_onnx_with_weights_by_reference(monkeypatch):
     _decode_matches_at_other_cache_lengths(step, inputs, compiled)
 
 
+def test_llama_on_tvm_with_weights_read_in_place():
+    """TVM's params="reference": every linear of the Llama is an NT_matmul kernel over the model's own
+    [out, in] weight (the load-time transform copies none), at 8 tokens (the dot-product form), 24
+    (panels packed as it runs), with a dynamic sequence length and in the decode form: all match eager."""
+    pytest.importorskip("tvm")
+    from optc.backends.tvm import _transformed
+    model, (ids,) = hf_corpus.build("llama")
+    params = {p.data_ptr() for p in model.parameters()}
+    for n in (8, 24):
+        x = torch.randint(0, hf_corpus.VOCAB, (1, n), generator=torch.Generator().manual_seed(n))
+        compiled, _ = optc.compile(model, (x,), backend="tvm", params="reference")
+        kernels = compiled.node_times([x], runs=1, warmup=0)
+        assert sum("NT_matmul" in k for k in kernels) >= 14            # 7 linears per layer, 2 layers
+        shared = {torch.from_dlpack(a).data_ptr() for a in _transformed(compiled.vm, compiled.params)}
+        assert len(shared & params) >= 14
+        _check_numerics("llama", model, (x,), compiled, optc.capture(model, (x,)))
+    seq = torch.export.Dim("seq", min=2, max=64)
+    compiled, _ = optc.compile(model, (ids,), backend="tvm", dynamic_shapes=(({1: seq},),), params="reference")
+    _matches_at_other_lengths(model, compiled)
+    step, inputs, dynamic = hf_corpus.llama_decode()
+    compiled, _ = optc.compile(step, inputs, backend="tvm", dynamic_shapes=dynamic, params="reference")
+    _decode_matches_at_other_cache_lengths(step, inputs, compiled)
+
+
 @pytest.mark.parametrize("name, rule", [("llama", "ort-group-query-attention"),
                                         ("gpt_bigcode", "ort-group-query-attention"),
                                         ("gpt_neox", "ort-multihead-attention")])
