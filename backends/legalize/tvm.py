@@ -13,6 +13,8 @@ index-add-one-hot-matmul       ``index_add`` of floats: the accumulating IndexPu
 index-put-full-indices         IndexPut wants one index per dim, adds duplicates wrongly with
                                ``None`` entries, does not broadcast values (silent)
 cumsum-int64                   a bool/int32 ``cumsum`` keeps its dtype (LLVM aborts on bool)
+diff-as-index-select           ``diff`` along a dynamic dim: the importer's slices get shapes it
+                               cannot prove equal, the difference an unknown shape (no build)
 amax-as-max-dim                no ``amax``/``amin`` translation
 var-mean-as-two                no ``var_mean`` translation
 sdpa-view-as-reshape           a ``view`` that relies on the memory layout of torch's CPU SDPA
@@ -386,5 +388,73 @@ class SdpaViewAsReshape(Legalization):
         self.replace(node, self.emit(node, aten.reshape.default, node.args, node.kwargs))
 
 
+class DiffAsIndexSelect(Legalization):
+    """``diff(x, n, d, prepend, append)`` along a dynamic dim ``d`` -> ``y[idx + 1] - y[idx]`` with
+    ``y = cat([prepend, x, append], d)`` and ``idx = arange(m)`` (``index_select``), ``m`` the
+    output's length: ``len(x)`` with one element prepended or appended, ``len(x) - 1`` with none;
+    ``n > 1``: that, then first differences again.
+    TVM 0.27's importer decomposes ``diff`` into two slices of ``y`` and a subtraction; its shape
+    arithmetic does not know the dynamic length is at least 1, leaves the two slices' lengths as
+    expressions it cannot prove equal (``min(s, min(1, s) + s)`` against ``max(min(1, s) + s - 1,
+    0)``), gives the difference an unknown shape, and a ``cumsum`` of it then fails to build
+    ("non-symbolic shape is not supported"; transformers' ``find_packed_sequence_indices``, run by
+    every decoder's mask when called without a cache, with a dynamic sequence length). The
+    ``arange`` over the input's own length gives both operands the output's exact shape."""
+
+    name = "diff-as-index-select"
+    backends = ("tvm",)
+    targets = (aten.diff.default,)
+
+    def check(self, node):
+        xv = val(node.args[0])
+        if not isinstance(xv, torch.Tensor) or xv.dim() == 0:
+            return None
+        d = arg(node, 2, "dim", -1) % xv.dim()
+        if not isinstance(xv.shape[d], torch.SymInt) or xv.shape[d].node.maybe_as_int() is not None:
+            return None                   # a static length: the importer's slices have exact shapes
+        n = arg(node, 1, "n", 1)
+        if not isinstance(n, int) or n < 1:
+            return MatchResult.fail(f"n = {n!r}")
+        extra = [arg(node, 3, "prepend"), arg(node, 4, "append")]
+        lengths = []
+        for e in extra:
+            if e is None:
+                lengths.append(0)
+                continue
+            ev = val(e)
+            length = static_shape(ev)
+            if length is None or ev.dim() != xv.dim():
+                return MatchResult.fail("a prepended or appended tensor of dynamic length")
+            lengths.append(length[d])
+        if sum(lengths) > 1:
+            return MatchResult.fail("more than one element prepended and appended")
+        return MatchResult.success(dim=d, extra=extra, shift=sum(lengths), n=n)
+
+    def apply(self, node, m):
+        x, d = node.args[0], m["dim"]
+        prepend, append = m["extra"]
+        parts = [t for t in (prepend, x, append) if t is not None]
+        y = self.emit(node, aten.cat.default, (parts, d)) if len(parts) > 1 else x
+        # the first difference; then, for n > 1, first differences of an operand of exact shape
+        y = self._first_difference(node, y, x, d, m["shift"])
+        for _ in range(m["n"] - 1):
+            y = self._first_difference(node, y, y, d, 0)
+        self.replace(node, y)
+
+    def _first_difference(self, node, y, x, d, shift):
+        """``y[1:] - y[:-1]`` along ``d``, of length ``len(x) + shift - 1`` (``x``: the operand whose
+        dynamic length TVM knows exactly; ``y``: ``x`` with ``shift`` static elements added)."""
+        length = self.emit(node, aten.sym_size.int, (x, d))
+        if shift:           # len(x) rows: 0..n-1 and 1..n of y
+            lo = self.emit(node, aten.arange.default, (length,), {"dtype": torch.int64})
+        else:               # len(x) - 1 rows
+            hi0 = self.emit(node, aten.arange.start, (1, length), {"dtype": torch.int64})
+            lo = self.emit(node, aten.sub.Tensor, (hi0, 1))
+        hi = self.emit(node, aten.add.Tensor, (lo, 1))
+        upper = self.emit(node, aten.index_select.default, (y, d, hi))
+        lower = self.emit(node, aten.index_select.default, (y, d, lo))
+        return self.emit(node, aten.sub.Tensor, (upper, lower))
+
+
 RULES = (CatDropEmpty, IntDivScalarAsTensor, IndexWrapNegative, IndexAddAsOneHotMatmul, IndexPutFullIndices, CumsumInt64,
-         AmaxAsMaxDim, VarMeanAsTwo, SdpaViewAsReshape)
+         AmaxAsMaxDim, VarMeanAsTwo, SdpaViewAsReshape, DiffAsIndexSelect)

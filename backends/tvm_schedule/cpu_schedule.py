@@ -353,6 +353,13 @@ class CPUGeneric(ScheduleRule):
         except _SCHEDULE_ERRORS:  # no root block: a kernel written already scheduled (a scan from DispatchSortScan)
             return None
         blocks = sch.get_child_blocks(root)
+        if blocks and all(not sch.get(b).iter_vars and not sch.get_loops(b) for b in blocks):
+            # kernels written already scheduled, their loops inside one opaque block (a scan from
+            # DispatchSortScan, under the root OptcWrapRootless gave it): nothing to schedule, and
+            # a Schedule's copy of such a kernel with a dynamic shape gives its output buffer a
+            # layout over a new shape variable that MakePackedAPI then finds undefined (TVM 0.27:
+            # "variables (s27,) are used, but are not passed in as API arguments")
+            return None
         lanes = _vector_lanes(target)
         reductions = [b for b in blocks if _is_reduction(sch, b)]
         if not reductions:

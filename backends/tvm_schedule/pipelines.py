@@ -62,7 +62,7 @@ def pre_schedule_passes(target: Target, layout: str = "NHWC", lift_params: bool 
         from optc.backends.tvm_schedule.split_params import first_lift
         passes.append(first_lift)
     if cpu and not in_place:
-        passes.append(relax.transform.AttachAttrLayoutFreeBuffers())   # constant weights may be repacked
+        passes.append(attach_layout_free_buffers)   # constant weights may be repacked
     if cpu:
         passes.append(_wrap_rootless)
     passes.append(s_tir.transform.StmtSimplify())   # reshape index math, using block-var ranges
@@ -92,6 +92,55 @@ def _if_calls(op_name: str, inner):
     def _pass(mod, ctx):
         return inner(mod) if _calls(mod, op_name) else mod
     return _pass
+
+
+# named as Relax's pass, so that PassContext(disabled_pass=["AttachAttrLayoutFreeBuffers"]) (the
+# TVM backend's disabled_passes option, optc bisect) still leaves it out
+@tvm.transform.module_pass(opt_level=0, name="AttachAttrLayoutFreeBuffers")
+def attach_layout_free_buffers(mod, _ctx):
+    """Relax's ``AttachAttrLayoutFreeBuffers`` without its copies: each kernel gets the attribute
+    ``layout_free_buffers`` -- the arguments that are constants or ``main``'s weights (after its
+    ``num_input`` inputs) at *every* one of its call sites -- in place. TVM 0.27's pass renews
+    every kernel it annotates (``cumsum`` -> ``cumsum1``) and keeps the explicit layout of a
+    buffer from ``te.extern`` over the old shape variable: a ``cumsum`` over a dynamic length
+    then fails to build ("variables (s27,) are used, but are not passed in as API arguments";
+    transformers' mask of a decoder called without a cache). A kernel called with a weight at
+    one site and an activation at another keeps that argument's layout (TVM's pass would
+    duplicate the kernel)."""
+    free: dict = {}
+    for func in mod.functions.values():
+        if not isinstance(func, relax.Function):
+            continue
+        n_input = int(func.attrs["num_input"]) if func.attrs is not None and "num_input" in func.attrs else None
+        weights = list(func.params[n_input:]) if n_input is not None else []
+        bound = {}
+
+        def weight_like(e) -> bool:
+            e = bound.get(e, e) if isinstance(e, relax.Var) else e
+            return isinstance(e, tvm.ir.expr.Constant) or any(e.same_as(w) for w in weights)
+
+        def visit(e):
+            if isinstance(e, relax.VarBinding):
+                bound[e.var] = e.value
+                return
+            if isinstance(e, relax.Call) and isinstance(e.op, tvm.ir.Op) and e.op.name == "relax.call_tir":
+                gv, args = e.args[0], e.args[1]
+                args = list(args.fields) if isinstance(args, relax.Tuple) else [args]
+                here = {i for i, a in enumerate(args) if weight_like(a)}
+                free[gv] = free[gv] & here if gv in free else here
+
+        for block in getattr(func.body, "blocks", []):
+            for b in block.bindings:
+                visit(b)
+                visit(b.value)
+    if not free:
+        return mod
+    mod = tvm.IRModule(dict(mod.functions), attrs=mod.attrs)
+    for gv, indices in free.items():
+        func = mod[gv]
+        if isinstance(func, tirx.PrimFunc):
+            mod[gv] = func.with_attr("layout_free_buffers", sorted(indices))
+    return mod
 
 
 def _has_root_block(func: tirx.PrimFunc) -> bool:

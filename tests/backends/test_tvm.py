@@ -429,6 +429,20 @@ def test_disabled_passes_are_checked(captured_structured):
     assert compiled.backend_options["disabled_passes"] == ["FuseOps", "KillAfterLastUse"]    # pipeline order
 
 
+
+def test_leaving_out_weight_repacking():
+    """disabled_passes=["AttachAttrLayoutFreeBuffers"] leaves out optc's own pass of that name (it
+    replaces Relax's): no kernel reads a repacked weight, and the numbers stay."""
+    torch.manual_seed(0)
+    model = _Linears().eval()
+    x = torch.randn(16, 48)
+    packed, _ = optc.compile(model, (x,), backend="tvm")
+    plain, _ = optc.compile(model, (x,), backend="tvm", disabled_passes=["AttachAttrLayoutFreeBuffers"])
+    assert any("prepacked" in k for k in packed.node_times([x], runs=1, warmup=0))
+    assert not any("prepacked" in k for k in plain.node_times([x], runs=1, warmup=0))
+    check_close(packed(x), plain(x), rtol=1e-5)
+
+
 def test_report_times_tvm_kernels_through_the_node_map():
     from optc.tools.report import build_report
     torch.manual_seed(0)

@@ -154,6 +154,41 @@ def test_cumsum_int64_on_tvm():
     check_close(ref, got, rtol=1e-6)
 
 
+class PackedSequenceIndices(nn.Module):
+    """transformers' ``find_packed_sequence_indices`` on the positions of a sequence (what every
+    decoder's mask computes when called without a cache), and the other forms of ``diff``."""
+
+    def forward(self, x):
+        pos = torch.arange(x.shape[1]).unsqueeze(0) + 0
+        first = torch.diff(pos, dim=-1, prepend=pos[:, :1] - 1)
+        packed = (first != 1).cumsum(-1)
+        return packed, torch.diff(x, dim=1), torch.diff(x, dim=1, append=x[:, -1:] * 2), torch.diff(x, n=2, dim=1)
+
+
+def test_diff_and_cumsum_along_a_dynamic_dim_on_tvm():
+    """``diff`` along a dynamic dim becomes index_selects over an arange (the importer's slices get
+    shapes TVM cannot prove equal, and a cumsum of the difference did not build; n = 2 did not
+    import at all); the cumsum builds (optc's own layout-free attribute pass:
+    TVM's renews the cumsum kernel and leaves its output layout over an undefined variable). Same
+    numbers as eager at other lengths."""
+    x = torch.randn(2, 9)
+    seq = torch.export.Dim("seq", min=4, max=64)       # (diff of n = 2 guards on 2 or 3)
+    program = optc.capture(PackedSequenceIndices().eval(), (x,), dynamic_shapes=({1: seq},))
+    gm = copy_graph_module(program.graph_module)
+    (cls,) = [r for r in ALL_RULES if r.name == "diff-as-index-select"]
+    ctx = PassContext("legalize", {})
+    apply_rules(gm, [cls(GraphFacts(gm))], ctx)
+    assert aten.diff.default not in _targets(gm) and not ctx.rejections
+    static = optc.capture(PackedSequenceIndices().eval(), (x,))
+    assert rewrite(copy_graph_module(static.graph_module), "diff-as-index-select") == 0   # static: left alone
+    compiled = lower(program, "cpu", "tvm")
+    for n in (4, 17, 64):
+        xs = torch.randn(2, n)
+        ref, got = PackedSequenceIndices()(xs), compiled(xs)
+        assert torch.equal(ref[0], got[0]) and not ref[0].any()
+        check_close(ref[1:], got[1:], rtol=1e-6)
+
+
 class ConvClamps(nn.Module):
     def __init__(self):
         super().__init__()
