@@ -132,6 +132,10 @@ def _prepack(sch, block, read_index: int, vn: int) -> None:
     sch.annotate(cr, "meta_schedule.layout_rewrite_preproc", True)
 
 
+#: the row tile of a matmul whose row count is known only at run time
+DYNAMIC_ROWS = 8
+
+
 def _tile_main(sch, block, lanes: int, dtype_bytes: int, fallback: bool, layout_free=()) -> bool:
     """Register-tile the reduction ``block``; False if its shape does not fit the micro-kernel."""
     stmt = sch.get(block)
@@ -173,16 +177,25 @@ def _tile_main(sch, block, lanes: int, dtype_bytes: int, fallback: bool, layout_
         return True
     n_ext = _extent(sch, s_loops[-1])
     m_ext = _extent(sch, s_loops[-2]) if n_s >= 2 else 1
-    if n_ext is None or m_ext is None:
-        return False
-    vn = next((v for v in (2 * lanes, lanes, lanes // 2, 4) if n_ext % v == 0), None)
+    if n_ext is None:       # columns known at run time (attention scores): vectors, the last one predicated
+        vn = lanes
+    else:
+        vn = next((v for v in (2 * lanes, lanes, lanes // 2, 4) if n_ext % v == 0), None)
     if vn is None:
         vn = n_ext if n_ext <= 2 * lanes else 1
     max_rows = max(1, MAX_ACC_BYTES // (vn * dtype_bytes))
-    mt = _largest_divisor(m_ext, min(max_rows, 8 if vn >= 2 * lanes else 12)) if n_s >= 2 else 1
+    rows = min(max_rows, 8 if vn >= 2 * lanes else 12)
+    if n_s < 2:
+        mt = 1
+    elif m_ext is None:
+        # rows known at run time (a dynamic sequence length): tiles of DYNAMIC_ROWS, the last one
+        # predicated; left unscheduled, the kernel ran as a serial loop nest (580x slower)
+        mt = min(rows, DYNAMIC_ROWS)
+    else:
+        mt = _largest_divisor(m_ext, rows)
 
     # contiguous weight panels avoid 4K aliasing / cache-set thrash on large power-of-two strides
-    if prepack_idx is not None and vn > 1 and n_ext > vn:
+    if prepack_idx is not None and vn > 1 and n_ext is not None and n_ext > vn:
         _prepack(sch, block, prepack_idx, vn)
     acc = sch.cache_write(block, 0, "global")
     n_o, n_i = sch.split(s_loops[-1], factors=[None, vn])
