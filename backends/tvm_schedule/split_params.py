@@ -154,7 +154,9 @@ def compose_transform_params(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         if TRANSFORM in names:
             funcs[names[TRANSFORM]] = mod[names[TRANSFORM]]
         return tvm.IRModule(funcs, attrs=mod.attrs)
-    if TRANSFORM not in names:          # nothing repacked: the transposes are the whole transform
+    if TRANSFORM not in names or _identity(mod[names[TRANSFORM]]):
+        # nothing repacked (no kernel's weight panel was worth it: small or narrow weights): the
+        # transposes are the whole transform
         funcs[tvm.ir.GlobalVar(TRANSFORM)] = first.with_attr("global_symbol", TRANSFORM).with_attr("num_input", 0)
         return tvm.IRModule(funcs, attrs=mod.attrs)
     second = mod[names[TRANSFORM]]

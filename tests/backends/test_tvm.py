@@ -610,6 +610,20 @@ def test_weights_read_in_place_with_rows_known_at_run_time():
     assert _shares_every_weight(compiled)
 
 
+def test_weights_copied_where_nothing_is_repacked():
+    """params='copy' on linears too narrow for a weight panel (32 and 10 outputs: no repacking): the
+    load-time transform is the transposes alone. It failed to build ("the weight transforms are
+    not one dataflow block ...": the empty second transform was not recognised), so
+    `optc compile zoo:mlp --tiny --backend tvm --params copy` failed."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10)).eval()
+    x = torch.randn(4, 64)
+    compiled, _ = optc.compile(model, (x,), backend="tvm", params="copy")
+    assert compiled.backend_options["params"] == "copy"
+    with torch.no_grad():
+        check_close(model(x), compiled(x), rtol=1e-5)
+
+
 def test_weights_by_reference_are_transformed_group_by_group():
     """The weight transforms run one group of weights at a time (each aligned copy lives only for its
     group): the library lists the groups, and group by group gives what main_transform_params gives."""
