@@ -466,7 +466,7 @@ class TVMBackend(Backend):
         if params in ("copy", "reference") and (target.device != "cpu" or tune):
             raise LoweringError(f"params={params!r} is built for the CPU target without tuning (the tuned "
                                 "kernels' checks run on constant weights): use params='bound'", backend=self.name)
-        by_reference = params in ("copy", "reference")
+        as_arguments = params in ("copy", "reference")
         in_place = params == "reference"
         if tune and any(importlib.util.find_spec(m) is None for m in ("xgboost", "psutil")):
             raise BackendUnavailableError(TUNE_HINT)
@@ -507,16 +507,16 @@ class TVMBackend(Backend):
             with context(instruments):
                 # a new module object: a Python pass of the pipeline may assign into the module it
                 # is given, and the imported one is kept for intermediate_values
-                mod = ts.pre_schedule_pipeline(tvm_target, layout, by_reference, in_place)(
+                mod = ts.pre_schedule_pipeline(tvm_target, layout, as_arguments, in_place)(
                     tvm.IRModule(dict(mod.functions), attrs=mod.attrs))
                 database = tuning_records(mod) if tuning_records is not None else None
                 executable = tvm.compile(mod, target=tvm_target, relax_pipeline=ts.build_pipeline(
-                    tvm_target, layout, database, pre_scheduled=True, lift_params=by_reference, in_place=in_place))
+                    tvm_target, layout, database, pre_scheduled=True, lift_params=as_arguments, in_place=in_place))
             return mod, executable
 
         t0 = time.perf_counter()
         with context():
-            imported = self._import(program, keep_params=by_reference)
+            imported = self._import(program, keep_params=as_arguments)
         t1 = time.perf_counter()
         scheduled, executable = build(imported.mod, tuning_records=tuned if (tune or tuning_db) else None,
                                       instruments=[recorder.instrument])

@@ -120,6 +120,37 @@ def _reverse_inline_chain(sch, block) -> None:
             return
 
 
+def _vector_width(ext: int, lanes: int) -> int | None:
+    """The widest of 2, 1 or 1/2 vectors, or 4 lanes, that divides ``ext``; None if none does."""
+    return next((v for v in (2 * lanes, lanes, lanes // 2, 4) if ext % v == 0), None)
+
+
+def _row_tile(vn: int, lanes: int, dtype_bytes: int) -> int:
+    """How many rows of ``vn``-wide accumulators the micro-kernel keeps (in registers: at most
+    :data:`MAX_ACC_BYTES`)."""
+    return min(max(1, MAX_ACC_BYTES // (vn * dtype_bytes)), 8 if vn >= 2 * lanes else 12)
+
+
+def _finish_tile(sch, block, acc, at, m_i, n_i, first_reduction, mt: int, vn: int) -> None:
+    """The micro-kernel's inner part, once its loops are ordered ``... / reduction / m_i / n_i``:
+    the accumulator's write-back under ``at`` with the elementwise epilogue inlined into it, the
+    row tile unrolled, the column tile, the accumulator's init and its write-back vectorised."""
+    sch.reverse_compute_at(acc, at, preserve_unit_loops=True)
+    _reverse_inline_chain(sch, acc)
+    if m_i is not None and mt > 1:
+        sch.unroll(m_i)
+    if vn > 1:
+        sch.vectorize(n_i)
+    init = sch.decompose_reduction(block, first_reduction)
+    if vn > 1:
+        init_loops = sch.get_loops(init)
+        if sch.get(init_loops[-1]).kind != tirx.ForKind.VECTORIZED:
+            sch.vectorize(init_loops[-1])
+        wb_loops = sch.get_loops(acc)
+        if _extent(sch, wb_loops[-1]) == vn:
+            sch.vectorize(wb_loops[-1])
+
+
 def _prepack(sch, block, read_index: int, vn: int) -> None:
     """Repack a constant weight ``[..., N] -> [N/vn, ..., vn]`` in a block that
     SplitLayoutRewritePreproc + FoldConstant evaluate at compile time."""
@@ -211,11 +242,10 @@ def _tile_main(sch, block, lanes: int, dtype_bytes: int, fallback: bool, layout_
     if n_ext is None:       # columns known at run time (attention scores): vectors, the last one predicated
         vn = lanes
     else:
-        vn = next((v for v in (2 * lanes, lanes, lanes // 2, 4) if n_ext % v == 0), None)
+        vn = _vector_width(n_ext, lanes)
     if vn is None:
         vn = n_ext if n_ext <= 2 * lanes else 1
-    max_rows = max(1, MAX_ACC_BYTES // (vn * dtype_bytes))
-    rows = min(max_rows, 8 if vn >= 2 * lanes else 12)
+    rows = _row_tile(vn, lanes, dtype_bytes)
     if n_s < 2:
         mt = 1
     elif m_ext is None:
@@ -241,20 +271,7 @@ def _tile_main(sch, block, lanes: int, dtype_bytes: int, fallback: bool, layout_
     sch.reorder(*par, *r_loops, *inner)
     fused = sch.fuse(*par) if len(par) > 1 else par[0]
     sch.parallel(fused)
-    sch.reverse_compute_at(acc, fused, preserve_unit_loops=True)
-    _reverse_inline_chain(sch, acc)
-    if m_i is not None and mt > 1:
-        sch.unroll(m_i)
-    if vn > 1:
-        sch.vectorize(n_i)
-    init = sch.decompose_reduction(block, r_loops[0])
-    if vn > 1:
-        init_loops = sch.get_loops(init)
-        if sch.get(init_loops[-1]).kind != tirx.ForKind.VECTORIZED:
-            sch.vectorize(init_loops[-1])
-        wb_loops = sch.get_loops(acc)
-        if _extent(sch, wb_loops[-1]) == vn:
-            sch.vectorize(wb_loops[-1])
+    _finish_tile(sch, block, acc, fused, m_i, n_i, r_loops[0], mt, vn)
     return True
 
 
@@ -295,7 +312,7 @@ def _nt_operands(sch, block):
     return weight, list(loops[:-1]), loops[-1]
 
 
-def _tile_nt(sch, block, lanes: int) -> bool:
+def _tile_nt(sch, block, lanes: int, dtype_bytes: int) -> bool:
     """Schedule an ``NT_matmul`` (``params="reference"``: linears read ``W [N, K]`` in place,
     no transposed copy). Up to :data:`NT_DOT_MAX_ROWS` rows (decode steps) or with rows known
     only at run time: a dot product per output, vectorised along ``K`` (``rfactor``), up to 8
@@ -314,7 +331,7 @@ def _tile_nt(sch, block, lanes: int) -> bool:
     rows = None if any(e is None for e in m_exts) else math.prod(m_exts)
     if rows is None or rows <= NT_DOT_MAX_ROWS or not s_loops[:-1]:
         return _nt_dot(sch, block, s_loops, k_loop, n_ext, k_ext, lanes)
-    return _nt_packed(sch, block, w_idx, s_loops, k_loop, n_ext, lanes)
+    return _nt_packed(sch, block, w_idx, s_loops, k_loop, n_ext, lanes, dtype_bytes)
 
 
 def _nt_dot(sch, block, s_loops, k_loop, n_ext: int, k_ext: int, lanes: int) -> bool:
@@ -338,12 +355,12 @@ def _nt_dot(sch, block, s_loops, k_loop, n_ext: int, k_ext: int, lanes: int) -> 
     return True
 
 
-def _nt_packed(sch, block, w_idx: int, s_loops, k_loop, n_ext: int, lanes: int) -> bool:
-    vn = next((v for v in (2 * lanes, lanes, lanes // 2, 4) if v >= 4 and n_ext % v == 0), None)
+def _nt_packed(sch, block, w_idx: int, s_loops, k_loop, n_ext: int, lanes: int, dtype_bytes: int) -> bool:
+    vn = _vector_width(n_ext, lanes)
     m_ext = _extent(sch, s_loops[-2])
-    if vn is None or m_ext is None:
+    if vn is None or vn < 4 or m_ext is None:
         return False
-    mt = _largest_divisor(m_ext, 8 if vn >= 2 * lanes else 12)
+    mt = _largest_divisor(m_ext, _row_tile(vn, lanes, dtype_bytes))
     acc = sch.cache_write(block, 0, "global")
     n_o, n_i = sch.split(s_loops[-1], factors=[None, vn])
     m_o, m_i = sch.split(s_loops[-2], factors=[None, mt])
@@ -358,16 +375,7 @@ def _nt_packed(sch, block, w_idx: int, s_loops, k_loop, n_ext: int, lanes: int) 
     p_loops = sch.get_loops(panel)
     sch.reorder(p_loops[-1], p_loops[-2])
     sch.vectorize(sch.get_loops(panel)[-1])
-    sch.reverse_compute_at(acc, m_o, preserve_unit_loops=True)
-    _reverse_inline_chain(sch, acc)
-    if mt > 1:
-        sch.unroll(m_i)
-    sch.vectorize(n_i)
-    init = sch.decompose_reduction(block, k_loop)
-    sch.vectorize(sch.get_loops(init)[-1])
-    wb_loops = sch.get_loops(acc)
-    if _extent(sch, wb_loops[-1]) == vn:
-        sch.vectorize(wb_loops[-1])
+    _finish_tile(sch, block, acc, m_o, m_i, n_i, k_loop, mt, vn)
     return True
 
 
@@ -417,7 +425,7 @@ class CPUGeneric(ScheduleRule):
             name = sch.get(main).name_hint
             dtype_bytes = max(1, sch.get(main).writes[0].source.dtype.bits // 8)
             try:
-                ok = _tile_nt(sch, main, lanes) or \
+                ok = _tile_nt(sch, main, lanes, dtype_bytes) or \
                     _tile_main(sch, main, lanes, dtype_bytes, self.fallback, _layout_free_buffers(func))
             except _SCHEDULE_ERRORS as e:  # a schedule primitive refused: leave it to the next rule
                 log.debug("CPUGeneric: %s not tiled: %s", name, str(e).strip().splitlines()[-1:])
